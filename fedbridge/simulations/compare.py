@@ -1,0 +1,165 @@
+"""Aggregate run records into one comparison: a terminal table (rich), Markdown, and PNG plots (matplotlib)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedbridge.results import RunRecord
+
+METRICS = (  # (record path, column title)
+    ("global_metrics.accuracy", "global acc"),
+    ("global_metrics.macro_f1", "global F1"),
+    ("global_metrics.silo_test_accuracy", "silo-test acc"),
+    ("global_metrics.silo_test_macro_f1", "silo-test F1"),
+)
+
+
+@dataclass
+class Row:
+    """One configuration (method and swept values), aggregated over its seeds."""
+
+    method: str
+    sweep: tuple[tuple[str, str], ...]
+    records: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.method, *(f"{k}={v}" for k, v in self.sweep)])
+
+    def values(self, path: str) -> list[float]:
+        section, key = path.split(".", 1)
+        out = [getattr(r, section).get(key) for r in self.records]
+        return [float(v) for v in out if isinstance(v, (int, float)) and not math.isnan(v)]
+
+    def stat(self, path: str) -> tuple[float, float]:
+        v = self.values(path)
+        return (float(np.mean(v)), float(np.std(v))) if v else (math.nan, math.nan)
+
+    @property
+    def epsilon(self) -> str:
+        """The largest ε any silo spent, averaged over seeds; '—' when no private-data-derived content was shared."""
+        spent = [max((float(s.get("epsilon", math.nan)) for s in r.privacy.values()), default=math.nan)
+                 for r in self.records if r.privacy]
+        if not spent:
+            return "—"
+        mean = float(np.mean(spent))
+        return "∞ (non-private)" if math.isinf(mean) else f"{mean:.2f}"
+
+    @property
+    def megabytes(self) -> float:
+        return float(np.mean([(r.communication["bytes_sent"] + r.communication["bytes_received"]) / 1e6
+                              for r in self.records]))
+
+    @property
+    def wall(self) -> float:
+        return float(np.mean([r.wall_seconds for r in self.records]))
+
+    @property
+    def tokens(self) -> float:
+        return float(np.mean([r.tokens.get("generated", 0) for r in self.records]))
+
+
+def group(records: Sequence[RunRecord], sweep_keys: Sequence[str] = ()) -> list[Row]:
+    rows: dict[tuple, Row] = {}
+    for rec in records:
+        sweep = tuple((k, str(rec.config.get(k, ""))) for k in sweep_keys)
+        rows.setdefault((rec.method, sweep), Row(rec.method, sweep)).records.append(rec)
+    return list(rows.values())
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
+
+
+def table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "seeds", *(title for _, title in METRICS), "ε", "MB moved", "tokens gen.", "wall s"]
+    body = [[row.label, str(len(row.records)), *(_fmt(*row.stat(path), len(row.values(path))) for path, _ in METRICS),
+             row.epsilon, f"{row.megabytes:.2f}", f"{row.tokens:.0f}", f"{row.wall:.1f}"] for row in rows]
+    return header, body
+
+
+def notes(rows: Sequence[Row]) -> list[str]:
+    return sorted({n for row in rows for r in row.records for n in [*r.notes, *(f"{r.run_name}: {f['silo']} "
+                   f"failed {f['message_type']}: {f['reason']}" for f in r.failures)]})
+
+
+def to_markdown(rows: Sequence[Row]) -> str:
+    header, body = table(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines.append("")
+    lines.append("Accuracy and macro-F1 in %, mean ± std over seeds. 'global' = the server's held-out test set "
+                 "(methods with one model per silo: mean over silo models); 'silo-test' = mean over silos of "
+                 "each silo's own test split.")
+    lines += [f"- {n}" for n in notes(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: Sequence[Row], title: str = "fedbridge comparison") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, body = table(rows)
+    tab = Table(title=title)
+    for i, h in enumerate(header):
+        tab.add_column(h, justify="left" if i == 0 else "right")
+    for cells in body:
+        tab.add_row(*cells)
+    console = Console()
+    console.print(tab)
+    for n in notes(rows):
+        console.print(f"[dim]- {n}[/dim]")
+
+
+def plot(rows: Sequence[Row], path: Path, sweep_key: str | None = None) -> Path:
+    """Bars of global and silo-test accuracy per row; with a swept numeric key, accuracy against that key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4.2))
+    if sweep_key:
+        by_method: dict[str, list[tuple[float, Row]]] = defaultdict(list)
+        for row in rows:
+            by_method[row.method].append((float(dict(row.sweep)[sweep_key]), row))
+        finite = [x for pts in by_method.values() for x, _ in pts if math.isfinite(x)]
+        inf_at = (max(finite) * 1.5 if finite else 1.0)
+        for method, pts in by_method.items():
+            pts.sort(key=lambda p: p[0])
+            xs = [x if math.isfinite(x) else inf_at for x, _ in pts]
+            means = [100 * r.stat("global_metrics.accuracy")[0] for _, r in pts]
+            stds = [100 * r.stat("global_metrics.accuracy")[1] for _, r in pts]
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.set_xlabel(f"{sweep_key} (∞ plotted at {inf_at:g})")
+        ax.legend()
+    else:
+        x = np.arange(len(rows))
+        for offset, (path_, title) in zip((-0.2, 0.2), METRICS[::2]):
+            stats = [row.stat(path_) for row in rows]
+            ax.bar(x + offset, [100 * m for m, _ in stats], 0.4, yerr=[100 * s for _, s in stats], capsize=3,
+                   label=title)
+        ax.set_xticks(x, [row.label for row in rows], rotation=15, ha="right")
+        ax.legend()
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("fedbridge: accuracy by method")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def load_records(directory: Path) -> list[RunRecord]:
+    """Every ok record under a directory (failed runs are reported in the notes of the runs that retried them)."""
+    records = [RunRecord.read(p) for p in sorted(directory.glob("*.json"))]
+    return [r for r in records if r.status == "ok"]

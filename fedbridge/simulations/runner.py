@@ -1,0 +1,101 @@
+"""Run one experiment: in-process (tests, quick runs) or on Flower's simulation engine via ``flwr run``.
+
+``flwr run`` exits 0 even when the run failed, so success is decided by the run record the ServerApp writes:
+it must exist and say ``status: ok``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fedbridge.config import ExperimentConfig
+from fedbridge.errors import FedbridgeError
+from fedbridge.results import RunRecord
+from fedbridge.strategies.base import default_run_name
+
+ENGINES = ("simulation", "inprocess")
+# Run in this environment: without the second variable, a local SuperLink builds a fresh env per run with
+# `uv sync`, which pulls a multi-GB CUDA torch. A SuperLink started earlier without it keeps its setting.
+FLWR_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+class RunFailed(FedbridgeError):
+    """The run did not produce an ``ok`` record."""
+
+
+def app_dir() -> Path:
+    """The Flower app directory (this repository), which ``flwr run`` packages and runs."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise RunFailed(f"The simulation engine needs the fedbridge source tree (pyproject.toml) at {root}; "
+                        "install fedbridge from a clone with 'pip install -e .', or use --engine inprocess.")
+    return root
+
+
+def prepare(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Fix the run name and make the results dir absolute: the ServerApp may run in another directory."""
+    return dataclasses.replace(cfg, run_name=default_run_name(cfg),
+                               results_dir=str(Path(cfg.results_dir).expanduser().resolve()))
+
+
+def run_inprocess(cfg: ExperimentConfig, workers: int = 1) -> RunRecord:
+    from fedbridge.client_app import app as client_app
+    from fedbridge.server_app import run_experiment
+    from fedbridge.simulations.inprocess import InProcessGrid
+
+    cfg = prepare(cfg)
+    n = cfg.partition.num_silos
+    grid = InProcessGrid(client_app, cfg.to_run_config(),
+                         [{"partition-id": i, "num-partitions": n} for i in range(n)], workers=workers)
+    try:
+        return run_experiment(grid, cfg)
+    finally:
+        grid.close()
+
+
+def _toml_value(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def run_simulation(cfg: ExperimentConfig, cpus_per_silo: int = 1, quiet: bool = False) -> RunRecord:
+    """``flwr run <app> local --stream`` with one SuperNode per silo; raises ``RunFailed`` unless the record is ok."""
+    cfg = prepare(cfg)
+    record_path = Path(cfg.results_dir) / f"{cfg.run_name}.json"
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write("".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in cfg.to_run_config().items()))
+    cmd = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir()), "local", "--stream",
+           "--run-config", f.name, "--federation-config",
+           f"num-supernodes={cfg.partition.num_silos} client-resources-num-cpus={cpus_per_silo} "
+           "client-resources-num-gpus=0"]
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, **FLWR_ENV})
+    finally:
+        os.unlink(f.name)
+    if not record_path.exists():
+        tail = (proc.stdout or "")[-3000:] if quiet else "(see the output above)"
+        raise RunFailed(f"flwr run exited {proc.returncode} without writing {record_path}: the run failed "
+                        f"before the ServerApp finished. {tail}")
+    record = RunRecord.read(record_path)
+    if record.status != "ok":
+        raise RunFailed(f"Run {cfg.run_name} failed: {record.error} (record: {record_path})")
+    return record
+
+
+def run(cfg: ExperimentConfig, engine: str = "simulation", quiet: bool = False) -> RunRecord:
+    if engine == "inprocess":
+        return run_inprocess(cfg)
+    if engine == "simulation":
+        return run_simulation(cfg, quiet=quiet)
+    raise FedbridgeError(f"Unknown engine '{engine}'. Use one of: {', '.join(ENGINES)}.")

@@ -1,0 +1,19 @@
+"""fedbridge methods, by name. A method is a ``Method`` subclass; add one here to make it runnable."""
+
+from fedbridge.errors import ConfigError
+from fedbridge.strategies.base import Method, Session
+from fedbridge.strategies.centralized import Centralized
+from fedbridge.strategies.fedavg import FedAvg
+from fedbridge.strategies.local import Local
+from fedbridge.strategies.zero_shot import LLMZeroShot
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, FedAvg, Centralized, LLMZeroShot)}
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"Unknown method '{name}'. Available: {', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Method", "Session", "get_method"]

@@ -1,0 +1,191 @@
+"""What every fedbridge method shares on the server: the run session, metered messaging, and the run record.
+
+A method is a class with a ``run(session)``; the session gives it the silos, the global test set, a
+timeout-aware ``exchange`` with error handling, phase timing, and the record it fills in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedbridge import protocol as p
+from fedbridge.config import ExperimentConfig
+from fedbridge.results import RunRecord
+from fedbridge.tasks import Examples, Task, load_federation, load_task
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 0.2
+
+
+class MeteredGrid(Grid):
+    """A Grid that counts the serialised bytes of every message, by round (group id) and message type."""
+
+    def __init__(self, inner: Grid, record: RunRecord) -> None:
+        self.inner, self.record = inner, record
+
+    def _meter(self, messages: Iterable[Message], direction: str) -> list[Message]:
+        messages = list(messages)
+        comm = self.record.communication
+        for msg in messages:
+            if not msg.has_content():
+                continue
+            n = p.payload_bytes(msg.content)
+            comm[f"bytes_{direction}"] += n
+            rnd = comm["by_round"].setdefault(msg.metadata.group_id or "0", {"sent": 0, "received": 0})
+            rnd[direction] += n
+            kind = comm["by_message_type"].setdefault(msg.metadata.message_type, {"sent": 0, "received": 0})
+            kind[direction] += n
+        return messages
+
+    def set_run(self, run_id: int) -> None:
+        self.inner.set_run(run_id)
+
+    @property
+    def run(self):  # noqa: ANN201 - mirrors Grid.run
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(self._meter(messages, "sent"))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._meter(self.inner.pull_messages(message_ids), "received")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._meter(self.inner.send_and_receive(self._meter(messages, "sent"), timeout=timeout), "received")
+
+
+@dataclass
+class Session:
+    grid: MeteredGrid
+    cfg: ExperimentConfig
+    record: RunRecord
+    task: Task
+    global_test: Examples
+    silos: dict[int, str] = field(default_factory=dict)  # node id -> silo name
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record.seconds[name] = self.record.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def fail(self, node_id: int, message_type: str, round_: int, reason: str) -> None:
+        silo = self.silos.get(node_id, f"node-{node_id}")
+        log.warning("%s failed %s (round %d): %s", silo, message_type, round_, reason)
+        self.record.failures.append({"silo": silo, "message_type": message_type, "round": round_, "reason": reason})
+
+    def discover(self) -> dict[int, str]:
+        """Wait for the silos' nodes to connect, then ask each for its partition id and data sizes."""
+        want, deadline = self.cfg.partition.num_silos, time.monotonic() + min(self.cfg.timeout, 300.0)
+        nodes = list(self.grid.get_node_ids())
+        while len(nodes) < want and time.monotonic() < deadline:
+            time.sleep(1.0)
+            nodes = list(self.grid.get_node_ids())
+        if not nodes:
+            raise RuntimeError("No silo connected before the timeout. Start the SuperNodes, or raise 'timeout'.")
+        if len(nodes) < want:
+            self.record.notes.append(f"only {len(nodes)} of {want} silos connected")
+        replies = self.exchange(p.INFO, {n: p.request() for n in nodes}, by_node=True)
+        self.silos = {n: f"silo-{int(r[p.METRICS]['partition-id'])}" for n, r in replies.items()}
+        for node, reply in replies.items():
+            self.record.silo_metrics.setdefault(self.silos[node], {}).update(
+                {k: v for k, v in reply[p.METRICS].items() if k.startswith("num-")})
+        if not self.silos:
+            raise RuntimeError("Every silo failed its info query; see the failures in the run record.")
+        return self.silos
+
+    def iter_replies(self, message_type: str, contents: Mapping[int, RecordDict], round_: int = 0,
+                     timeout: float | None = None) -> Iterator[tuple[int, RecordDict]]:
+        """Push one message per node, then yield (node id, reply content) as replies arrive.
+
+        Error replies and silos that do not answer within the timeout are recorded as failures and skipped.
+        """
+        timeout = self.cfg.timeout if timeout is None else timeout
+        msgs = [Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_), ttl=timeout)
+                for node, content in contents.items()]
+        pending = dict(zip(self.grid.push_messages(msgs), contents))
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                if reply.has_error():
+                    self.fail(node, message_type, round_, reply.error.reason)
+                else:
+                    yield node, reply.content
+            if pending:
+                time.sleep(POLL_SECONDS)
+        for node in pending.values():
+            self.fail(node, message_type, round_, f"no reply within {timeout:.0f} s")
+
+    def exchange(self, message_type: str, contents: Mapping[int, RecordDict], round_: int = 0,
+                 by_node: bool = False) -> dict:
+        """Send and wait for every reply; keyed by silo name (or node id with ``by_node``)."""
+        replies = dict(self.iter_replies(message_type, contents, round_))
+        return replies if by_node else {self.silos[n]: r for n, r in replies.items()}
+
+    def broadcast(self, message_type: str, content: RecordDict, round_: int = 0) -> dict[str, RecordDict]:
+        return self.exchange(message_type, {n: content for n in self.silos}, round_)
+
+    def record_silo_metrics(self, replies: Mapping[str, RecordDict]) -> None:
+        for silo, reply in replies.items():
+            metrics = {k: v for k, v in reply[p.METRICS].items() if k != "partition-id"}
+            self.record.silo_metrics.setdefault(silo, {}).update(metrics)
+
+
+class Method(ABC):
+    """A fedbridge method: what the server does in one run. Subclasses set ``name`` and ``description``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    note: ClassVar[str | None] = None  # a caveat every record of this method carries
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def run(self, session: Session) -> None:
+        """Run the method, filling ``session.record``'s metrics."""
+
+
+def mean_over_silos(record: RunRecord) -> None:
+    """Means over silos: of each silo model's global-test scores (methods with one model per silo), and of
+    every silo's own-test scores (all methods)."""
+    for split, prefix in (("global-test", ""), ("silo-test", "silo_test_")):
+        for metric in ("accuracy", "macro_f1"):
+            values = [m[f"{split}.{metric}"] for m in record.silo_metrics.values() if f"{split}.{metric}" in m]
+            if values:
+                record.global_metrics[f"{prefix}{metric}"] = float(np.mean(values))
+    sizes = [m["global-test.n"] for m in record.silo_metrics.values() if "global-test.n" in m]
+    if sizes:
+        record.global_metrics["n"] = sizes[0]
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    task = cfg.task.name.rsplit("/", 1)[-1].split(".")[0]
+    return cfg.run_name or f"{cfg.method}-{task}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def server_task(cfg: ExperimentConfig) -> tuple[Task, Examples]:
+    """The task and the server's global held-out test set (the same split simulation silos exclude)."""
+    return load_task(cfg.task, cfg.seed), load_federation(cfg.task, cfg.partition, cfg.seed).global_test

@@ -1,0 +1,30 @@
+"""Baseline ``llm-zero-shot``: the server LLM classifies by label likelihood, with no task data at all.
+
+The global test set is scored on the server; each silo scores its own test split with the same public LLM.
+"""
+
+from __future__ import annotations
+
+from fedbridge import protocol as p
+from fedbridge.models.llm_classifier import label_probabilities
+from fedbridge.models.loading import load_llm
+from fedbridge.strategies.base import Method, Session, mean_over_silos
+from fedbridge.tasks import classification_metrics
+
+
+class LLMZeroShot(Method):
+    name = "llm-zero-shot"
+    description = "the server LLM answers by label likelihood, no training data"
+
+    def run(self, session: Session) -> None:
+        with session.phase("server-llm-load"):
+            model, tok = load_llm(self.cfg.llm.model)
+        with session.phase("server-llm-eval"):
+            probs = label_probabilities(model, tok, session.global_test.texts, session.task.labels,
+                                        session.task.instruction, batch_size=self.cfg.llm.batch_size,
+                                        max_tokens=self.cfg.llm.max_length, progress="server llm")
+        session.record.global_metrics.update(classification_metrics(session.global_test.labels, probs))
+        with session.phase("silo-llm-eval"):
+            replies = session.broadcast(p.EVALUATE_LLM, p.request(), round_=1)
+        session.record_silo_metrics(replies)
+        mean_over_silos(session.record)
