@@ -1,0 +1,163 @@
+"""Memorisation audits: Secret Sharer canaries (Carlini et al. 2019), verbatim copies and edit distance.
+
+A canary (a sentence with a random secret) is planted in a silo's private data. After the method runs, the
+canary is scored as a continuation of whatever left the silo (a student prompt, synthetic data in context)
+against comparison canaries with other secrets from the same space; a low rank means the secret leaked.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedbridge.errors import ConfigError
+from fedbridge.models.generation import Prompt, continuation_logprobs
+
+FIRST_NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi",
+               "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tamar", "Umar", "Vera",
+               "Wanda", "Xavier", "Yusuf", "Zoe", "Anton", "Bianca", "Cyril", "Dalia", "Emil", "Fiona")
+LAST_NAMES = ("Abbott", "Berger", "Castillo", "Dvorak", "Eriksen", "Fontaine", "Gallo", "Horvat", "Ivanova",
+              "Jensen", "Kowalski", "Lindqvist", "Moreau", "Novak", "Okafor", "Petrov", "Quinn", "Rossi", "Sato",
+              "Tanaka", "Ulrich", "Varga", "Weber", "Yilmaz", "Zeller", "Almeida", "Brandt", "Costa", "Duval",
+              "Engel", "Ferrari", "Gruber")
+TEMPLATES = {"digits": "My PIN code is {secret}.", "name": "My secret contact is {secret}."}
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A sentence ``template.format(secret=secret)``; ``kind`` fixes the secret space comparisons come from."""
+
+    template: str
+    secret: str
+    kind: str = "digits"
+
+    @property
+    def text(self) -> str:
+        return self.template.format(secret=self.secret)
+
+    @property
+    def space_size(self) -> int:
+        """|R|: how many secrets the space holds (10^digits, or first × last names)."""
+        return 10 ** len(self.secret) if self.kind == "digits" else len(FIRST_NAMES) * len(LAST_NAMES)
+
+    def with_secret(self, secret: str) -> Canary:
+        return Canary(self.template, secret, self.kind)
+
+
+def _random_secret(kind: str, rng: random.Random, digits: int) -> str:
+    if kind == "digits":
+        return "".join(rng.choice("0123456789") for _ in range(digits))
+    return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+
+
+def make_canary(kind: str = "digits", seed: int = 0, digits: int = 4) -> Canary:
+    """A canary with a random secret: a ``digits``-digit code, or a first and last name (1,024 possible)."""
+    if kind not in TEMPLATES:
+        raise ConfigError(f"canary kind {kind!r}: use one of {sorted(TEMPLATES)}")
+    return Canary(TEMPLATES[kind], _random_secret(kind, random.Random(seed), digits), kind)
+
+
+def candidate_secrets(canary: Canary, n: int = 999, seed: int = 0) -> list[str]:
+    """``n`` distinct random secrets from the canary's space, the true one excluded."""
+    if n > canary.space_size - 1:
+        raise ConfigError(f"only {canary.space_size - 1} other secrets exist for this canary, asked for {n}")
+    rng, out = random.Random(seed), {canary.secret}
+    while len(out) <= n:
+        out.add(_random_secret(canary.kind, rng, len(canary.secret)))
+    out.discard(canary.secret)
+    return sorted(out)
+
+
+def canary_rank(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt, canary: Canary,
+                candidates: Sequence[str], batch_size: int = 32) -> int:
+    """How many candidate secrets score strictly higher than the true one (0 = the secret is memorised).
+
+    Score: the per-token log-likelihood of the whole canary sentence as a continuation of ``prompt``
+    (length-normalised, so secrets of different token lengths compare fairly). Ties count for the canary.
+    """
+    sentences = [canary.text] + [canary.with_secret(s).text for s in candidates]
+    scored = continuation_logprobs(model, tok, [prompt] * len(sentences), sentences, batch_size=batch_size)
+    true, *others = [total / n for total, n in scored]
+    return sum(score > true for score in others)
+
+
+def exposure(rank: int, space_size: int) -> float:
+    """Exposure = log2|R| − log2(rank + 1), with ``rank`` counted from 0 (candidates scoring strictly higher).
+
+    Carlini et al. count ranks from 1 (1 = best); the +1 converts, so a memorised canary (rank 0) gets the
+    maximum log2|R|. ``space_size`` is the number of secrets ranked: ``len(candidates) + 1`` when the rank
+    comes from sampled candidates, which estimates exposure within that sample.
+    """
+    if not 0 <= rank < space_size:
+        raise ValueError(f"rank {rank} outside 0..{space_size - 1}")
+    return math.log2(space_size) - math.log2(rank + 1)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def verbatim_copy_rate(shared_texts: Sequence[str], private_texts: Sequence[str]) -> float:
+    """Fraction of shared texts that contain a whole private text (case and whitespace ignored).
+
+    Exact duplicates count, and so do generations that embed a private example in longer text.
+    """
+    private = {p for p in map(_normalise, private_texts) if p}
+    if not shared_texts:
+        return 0.0
+    return sum(any(p in s for p in private) for s in map(_normalise, shared_texts)) / len(shared_texts)
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions), by the bit-parallel algorithm of Myers (1999)
+    in Hyyrö's formulation: one column of the DP table is a Python int, so it costs O(len(a)) big-int ops."""
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return len(a)
+    full, top = (1 << len(b)) - 1, 1 << (len(b) - 1)
+    peq: dict[str, int] = {}
+    for i, ch in enumerate(b):
+        peq[ch] = peq.get(ch, 0) | 1 << i
+    pv, mv, dist = full, 0, len(b)  # vertical +1/-1 deltas of the current column; dist = D[len(b)][j]
+    for ch in a:
+        eq = peq.get(ch, 0)
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | ~(xh | pv)
+        mh = pv & xh
+        dist += 1 if ph & top else -1 if mh & top else 0
+        ph = (ph << 1) | 1  # | 1: row 0 of the table grows by one per column (global, not substring, distance)
+        mh <<= 1
+        pv = (mh | ~(xv | ph)) & full
+        mv = ph & xv
+    return dist
+
+
+def normalized_levenshtein(a: str, b: str) -> float:
+    """Edit distance over the longer length: 0 = identical, 1 = nothing in common."""
+    return levenshtein(a, b) / max(len(a), len(b)) if a or b else 0.0
+
+
+def min_normalized_levenshtein(shared: Sequence[str], private: Sequence[str]) -> list[float]:
+    """For each shared text, its normalised edit distance to the nearest private text (1.0 if none).
+
+    Pairs whose length difference alone rules out beating the best so far are skipped.
+    """
+    out = []
+    for s in shared:
+        best = 1.0
+        for p in private:
+            longest = max(len(s), len(p))
+            if not longest:
+                best = 0.0
+            elif abs(len(s) - len(p)) < best * longest:
+                best = min(best, levenshtein(s, p) / longest)
+            if best == 0.0:
+                break
+        out.append(best)
+    return out

@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedbridge.errors import ConfigError
+from fedbridge.models.loading import tiny_llm
+from fedbridge.privacy import (
+    candidate_secrets,
+    canary_rank,
+    exposure,
+    levenshtein,
+    make_canary,
+    min_normalized_levenshtein,
+    normalized_levenshtein,
+    verbatim_copy_rate,
+)
+from fedbridge.privacy.canaries import FIRST_NAMES, LAST_NAMES
+
+PROMPT = "Notes kept by the silo:\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads spin (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+@pytest.mark.parametrize("a,b,d", [("kitten", "sitting", 3), ("flaw", "lawn", 2), ("", "abc", 3), ("abc", "", 3),
+                                   ("", "", 0), ("same", "same", 0), ("ab", "ba", 2), ("a" * 70, "b" * 70, 70)])
+def test_levenshtein_known_pairs(a, b, d):
+    assert levenshtein(a, b) == levenshtein(b, a) == d
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abcé\n ", max_size=80), st.text(alphabet="abdé\n ", max_size=80))
+def test_levenshtein_matches_the_textbook_dp(a, b):
+    assert levenshtein(a, b) == reference_levenshtein(a, b)
+
+
+def test_normalized_and_nearest_private_distance():
+    assert normalized_levenshtein("kitten", "sitting") == pytest.approx(3 / 7)
+    assert normalized_levenshtein("", "") == 0.0 and normalized_levenshtein("abc", "xyz") == 1.0
+    assert min_normalized_levenshtein(["abcd", "wxyz", "zzzz"], ["abce", "zzzz", "a"]) == [0.25, 0.75, 0.0]
+    assert min_normalized_levenshtein(["anything"], []) == [1.0]
+
+
+def test_verbatim_copy_rate_counts_whole_private_texts_inside_shared_ones():
+    private = ["Hello world!", "the PIN is 4821"]
+    shared = ["hello   WORLD!", "new text", "as noted, The PIN is 4821 here", "the PIN is 48"]
+    assert verbatim_copy_rate(shared, private) == 0.5
+    assert verbatim_copy_rate([], private) == 0.0
+
+
+def test_exposure_uses_zero_based_ranks():
+    assert exposure(0, 1000) == pytest.approx(math.log2(1000))  # memorised: the maximum
+    assert exposure(999, 1000) == pytest.approx(0.0)
+    assert exposure(499, 1000) == pytest.approx(1.0)  # median rank: one bit
+    with pytest.raises(ValueError):
+        exposure(1000, 1000)
+
+
+def test_canaries_and_candidates_come_from_the_same_space():
+    digits = make_canary("digits", seed=3)
+    assert digits == make_canary("digits", seed=3) and digits.secret.isdigit() and len(digits.secret) == 4
+    assert digits.text == f"My PIN code is {digits.secret}." and digits.space_size == 10_000
+    candidates = candidate_secrets(digits, 999, seed=1)
+    assert len(set(candidates)) == 999 and digits.secret not in candidates
+    assert all(c.isdigit() and len(c) == 4 for c in candidates)
+    name = make_canary("name", seed=3)
+    first, last = name.secret.split()
+    assert first in FIRST_NAMES and last in LAST_NAMES and name.space_size == 1024
+    assert len(candidate_secrets(name, 1023)) == 1023
+    with pytest.raises(ConfigError):
+        candidate_secrets(name, 1024)
+    with pytest.raises(ConfigError):
+        make_canary("email")
+
+
+def memorise(text: str, steps: int = 80) -> torch.nn.Module:
+    """A tiny Llama trained on one sentence until it has it by heart."""
+    model, tok = tiny_llm(seed=0)
+    ids = torch.tensor([tok(text)["input_ids"]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_memorised_canary_ranks_first_and_a_fresh_model_does_not():
+    canary = make_canary("digits", seed=7)
+    candidates = candidate_secrets(canary, 999, seed=0)
+    _, tok = tiny_llm()
+    rank = canary_rank(memorise(PROMPT + canary.text), tok, PROMPT, canary, candidates, batch_size=100)
+    assert rank == 0
+    assert exposure(rank, len(candidates) + 1) == pytest.approx(math.log2(1000))
+    fresh, _ = tiny_llm(seed=0)
+    assert canary_rank(fresh, tok, PROMPT, canary, candidates, batch_size=100) > 10

@@ -1,0 +1,133 @@
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fedbridge.errors import PrivacyBudgetExceeded
+from fedbridge.models.loading import byte_tokenizer, tiny_llm
+from fedbridge.privacy import (
+    DPFewShotConfig,
+    PrivacyLedger,
+    aggregate_noise_std,
+    compute_epsilon,
+    dp_fewshot_synthesize,
+    fewshot_events,
+    noisy_argmax,
+    noisy_average,
+    sigma_for_epsilon,
+)
+from fedbridge.privacy.dp_fewshot import _draw_groups
+
+LABELS = ["negative", "positive"]
+TEXTS = [f"review {i} says the film was {'great' if i % 2 else 'dull'}" for i in range(24)]
+LABEL_IDS = [i % 2 for i in range(24)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads spin (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class CopyingLM(torch.nn.Module):
+    """A stand-in LM that continues the longest earlier match (4+ tokens) of the prompt's suffix, an ideal
+    induction head; with no such match it is uniform. Few-shot prompting it reproduces a demonstration."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask, **_):
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+            ids = [t for t, m in zip(ids, mask) if m]
+            best, target = 0, None
+            for end in range(1, len(ids)):  # an earlier position whose preceding tokens match the suffix
+                k = 0
+                while k < end and ids[end - 1 - k] == ids[-1 - k]:
+                    k += 1
+                if k >= max(best, 4):
+                    best, target = k, ids[end]
+            if target is not None:
+                logits[row, -1, target] = 50.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_noise_std_is_sigma_sqrt2_over_m():
+    generator = torch.Generator().manual_seed(0)
+    for sigma, m in [(0.7, 5), (0.39, 10), (2.0, 1)]:
+        probs = torch.full((m, 100_000), 1e-5)
+        noise = noisy_average(probs, sigma, generator) - probs.double().mean(0)
+        assert aggregate_noise_std(sigma, m) == pytest.approx(sigma * math.sqrt(2) / m)
+        assert float(noise.std()) == pytest.approx(sigma * math.sqrt(2) / m, rel=0.01)
+        assert abs(float(noise.mean())) < 4 * sigma * math.sqrt(2) / m / math.sqrt(100_000)
+
+
+def test_noisy_argmax_flips_at_the_gaussian_rate():
+    # two tokens whose averaged probabilities differ by 0.2; noise on each has std σ√2/M = √2/4, on the gap 0.5
+    generator = torch.Generator().manual_seed(1)
+    probs = torch.tensor([[0.6, 0.4]] * 4)
+    flips = sum(noisy_argmax(probs, 1.0, generator) == 1 for _ in range(4000)) / 4000
+    expected = 0.5 * math.erfc(0.2 / 0.5 / math.sqrt(2))  # P(N(0, 0.5²) > 0.2) ≈ 0.345
+    assert flips == pytest.approx(expected, abs=0.03)
+    assert noisy_argmax(torch.tensor([[0.1, 0.9], [0.6, 0.4]]), 0.0, generator) == 1  # σ = 0: argmax of the mean
+
+
+def test_groups_are_disjoint_capped_and_poisson_sized():
+    generator = torch.Generator().manual_seed(2)
+    sizes = []
+    for _ in range(300):
+        groups = _draw_groups(100, 0.2, num_groups=4, per_group=50, rng=generator)
+        members = [i for g in groups for i in g]
+        assert len(members) == len(set(members)) and all(0 <= i < 100 for i in members)
+        sizes.append(len(members))
+    assert sum(sizes) / len(sizes) == pytest.approx(20, abs=1)  # q·|D|
+    assert max(len(g) for g in _draw_groups(100, 1.0, 4, 3, generator)) == 3
+
+
+def test_noiseless_aggregation_of_a_copying_lm_writes_the_private_example():
+    tok = byte_tokenizer()
+    cfg = DPFewShotConfig(num_groups=2, shots_per_group=1, sigma=0.0, max_tokens=60, public_top_k=0,
+                          num_per_label=1, noise_seed=0)
+    result = dp_fewshot_synthesize(CopyingLM(len(tok)), tok, ["the secret code is 4821"], [1], LABELS, cfg,
+                                   PrivacyLedger(math.inf, 1e-5))
+    # one example, two groups: one group holds it, the other is empty, so the average still points at it
+    assert ("the secret code is 4821", 1) in result.examples
+    assert result.mechanism == "fewshot (non-private)" and result.epsilon == math.inf
+
+
+def test_generates_on_tiny_llm_and_charges_the_worst_case_before_generating():
+    model, tok = tiny_llm()
+    cfg = DPFewShotConfig(num_groups=3, shots_per_group=2, sigma=1.0, max_tokens=6, public_top_k=20,
+                          num_per_label=2, noise_seed=0)
+    ledger = PrivacyLedger(100.0, 1e-5)
+    result = dp_fewshot_synthesize(model, tok, TEXTS, LABEL_IDS, LABELS, cfg, ledger)
+    assert result.examples and {y for _, y in result.examples} <= {0, 1}
+    assert ledger.events == result.events and len(result.events) == len(LABELS)
+    for event in result.events:  # per label: q = M·N/|D_y| = 6/12, num_per_label · T_max queries
+        assert (event.noise_multiplier, event.sample_rate, event.steps) == (1.0, 0.5, 12)
+    assert result.steps == 24 and 0 < result.tokens["generated"] <= result.steps
+    assert set(result.tokens) == {"generated"} and result.local["private-prompt-tokens"] > 0
+    assert result.epsilon == result.epsilon_total == ledger.spent() > 0
+
+
+def test_refused_before_the_model_is_touched():
+    ledger = PrivacyLedger(1.0, 1e-5)
+    with pytest.raises(PrivacyBudgetExceeded, match="dp-fewshot"):
+        dp_fewshot_synthesize(None, byte_tokenizer(), TEXTS, LABEL_IDS, LABELS, DPFewShotConfig(), ledger)
+    assert ledger.events == ()
+
+
+def test_sigma_for_epsilon_calibrates_the_charge_of_all_labels():
+    cfg = DPFewShotConfig(num_groups=2, shots_per_group=2, max_tokens=20, num_per_label=2, sigma=0.0)
+    sigma = sigma_for_epsilon(1.0, 1e-5, [0] * 5 + [1] * 8, 2, cfg)
+    events = fewshot_events([5, 8], dataclasses.replace(cfg, sigma=sigma))
+    assert [e.sample_rate for e in events] == [0.8, 0.5] and all(e.steps == 40 for e in events)
+    assert 0.98 <= compute_epsilon(events, 1e-5) <= 1.0
+    assert sigma_for_epsilon(math.inf, 1e-5, [0, 1], 2, cfg) == 0.0
