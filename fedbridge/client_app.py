@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedbridge import protocol as p
@@ -22,15 +22,36 @@ def info(msg: Message, context: Context) -> Message:
     return Message(p.metrics_reply(silo.info()), reply_to=msg)
 
 
+def _train_fresh_and_evaluate(msg: Message, context: Context, with_examples: bool) -> Message:
+    silo, config = _silo(msg, context)
+    extra = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels)) if with_examples else None
+    model, tok = silo.new_slm()
+    stats = silo.train_slm(model, tok, extra=extra, extra_weight=float(config.get("synthetic-weight", 1.0)))
+    metrics = silo.evaluate_slm(model, tok, p.read_global_test(msg.content, len(silo.labels)))
+    return Message(p.metrics_reply({**metrics, **silo.info(), "train.seconds": stats.seconds,
+                                    "train.examples": stats.examples, "train.synthetic": len(extra or ())}),
+                   reply_to=msg)
+
+
 @app.train("local")
 def train_local(msg: Message, context: Context) -> Message:
     """Baseline ``local``: train a fresh SLM on private data only, then evaluate it."""
+    return _train_fresh_and_evaluate(msg, context, with_examples=False)
+
+
+@app.train("augmented")
+def train_augmented(msg: Message, context: Context) -> Message:
+    """FDKT: train a fresh SLM on private + the server's augmented examples, then evaluate it."""
+    return _train_fresh_and_evaluate(msg, context, with_examples=True)
+
+
+@app.query("synthesize")
+def synthesize(msg: Message, context: Context) -> Message:
+    """FDKT: write DP synthetic demonstrations; only they and their privacy cost leave the silo."""
     silo, _ = _silo(msg, context)
-    model, tok = silo.new_slm()
-    stats = silo.train_slm(model, tok)
-    metrics = silo.evaluate_slm(model, tok, p.read_global_test(msg.content, len(silo.labels)))
-    return Message(p.metrics_reply({**metrics, **silo.info(), "train.seconds": stats.seconds,
-                                    "train.examples": stats.examples}), reply_to=msg)
+    examples, privacy, metrics = silo.synthesize(context.state)
+    return Message(p.metrics_reply(metrics, examples=p.examples_record(examples), privacy=ConfigRecord(privacy)),
+                   reply_to=msg)
 
 
 @app.train()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from fedbridge.errors import ConfigError
+from fedbridge.models.slm import SLMTrainConfig
 
 Flat = dict[str, bool | int | float | str]
 T = TypeVar("T")
@@ -50,6 +51,10 @@ class SLMConfig:
     batch_size: int = 16
     lr: float = 5e-5
     max_length: int = 128
+
+    def train_config(self, epochs: int | None = None) -> SLMTrainConfig:
+        return SLMTrainConfig(epochs=self.epochs if epochs is None else epochs, batch_size=self.batch_size,
+                              lr=self.lr, max_length=self.max_length)
 
     def spec_for(self, silo: int) -> str:
         specs = [s.strip() for s in self.model.split(",") if s.strip()]

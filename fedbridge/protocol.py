@@ -9,12 +9,17 @@ Message types (Flower ``<category>.<action>``), request -> reply:
 ``train``          arrays (SLM weights), config              -> arrays, metrics: num-examples, train.*   (FedAvg)
 ``evaluate``       arrays, global-test (optional)            -> metrics: silo-test.*, global-test.*
 ``evaluate.llm``   config                                    -> metrics: silo-test.*  (the public LLM on the silo's test split)
+``query.synthesize`` config                                  -> examples (DP synthetic), privacy, metrics: synth.*  (FDKT)
+``train.augmented``  config (synthetic-weight), examples, global-test -> metrics: silo-test.*, global-test.*, train.*
 
 Records:
   ``config``       ConfigRecord: protocol (str), round (int), and per-type options (e.g. epochs)
   ``global-test``  ConfigRecord: texts (list[str]), labels (list[int]) — the server's public held-out set
   ``arrays``       ArrayRecord: a torch state dict
   ``metrics``      MetricRecord: floats/ints; keys ``<split>.<metric>`` (e.g. ``global-test.accuracy``)
+  ``examples``     ConfigRecord: texts (list[str]), labels (list[int]) — synthetic/augmented labelled examples
+  ``privacy``      ConfigRecord: mechanism (str), epsilon, epsilon-total, delta, budget, noise-multiplier (float),
+                   steps (int) — the cost of what a silo released (epsilon inf = non-private)
 """
 
 from __future__ import annotations
@@ -33,8 +38,12 @@ TRAIN_LOCAL = "train.local"
 TRAIN_FEDAVG = "train"
 EVALUATE = "evaluate"
 EVALUATE_LLM = "evaluate.llm"
+SYNTHESIZE = "query.synthesize"
+TRAIN_AUGMENTED = "train.augmented"
 
 CONFIG, GLOBAL_TEST, ARRAYS, METRICS = "config", "global-test", "arrays", "metrics"
+EXAMPLES, PRIVACY = "examples", "privacy"
+MAX_EXAMPLES = 100_000  # a larger examples record is refused: a broken or hostile peer, not a real set
 
 
 class ProtocolError(FedbridgeError):
@@ -45,7 +54,7 @@ def request(config: Mapping[str, int | float | str | bool] | None = None, global
             **records) -> RecordDict:
     content = RecordDict({CONFIG: ConfigRecord({"protocol": PROTOCOL_VERSION, **(config or {})})})
     if global_test is not None:
-        content[GLOBAL_TEST] = ConfigRecord({"texts": list(global_test.texts), "labels": list(global_test.labels)})
+        content[GLOBAL_TEST] = examples_record(global_test)
     for key, record in records.items():
         content[key.replace("_", "-")] = record
     return content
@@ -61,15 +70,28 @@ def check_version(content: RecordDict) -> ConfigRecord:
     return config
 
 
-def read_global_test(content: RecordDict, num_labels: int) -> Examples | None:
-    record = content.get(GLOBAL_TEST)
-    if record is None:
-        return None
-    texts, labels = list(record["texts"]), [int(y) for y in record["labels"]]
-    if len(texts) != len(labels) or any(not 0 <= y < num_labels for y in labels):
-        raise ProtocolError(f"Malformed global-test record: {len(texts)} texts, {len(labels)} labels "
-                            f"(labels must lie in 0..{num_labels - 1}).")
+def examples_record(examples: Examples) -> ConfigRecord:
+    return ConfigRecord({"texts": list(examples.texts), "labels": list(examples.labels)})
+
+
+def read_examples(content: RecordDict, key: str, num_labels: int) -> Examples:
+    """Validated labelled examples from a record: a malformed one raises ProtocolError, never half-used."""
+    record = content.get(key)
+    if not isinstance(record, ConfigRecord) or "texts" not in record or "labels" not in record:
+        raise ProtocolError(f"Message has no '{key}' record with 'texts' and 'labels'.")
+    texts, labels = record["texts"], record["labels"]
+    if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels):
+        raise ProtocolError(f"Malformed '{key}' record: texts and labels must be lists of equal length.")
+    if len(texts) > MAX_EXAMPLES:
+        raise ProtocolError(f"'{key}' record holds {len(texts)} examples, over the limit of {MAX_EXAMPLES}.")
+    if not all(isinstance(t, str) for t in texts) or not all(isinstance(y, int) and not isinstance(y, bool)
+                                                             and 0 <= y < num_labels for y in labels):
+        raise ProtocolError(f"Malformed '{key}' record: texts must be strings and labels ints in 0..{num_labels - 1}.")
     return Examples.of(texts, labels)
+
+
+def read_global_test(content: RecordDict, num_labels: int) -> Examples | None:
+    return read_examples(content, GLOBAL_TEST, num_labels) if GLOBAL_TEST in content else None
 
 
 def metrics_reply(metrics: Mapping[str, float | int], **records) -> RecordDict:

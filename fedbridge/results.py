@@ -8,8 +8,9 @@ Schema (version 1); every field is always present so that records compare side b
   global_metrics  on the server's global test set: accuracy, macro_f1, n (methods with one model per silo
                   report the mean over silos, and also silo_test_accuracy / silo_test_macro_f1 means)
   silo_metrics    {silo-k: {"silo-test.accuracy": ..., "global-test.accuracy": ..., ...}}
+  server_metrics  what the server measured about its own work (e.g. FedAvg round losses, FDKT filter counts)
   communication   bytes_sent, bytes_received, by_round {round: {sent, received}}, by_message_type
-  tokens          prompt / generated token counts of LLM work (0 when no LLM ran)
+  tokens          prompt / generated tokens of the server LLM; silo-generated: tokens silos generated (FDKT)
   seconds         wall seconds by phase
   privacy         null for methods that share no private-data-derived content; else
                   {silo-k: {epsilon, delta, mechanism, ...}} ("epsilon": "inf" marks non-private)
@@ -55,6 +56,7 @@ class RunRecord:
     wall_seconds: float = 0.0
     global_metrics: dict[str, float] = field(default_factory=dict)
     silo_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    server_metrics: dict[str, float] = field(default_factory=dict)
     communication: dict[str, Any] = field(default_factory=lambda: {
         "bytes_sent": 0, "bytes_received": 0, "by_round": {}, "by_message_type": {}})
     tokens: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "generated": 0})

@@ -7,24 +7,25 @@ Where the data comes from:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import math
 import time
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedbridge.config import ExperimentConfig, SLMConfig
-from fedbridge.errors import ConfigError
+from fedbridge.config import ExperimentConfig, from_flat
+from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
 from fedbridge.models.loading import load_llm, load_slm
 from fedbridge.models.llm_classifier import label_probabilities
-from fedbridge.models.slm import SLMTrainConfig, TrainStats, predict_proba, train_classifier
+from fedbridge.models.slm import TrainStats, predict_proba, train_classifier
+from fedbridge.privacy import DPFewShotConfig, DPSGDConfig, PrivacyLedger, dp_fewshot_synthesize, dp_sgd_synthesize
+from fedbridge.privacy.dp_fewshot import sigma_for_epsilon
+from fedbridge.strategies.fdkt import FDKTConfig
 from fedbridge.tasks import Examples, SiloData, classification_metrics, load_federation, load_task, silo_from_file
-
-
-def slm_train_config(slm: SLMConfig, epochs: int | None = None) -> SLMTrainConfig:
-    return SLMTrainConfig(epochs=slm.epochs if epochs is None else epochs, batch_size=slm.batch_size, lr=slm.lr,
-                          max_length=slm.max_length)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Silo:
             texts += extra.texts
             labels += extra.labels
             weights += [extra_weight] * len(extra)
-        return train_classifier(model, tok, texts, labels, slm_train_config(self.cfg.slm, epochs), weights,
+        return train_classifier(model, tok, texts, labels, self.cfg.slm.train_config(epochs), weights,
                                 seed=self.cfg.seed + self.index, progress=f"{self.name} train")
 
     def evaluate_slm(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
@@ -86,8 +87,60 @@ class Silo:
         metrics = {f"silo-test.{k}": v for k, v in classification_metrics(self.data.test.labels, probs).items()}
         return {**metrics, "llm.seconds": time.perf_counter() - t0}
 
+    # ------------------------------------------------------------ FDKT contribution
+
+    def ledger(self, state: RecordDict, budget: float, delta: float) -> PrivacyLedger:
+        """The silo's privacy ledger, kept in the node's Flower state so spending persists across messages."""
+        if LEDGER in state:
+            return PrivacyLedger.from_dict(json.loads(state[LEDGER]["state"]))
+        return PrivacyLedger(budget, delta)
+
+    def synthesize(self, state: RecordDict) -> tuple[Examples, dict, dict[str, float]]:
+        """DP synthetic demonstrations of the private training split: (examples, privacy cost, metrics)."""
+        cfg = from_flat(FDKTConfig, self.cfg.method_options, "fdkt")
+        ledger = self.ledger(state, cfg.epsilon, cfg.delta)
+        noise_seed = None if cfg.noise_seed < 0 else cfg.noise_seed + self.index
+        # calibration stops up to 0.01 below its target, so a release leaves such a crumb unspent; no mechanism
+        # reaches an epsilon that small, so it would fail as 'out of reach' instead of as a budget refusal
+        if ledger.remaining() <= MIN_RELEASE_EPSILON:
+            raise PrivacyBudgetExceeded(f"{self.name}: privacy budget spent (epsilon {ledger.spent():.4g} of "
+                                        f"{ledger.epsilon_budget:g}, delta {ledger.delta:g}); this silo releases "
+                                        "nothing more in this run. Start a new run or raise fdkt.epsilon.")
+        texts, labels = list(self.data.train.texts), list(self.data.train.labels)
+        try:
+            if cfg.mechanism == "dp-sgd":
+                model, tok = load_llm(cfg.generator, trainable=True)
+                mech = DPSGDConfig(target_epsilon=min(cfg.epsilon, ledger.remaining()), max_grad_norm=cfg.clip,
+                                   epochs=cfg.sgd_epochs, batch_size=cfg.sgd_batch_size, lr=cfg.sgd_lr,
+                                   num_per_label=cfg.num_per_label, min_words=cfg.min_words, noise_seed=noise_seed,
+                                   max_length=self.cfg.slm.max_length)
+                result = dp_sgd_synthesize(model, tok, texts, labels, self.labels, mech, ledger, self.cfg.seed + self.index)
+            else:
+                model, tok = load_llm(cfg.generator)
+                mech = DPFewShotConfig(num_groups=cfg.groups, shots_per_group=cfg.shots_per_group,
+                                       max_tokens=cfg.max_tokens, public_top_k=cfg.public_top_k,
+                                       num_per_label=cfg.num_per_label, min_words=cfg.min_words,
+                                       noise_seed=noise_seed, sigma=0.0)
+                sigma = sigma_for_epsilon(min(cfg.epsilon, ledger.remaining()), ledger.delta, labels,
+                                          len(self.labels), mech)
+                result = dp_fewshot_synthesize(model, tok, texts, labels, self.labels,
+                                               dataclasses.replace(mech, sigma=sigma), ledger)
+        finally:  # whatever was charged stays charged, also when generation fails half-way
+            state[LEDGER] = ConfigRecord({"state": json.dumps(ledger.to_dict())})
+        privacy = {"mechanism": result.mechanism, "epsilon": result.epsilon, "epsilon-total": result.epsilon_total,
+                   "delta": result.delta, "budget": ledger.epsilon_budget, "noise-multiplier": result.noise_multiplier,
+                   "steps": result.steps, "private": math.isfinite(result.epsilon)}
+        metrics = {"synth.examples": len(result.examples),
+                   **{f"synth.seconds-{k}": v for k, v in result.seconds.items()},
+                   **{f"synth.tokens-{k}": v for k, v in result.tokens.items()}}
+        return Examples.of([t for t, _ in result.examples], [y for _, y in result.examples]), privacy, metrics
+
     def info(self) -> dict[str, int]:
         return {"partition-id": self.index, "num-train": len(self.data.train), "num-test": len(self.data.test)}
+
+
+LEDGER = "fdkt-privacy-ledger"
+MIN_RELEASE_EPSILON = 0.01  # a remainder this small counts as spent: see Silo.synthesize
 
 
 @functools.lru_cache(maxsize=16)

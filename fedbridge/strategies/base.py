@@ -113,16 +113,21 @@ class Session:
             raise RuntimeError("Every silo failed its info query; see the failures in the run record.")
         return self.silos
 
-    def iter_replies(self, message_type: str, contents: Mapping[int, RecordDict], round_: int = 0,
-                     timeout: float | None = None) -> Iterator[tuple[int, RecordDict]]:
-        """Push one message per node, then yield (node id, reply content) as replies arrive.
+    def push(self, message_type: str, contents: Mapping[int, RecordDict], round_: int = 0,
+             timeout: float | None = None) -> dict[str, int]:
+        """Send one message per node without waiting; returns {message id: node id} for ``replies``."""
+        ttl = self.cfg.timeout if timeout is None else timeout
+        msgs = [Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_), ttl=ttl)
+                for node, content in contents.items()]
+        return dict(zip(self.grid.push_messages(msgs), contents))
+
+    def replies(self, pending: dict[str, int], message_type: str, round_: int = 0,
+                timeout: float | None = None) -> Iterator[tuple[int, RecordDict]]:
+        """Yield (node id, reply content) as replies arrive, in arrival order.
 
         Error replies and silos that do not answer within the timeout are recorded as failures and skipped.
         """
-        timeout = self.cfg.timeout if timeout is None else timeout
-        msgs = [Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_), ttl=timeout)
-                for node, content in contents.items()]
-        pending = dict(zip(self.grid.push_messages(msgs), contents))
+        pending, timeout = dict(pending), self.cfg.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
@@ -138,6 +143,10 @@ class Session:
         for node in pending.values():
             self.fail(node, message_type, round_, f"no reply within {timeout:.0f} s")
 
+    def iter_replies(self, message_type: str, contents: Mapping[int, RecordDict], round_: int = 0,
+                     timeout: float | None = None) -> Iterator[tuple[int, RecordDict]]:
+        return self.replies(self.push(message_type, contents, round_, timeout), message_type, round_, timeout)
+
     def exchange(self, message_type: str, contents: Mapping[int, RecordDict], round_: int = 0,
                  by_node: bool = False) -> dict:
         """Send and wait for every reply; keyed by silo name (or node id with ``by_node``)."""
@@ -148,6 +157,10 @@ class Session:
         return self.exchange(message_type, {n: content for n in self.silos}, round_)
 
     def record_silo_metrics(self, replies: Mapping[str, RecordDict]) -> None:
+        """Store each silo's reported metrics; a step that no silo completed fails the run (never an empty 'ok')."""
+        if not replies:
+            raise RuntimeError("No silo completed this step; every one failed or timed out (see the record's "
+                               "failures).")
         for silo, reply in replies.items():
             metrics = {k: v for k, v in reply[p.METRICS].items() if k != "partition-id"}
             self.record.silo_metrics.setdefault(silo, {}).update(metrics)

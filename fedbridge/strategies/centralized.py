@@ -9,7 +9,6 @@ from flwr.app import ArrayRecord
 
 from fedbridge.models.loading import load_slm
 from fedbridge.models.slm import train_classifier
-from fedbridge.silo import slm_train_config
 from fedbridge.strategies.base import Method, Session
 from fedbridge.strategies.fedavg import evaluate_shared_model, single_slm_spec
 from fedbridge.tasks import load_federation
@@ -26,6 +25,6 @@ class Centralized(Method):
         labels = [y for s in federation.silos for y in s.train.labels]
         model, tok = load_slm(single_slm_spec(session, self.name), len(session.task.labels), seed=self.cfg.seed)
         with session.phase("server-train"):
-            train_classifier(model, tok, texts, labels, slm_train_config(self.cfg.slm), seed=self.cfg.seed,
+            train_classifier(model, tok, texts, labels, self.cfg.slm.train_config(), seed=self.cfg.seed,
                              progress="centralized train")
         evaluate_shared_model(session, ArrayRecord(model.state_dict()), round_=1)

@@ -54,15 +54,25 @@ class FedAvg(Method):
         cfg = from_flat(FedAvgConfig, self.cfg.method_options, "fedavg")
         model, _ = load_slm(single_slm_spec(session, self.name), len(session.task.labels), seed=self.cfg.seed)
         n = len(session.silos)
-        strategy = FlowerFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
-                                min_available_nodes=n, arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG)
+        strategy = _RoundTaggedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
+                                      min_available_nodes=n, arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG)
         with session.phase("federated-training"):
             result = strategy.start(grid=session.grid, initial_arrays=ArrayRecord(model.state_dict()),
                                     num_rounds=self.cfg.rounds, timeout=self.cfg.timeout,
                                     train_config=ConfigRecord({"protocol": p.PROTOCOL_VERSION,
                                                                "epochs": cfg.local_epochs}))
-        session.record.silo_metrics.setdefault("rounds", {}).update(_train_losses(result.train_metrics_clientapp))
+        session.record.server_metrics.update(_train_losses(result.train_metrics_clientapp))
         evaluate_shared_model(session, result.arrays, round_=self.cfg.rounds + 1)
+
+
+class _RoundTaggedFedAvg(FlowerFedAvg):
+    """Flower's FedAvg sends with an empty group id; tag each message with its round so bytes meter by round."""
+
+    def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201 - Flower's signature
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for msg in messages:
+            msg.metadata.group_id = str(server_round)
+        return messages
 
 
 def _train_losses(per_round: dict[int, MetricRecord]) -> dict[str, float]:

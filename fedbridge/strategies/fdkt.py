@@ -1,0 +1,229 @@
+"""FDKT (Li et al. 2024, arXiv 2405.14212): DP synthetic demonstrations from silos, LLM augmentation on the server.
+
+One round, as the paper:
+  1. every silo writes DP synthetic demonstrations (``dp-sgd`` generator or ``dp-fewshot``) and sends only
+     those, with their privacy cost;
+  2. the server embeds and clusters them per label, asks its LLM to drop off-domain, wrong-label and
+     near-duplicate ones, then prompts the LLM with 1-2 kept demonstrations to write new examples, which it
+     parses, filters (length, label) and deduplicates (against each other and the demonstrations);
+  3. each silo receives its augmented set (or one pooled set) as soon as it is ready, trains its SLM on
+     private + augmented data, and reports metrics.
+Everything the server does is post-processing of DP outputs, so it costs no further privacy.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.cluster import KMeans
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedbridge import protocol as p
+from fedbridge.config import from_flat
+from fedbridge.errors import ConfigError
+from fedbridge.models.embedding import embed
+from fedbridge.models.generation import GenerationStats, SamplingConfig, generate
+from fedbridge.models.llm_classifier import label_probabilities
+from fedbridge.models.loading import load_llm
+from fedbridge.strategies.base import Method, Session, mean_over_silos
+from fedbridge.tasks import Examples, Task
+
+MECHANISMS = ("dp-fewshot", "dp-sgd")
+
+
+@dataclass(frozen=True)
+class FDKTConfig:
+    mechanism: str = "dp-fewshot"  # dp-fewshot | dp-sgd
+    epsilon: float = 4.0  # each silo's ε budget for the run; inf = non-private (labelled so)
+    delta: float = 1e-5
+    generator: str = "embedded"  # the silo's causal LM that writes DP demonstrations
+    num_per_label: int = 4  # DP demonstrations per label per silo
+    noise_seed: int = -1  # -1 = secret OS entropy (the guarantee needs it); >= 0 only for reproducible tests
+    # dp-fewshot (Tang et al.): M groups of N private examples per token, T_max tokens per demonstration
+    groups: int = 4
+    shots_per_group: int = 1
+    max_tokens: int = 48
+    public_top_k: int = 100
+    # dp-sgd: LoRA fine-tuning of the generator with Opacus
+    sgd_epochs: int = 2
+    sgd_batch_size: int = 8
+    sgd_lr: float = 5e-4
+    clip: float = 1.0
+    # server-side augmentation
+    augment_per_label: int = 12  # new examples the LLM writes per label (per silo, or once when pooled)
+    demos_per_prompt: int = 2
+    llm_filter: bool = True
+    label_filter: bool = True  # drop generations whose intended label the LLM finds least likely
+    min_words: int = 5
+    near_duplicate: float = 0.8  # character 5-gram Jaccard at or above which two texts are duplicates
+    temperature: float = 0.8
+    top_p: float = 0.9
+    max_new_tokens: int = 80
+    pooled: bool = False  # one augmented set from every silo's demonstrations, sent to all silos
+    synthetic_weight: float = 1.0  # loss weight of augmented examples in the silo's SLM training
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise ConfigError(f"Unknown fdkt.mechanism '{self.mechanism}'. Use one of: {', '.join(MECHANISMS)}.")
+        if not self.epsilon > 0 or not 0 < self.delta < 1:
+            raise ConfigError("fdkt.epsilon must be > 0 (inf = non-private) and fdkt.delta in (0, 1).")
+
+
+# ------------------------------------------------------------------ text utilities
+
+def _shingles(text: str, n: int = 5) -> set[str]:
+    t = " ".join(text.lower().split())
+    return {t[i:i + n] for i in range(max(1, len(t) - n + 1))}
+
+
+def deduplicate(candidates: list[str], against: list[str], threshold: float) -> list[int]:
+    """Indices of candidates that are neither exact nor near copies (5-gram Jaccard >= threshold) of a text in
+    ``against`` or of an earlier kept candidate."""
+    seen = [_shingles(t) for t in against]
+    kept = []
+    for i, text in enumerate(candidates):
+        s = _shingles(text)
+        if all(len(s & o) / max(1, len(s | o)) < threshold for o in seen):
+            kept.append(i)
+            seen.append(s)
+    return kept
+
+
+def parse_kept_indices(answer: str, n: int) -> list[int] | None:
+    """Numbers 1..n in the LLM's answer, as 0-based indices; None when it names none (keep everything then)."""
+    found = sorted({int(m) - 1 for m in re.findall(r"\d+", answer) if 1 <= int(m) <= n})
+    return found or None
+
+
+_LEADS = re.compile(r"^\s*(?:here(?:'s| is)[^:\n]*:|(?:new\s+)?(?:review|example|text|tweet|sms)\s*\d*\s*:)\s*", re.I)
+
+
+def parse_generation(text: str) -> str:
+    """The example itself: first paragraph, without a lead-in like 'Review:' and without wrapping quotes."""
+    text = _LEADS.sub("", text.strip())
+    text = text.split("\n\n")[0].strip()
+    return text.strip('"“”').strip()
+
+
+# ------------------------------------------------------------------ server pipeline
+
+def _filter_prompt(task: Task, label: str, texts: list[str]) -> list[dict[str, str]]:
+    listing = "\n".join(f"{i + 1}. {t[:400]}" for i, t in enumerate(texts))
+    return [{"role": "user", "content":
+             f"Below are {len(texts)} examples of a {task.description} with label '{label}'.\n{listing}\n\n"
+             f"Which numbers are real {task.description}s, really have the label '{label}', and are not "
+             "near-copies of another one? Answer with the numbers only, separated by commas."}]
+
+
+def llm_filter(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, label: str, texts: list[str],
+               seed: int, stats: GenerationStats, counts: Counter) -> list[int]:
+    """Cluster the demonstrations (k = ceil(n/4)), ask the LLM per cluster which to keep; unparseable = keep all."""
+    if len(texts) < 2:
+        return list(range(len(texts)))
+    k = math.ceil(len(texts) / 4)
+    clusters = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(embed(texts)) if k > 1 \
+        else np.zeros(len(texts), dtype=int)
+    members = [[i for i in range(len(texts)) if clusters[i] == c] for c in range(k)]
+    answers, st = generate(model, tok, [_filter_prompt(task, label, [texts[i] for i in m]) for m in members],
+                           SamplingConfig(max_new_tokens=24, temperature=0.0, batch_size=8))
+    stats += st
+    kept = []
+    for m, answer in zip(members, answers):
+        picked = parse_kept_indices(answer, len(m))
+        counts["filter-unparseable"] += picked is None
+        kept += [m[j] for j in (picked if picked is not None else range(len(m)))]
+    return sorted(kept)
+
+
+def _augment_prompt(task: Task, label: str, demos: list[str]) -> list[dict[str, str]]:
+    shown = "\n\n".join(f"Example: {d[:500]}" for d in demos)
+    return [{"role": "user", "content":
+             f"Here are examples of a {task.description} with label '{label}'.\n\n{shown}\n\nWrite one new "
+             f"{task.description} with label '{label}'. Make it different from the examples; do not copy them. "
+             "Reply with the text only."}]
+
+
+def augment(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, demos: Examples, cfg: FDKTConfig,
+            seed: int, stats: GenerationStats, counts: Counter) -> Examples:
+    """FDKT's server step for one set of DP demonstrations; returns kept demonstrations + new examples."""
+    rng = random.Random(seed)
+    by_label = {y: [t for t, l in zip(demos.texts, demos.labels) if l == y] for y in range(len(task.labels))}
+    kept: dict[int, list[str]] = {}
+    for y, texts in by_label.items():
+        idx = llm_filter(model, tok, task, task.labels[y], texts, seed, stats, counts) if cfg.llm_filter \
+            else range(len(texts))
+        kept[y] = [texts[i] for i in idx]
+        counts["demonstrations"] += len(texts)
+        counts["kept-by-filter"] += len(kept[y])
+    prompts, intended = [], []
+    for y, texts in kept.items():
+        for _ in range(cfg.augment_per_label if texts else 0):
+            prompts.append(_augment_prompt(task, task.labels[y], rng.sample(texts, min(cfg.demos_per_prompt, len(texts)))))
+            intended.append(y)
+    outs, st = generate(model, tok, prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=8), seed=seed, progress="augment")
+    stats += st
+    texts = [parse_generation(o) for o in outs]
+    counts["generated"] += len(texts)
+    ok = [i for i, t in enumerate(texts) if len(t.split()) >= cfg.min_words]
+    if cfg.label_filter and ok:
+        probs = label_probabilities(model, tok, [texts[i] for i in ok], task.labels, task.instruction)
+        ok = [i for i, row in zip(ok, probs) if row[intended[i]] > row.min() or len(task.labels) == 1]
+    counts["after-length-label-filter"] += len(ok)
+    all_kept = [t for ts in kept.values() for t in ts]
+    new = [ok[j] for j in deduplicate([texts[i] for i in ok], all_kept, cfg.near_duplicate)]
+    counts["after-dedup"] += len(new)
+    out_texts = all_kept + [texts[i] for i in new]
+    out_labels = [y for y, ts in kept.items() for _ in ts] + [intended[i] for i in new]
+    return Examples.of(out_texts, out_labels)
+
+
+class FDKT(Method):
+    name = "fdkt"
+    description = "FDKT: DP synthetic demonstrations from silos, LLM-augmented on the server"
+
+    def run(self, session: Session) -> None:
+        cfg = from_flat(FDKTConfig, self.cfg.method_options, "fdkt")
+        record, task = session.record, session.task
+        record.privacy, demos = {}, {}
+        if math.isinf(cfg.epsilon):
+            record.notes.append("fdkt: fdkt.epsilon=inf, the demonstrations are NOT differentially private")
+        with session.phase("server-llm-load"):
+            model, tok = load_llm(self.cfg.llm.model)
+        stats, counts = GenerationStats(), Counter()
+        pending: dict[str, int] = {}
+        with session.phase("silo-synthesize+server-augment"):
+            for node, reply in session.iter_replies(p.SYNTHESIZE, {n: p.request() for n in session.silos}, round_=1):
+                silo = session.silos[node]
+                demos[node] = p.read_examples(reply, p.EXAMPLES, len(task.labels))
+                record.privacy[silo] = dict(reply[p.PRIVACY])
+                record.silo_metrics.setdefault(silo, {}).update(dict(reply[p.METRICS]))
+                record.tokens["silo-generated"] = (record.tokens.get("silo-generated", 0)
+                                                   + int(reply[p.METRICS].get("synth.tokens-generated", 0)))
+                if not cfg.pooled:  # per-silo: this silo's set goes back as soon as it is ready
+                    augmented = augment(model, tok, task, demos[node], cfg, self.cfg.seed, stats, counts)
+                    pending |= session.push(p.TRAIN_AUGMENTED, {node: self._train_request(session, augmented)}, 2)
+            if cfg.pooled and demos:
+                pooled = Examples.of([t for d in demos.values() for t in d.texts],
+                                     [y for d in demos.values() for y in d.labels])
+                augmented = augment(model, tok, task, pooled, cfg, self.cfg.seed, stats, counts)
+                pending = session.push(p.TRAIN_AUGMENTED, {n: self._train_request(session, augmented)
+                                                           for n in demos}, 2)
+        with session.phase("silo-train-eval"):
+            replies = {session.silos[n]: r for n, r in session.replies(pending, p.TRAIN_AUGMENTED, 2)}
+        session.record_silo_metrics(replies)
+        mean_over_silos(record)
+        record.tokens["prompt"] += stats.prompt_tokens
+        record.tokens["generated"] += stats.generated_tokens
+        record.server_metrics.update({f"fdkt.{k}": v for k, v in counts.items()})
+        record.server_metrics["fdkt.llm-seconds"] = stats.seconds
+
+    def _train_request(self, session: Session, augmented: Examples):
+        cfg = from_flat(FDKTConfig, self.cfg.method_options, "fdkt")
+        return p.request({"synthetic-weight": cfg.synthetic_weight}, global_test=session.global_test,
+                         examples=p.examples_record(augmented))

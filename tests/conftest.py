@@ -1,0 +1,60 @@
+"""Shared fixtures: offline environment, tiny data files, and tiny-model federation configs."""
+
+from __future__ import annotations
+
+import os
+
+# Never reach a model hub from tests; keep Flower from building a runtime env or checking for updates.
+for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                     "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)
+
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from fedbridge.config import ExperimentConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SMS_SPAM = REPO.parent / "shared" / "data" / "sms_spam" / "SMSSpamCollection.tsv"
+
+# Small, fast federation settings: tiny random models, 120 drug reviews, 2 iid silos, one round.
+TINY = {
+    "slm.model": "tiny-bert",
+    "llm.model": "tiny-llama",
+    "task.max-examples": 120,
+    "slm.epochs": 1,
+    "slm.max-length": 64,
+    "llm.max-length": 64,
+    "partition.num-silos": 2,
+    "partition.kind": "iid",
+    "rounds": 1,
+    "timeout": 120.0,
+}
+
+
+def tiny_config(results_dir: Path | str, **overrides) -> ExperimentConfig:
+    """An ExperimentConfig from the defaults + TINY + overrides (flat run-config keys, '_' allowed for '-')."""
+    flat = {**ExperimentConfig().to_run_config(), **TINY, "results-dir": str(results_dir)}
+    flat.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return ExperimentConfig.from_run_config(flat)
+
+
+def toy_frame(n: int = 120, labels: tuple[str, ...] = ("neg", "pos"), groups: int = 6) -> pd.DataFrame:
+    """Unique texts (so splits can be checked for overlap), cycling labels, and a grouping column."""
+    words = {lab: f"{lab}word" for lab in labels}
+    rows = []
+    for i in range(n):
+        lab = labels[i % len(labels)]
+        rows.append({"review": f"example {i} is {words[lab]} {words[lab]}", "sentiment": lab,
+                     "site": f"site-{i % groups}", "extra": i})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def toy_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "toy.csv"
+    toy_frame().to_csv(path, index=False)
+    return path

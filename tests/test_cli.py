@@ -1,0 +1,219 @@
+"""The ``fedbridge`` command: list, run, compare (in process), and how bad input is reported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+from typer.testing import CliRunner
+
+from fedbridge.results import RunRecord
+from fedbridge.simulations import cli as cli_module
+from fedbridge.simulations.cli import build_config, cli, parse_sets, parse_value
+from fedbridge.errors import ConfigError, FedbridgeError
+from fedbridge.strategies import METHODS
+
+FEDBRIDGE = str(Path(sys.executable).with_name("fedbridge"))
+runner = CliRunner()
+
+
+def tiny_sets(**extra) -> list[str]:
+    args = []
+    for key, value in {**TINY, "task.max-examples": 60, **extra}.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def test_parse_value_and_sets():
+    assert parse_value("3") == 3 and isinstance(parse_value("3"), int)
+    assert parse_value("0.5") == 0.5
+    assert parse_value("inf") == float("inf")
+    assert parse_value("True") is True and parse_value("false") is False
+    assert parse_value("tiny-bert") == "tiny-bert"
+    assert parse_sets(["a.b=1", " c = x=y "]) == {"a.b": 1, "c": "x=y"}
+    with pytest.raises(FedbridgeError, match="--set expects key=value, got 'novalue'"):
+        parse_sets(["novalue"])
+
+
+def test_build_config_validates_keys_and_method():
+    cfg = build_config({"method": "fedavg", "slm.epochs": 2, "fedavg.local-epochs": 2})
+    assert cfg.method == "fedavg" and cfg.slm.epochs == 2 and cfg.method_options["fedavg.local-epochs"] == 2
+    with pytest.raises(ConfigError, match="Did you mean 'slm.epochs'"):
+        build_config({"slm.epoch": 2})
+    with pytest.raises(ConfigError, match="Unknown method 'nope'"):
+        build_config({"method": "nope"})
+
+
+def test_list_names_every_method_and_task():
+    result = runner.invoke(cli, ["list"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for name in (*METHODS, "drug-reviews", "tweets", "tiny-bert", "tiny-llama", "iid", "dirichlet", "natural",
+                 "inprocess", "simulation"):
+        assert name in result.output, name
+
+
+def test_run_inprocess_writes_a_record(tmp_path):
+    result = runner.invoke(cli, ["run", "--method", "local", "--engine", "inprocess", "--seed", "2",
+                                 "--results-dir", str(tmp_path), *tiny_sets()], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    records = list(tmp_path.glob("*.json"))
+    assert len(records) == 1
+    assert f"record: {records[0]}" in result.output.replace("\n", "")
+    record = RunRecord.read(records[0])
+    assert record.status == "ok" and record.method == "local" and record.seed == 2
+    assert record.config["slm.model"] == "tiny-bert" and record.config["task.max-examples"] == 60
+    assert record.run_name.startswith("local-drug-reviews-s2-")
+
+
+def test_compare_runs_methods_x_seeds_then_keeps_them(tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "local,centralized", "--seeds", "0,1", "--engine", "inprocess",
+            "--out", str(out), *tiny_sets()]
+    first = runner.invoke(cli, args, terminal_width=200)
+    assert first.exit_code == 0, first.output
+    names = sorted(p.stem for p in (out / "runs").glob("*.json"))
+    assert names == ["centralized-drug-reviews-s0", "centralized-drug-reviews-s1",
+                     "local-drug-reviews-s0", "local-drug-reviews-s1"]
+    table = (out / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | seeds | global acc")
+    assert any(r.startswith("| local | 2 |") for r in rows) and any(r.startswith("| centralized | 2 |") for r in rows)
+    assert "± " in table  # mean ± std over 2 seeds
+    assert "non-private upper bound" in table  # centralized's note reaches the reader
+    png = (out / "accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    stamps = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("a finished run was run again")
+
+    import fedbridge.simulations.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "run", must_not_run)
+    second = runner.invoke(cli, args, terminal_width=200)
+    assert second.exit_code == 0, second.output
+    assert second.output.count("done already, kept") == 4
+    assert {p.name: p.read_text() for p in (out / "runs").glob("*.json")} == stamps
+    assert (out / "table.md").read_text() == table
+
+
+def test_compare_reruns_a_failed_record(tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    runs = out / "runs"
+    failed = RunRecord(run_name="local-drug-reviews-s0", method="local", seed=0, config={}, status="failed",
+                       error="boom")
+    failed.write(runs)
+    calls = []
+
+    def fake_run(cfg, engine):
+        calls.append((cfg.run_name, engine))
+        rec = RunRecord(run_name=cfg.run_name, method=cfg.method, seed=cfg.seed, config=cfg.to_run_config(),
+                        status="ok", global_metrics={"accuracy": 0.5, "macro_f1": 0.4})
+        rec.write(cfg.results_dir)
+        return rec
+
+    import fedbridge.simulations.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "run", fake_run)
+    result = runner.invoke(cli, ["compare", "--methods", "local", "--seeds", "0", "--engine", "inprocess",
+                                 "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert calls == [("local-drug-reviews-s0", "inprocess")]
+    assert RunRecord.read(runs / "local-drug-reviews-s0.json").status == "ok"
+
+
+def test_compare_sweep_names_runs_by_value(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    seen = []
+
+    def fake_run(cfg, engine):
+        seen.append(cfg.slm.epochs)
+        rec = RunRecord(run_name=cfg.run_name, method=cfg.method, seed=cfg.seed, config=cfg.to_run_config(),
+                        status="ok", global_metrics={"accuracy": 0.1 * cfg.slm.epochs})
+        rec.write(cfg.results_dir)
+        return rec
+
+    import fedbridge.simulations.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "run", fake_run)
+    result = runner.invoke(cli, ["compare", "--methods", "local", "--seeds", "0", "--sweep", "slm.epochs=1,3",
+                                 "--engine", "inprocess", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert seen == [1, 3]
+    assert sorted(p.stem for p in (out / "runs").glob("*.json")) == ["local-drug-reviews-slm.epochs=1-s0",
+                                                                     "local-drug-reviews-slm.epochs=3-s0"]
+    table = (out / "table.md").read_text()
+    assert "local slm.epochs=1" in table and "local slm.epochs=3" in table
+    assert (out / "accuracy.png").is_file()
+
+
+def test_compare_only_aggregate_without_records_is_an_error(tmp_path):
+    result = runner.invoke(cli, ["compare", "--only-aggregate", "--out", str(tmp_path)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, FedbridgeError) and "No successful run records" in str(result.exception)
+
+
+# ---------------------------------------------------------------- errors through the real entry point
+
+
+def _fedbridge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([FEDBRIDGE, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def test_missing_data_file_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "no-such-file.csv"
+    proc = _fedbridge("run", "--engine", "inprocess", "--task", str(missing), "--results-dir", str(tmp_path / "r"),
+                      *tiny_sets(), cwd=tmp_path)
+    _assert_clean_error(proc, str(missing), "does not exist", "task.name")
+    # the failed run still leaves a record saying so
+    (record_path,) = (tmp_path / "r").glob("*.json")
+    record = RunRecord.read(record_path)
+    assert record.status == "failed" and "DataError" in record.error
+
+
+def test_unknown_method_is_a_one_line_error(tmp_path):
+    proc = _fedbridge("run", "--method", "fdkt-typo", "--engine", "inprocess", cwd=tmp_path)
+    _assert_clean_error(proc, "Unknown method 'fdkt-typo'", "local")
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+
+def _main(monkeypatch, capsys, *args: str) -> str:
+    """``fedbridge.simulations.cli.main`` in this process (the same error mapping as the script, faster)."""
+    monkeypatch.setattr(sys, "argv", ["fedbridge", *args])
+    with pytest.raises(SystemExit) as info:
+        cli_module.main()
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    (line,) = [x for x in captured.err.splitlines() if x.startswith("error:")]
+    return line
+
+
+def test_unknown_key_is_an_error_with_a_suggestion(monkeypatch, capsys):
+    line = _main(monkeypatch, capsys, "run", "--engine", "inprocess", "--set", "slm.epoch=2")
+    assert "Unknown config key 'slm.epoch'" in line and "slm.epochs" in line
+
+
+def test_bad_model_spec_is_a_clean_error(monkeypatch, capsys, tmp_path):
+    line = _main(monkeypatch, capsys, "run", "--method", "fedavg", "--engine", "inprocess",
+                 "--results-dir", str(tmp_path), *tiny_sets(**{"slm.model": "minilm-l9"}))
+    assert "minilm-l9" in line and "minilm-l1 .. minilm-l6" in line
+
+
+def test_unknown_engine_is_a_clean_error(monkeypatch, capsys):
+    line = _main(monkeypatch, capsys, "run", "--engine", "warp-drive", "--set", "slm.model=tiny-bert")
+    assert line == "error: Unknown engine 'warp-drive'. Use one of: simulation, inprocess."

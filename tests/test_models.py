@@ -1,0 +1,327 @@
+"""Model loading, the batched generation engine, likelihood scoring, and the SLM trainer (tiny models only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedbridge.models.generation import (
+    GenerationStats,
+    SamplingConfig,
+    _cut_at_stop,
+    continuation_logprobs,
+    generate,
+    render_prompt,
+)
+from fedbridge.models.llm_classifier import classification_prompt, label_probabilities
+from fedbridge.models.loading import ModelSpecError, byte_tokenizer, load_llm, load_slm, package_dir, tiny_llm, tiny_slm
+from fedbridge.models.slm import SLMTrainConfig, predict_proba, train_classifier
+
+GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return tiny_llm()
+
+
+def n_tokens(tok, text: str) -> int:
+    return len(tok(text, add_special_tokens=not text.startswith(tok.bos_token))["input_ids"])
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_left_padded_batch_matches_single_prompt(llm):
+    model, tok = llm
+    short = "Hi"
+    others = ["A considerably longer prompt, so the short one needs left padding in a batch.",
+              "Another prompt of a middling length."]
+    alone, _ = generate(model, tok, [short], GREEDY)
+    batched, _ = generate(model, tok, [others[0], short, others[1]], GREEDY)
+    assert batched[1] == alone[0]
+    for i, p in ((0, others[0]), (2, others[1])):
+        assert batched[i] == generate(model, tok, [p], GREEDY)[0][0]
+    # batch_size smaller than the list: same outputs, in order
+    small, _ = generate(model, tok, [others[0], short, others[1]], SamplingConfig(**{**GREEDY.__dict__, "batch_size": 2}))
+    assert small == batched
+
+
+def test_greedy_is_deterministic_and_sampling_is_seeded(llm):
+    model, tok = llm
+    prompts = ["one", "two"]
+    assert generate(model, tok, prompts, GREEDY)[0] == generate(model, tok, prompts, GREEDY)[0]
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.95)
+    a, _ = generate(model, tok, prompts, sampling, seed=3)
+    b, _ = generate(model, tok, prompts, sampling, seed=3)
+    c, _ = generate(model, tok, prompts, sampling, seed=4)
+    assert a == b and a != c
+
+
+def test_stop_string_cuts_the_text(llm):
+    model, tok = llm
+    prompts = ["Hello there", "A much longer prompt that goes on and on", "xy", "The quick brown fox"]
+    free, free_stats = generate(model, tok, prompts, SamplingConfig(max_new_tokens=24, temperature=0.0))
+    # pick, from the unconstrained outputs, an ASCII letter that first occurs after a few characters
+    choice = next(((i, text, ch) for i, text in enumerate(free) for j, ch in enumerate(text)
+                   if j >= 2 and ch.isascii() and ch.isalpha() and text.find(ch) == j), None)
+    assert choice is not None, f"no usable stop character in {free!r}"
+    i, text, stop = choice
+    cut, stats = generate(model, tok, [prompts[i]],
+                          SamplingConfig(max_new_tokens=24, temperature=0.0, stop=(stop,)))
+    assert cut[0] == text[:text.find(stop)].strip()
+    assert stop not in cut[0]
+    single_free = generate(model, tok, [prompts[i]], SamplingConfig(max_new_tokens=24, temperature=0.0))[1]
+    assert stats.generated_tokens < single_free.generated_tokens  # generation stopped early
+
+
+def test_cut_at_stop():
+    assert _cut_at_stop("abc\n\nQ: next", ["Q:", "\n\n"]) == ("abc", True)
+    assert _cut_at_stop("abc", ["zz"]) == ("abc", False)
+    assert _cut_at_stop("abc", []) == ("abc", False)
+
+
+def test_generation_stats(llm):
+    model, tok = llm
+    prompts = ["first prompt", "second, longer prompt here", [{"role": "user", "content": "third"}]]
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.0, batch_size=2)
+    outs, stats = generate(model, tok, prompts, sampling)
+    assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
+    assert stats.prompts == 3
+    assert stats.prompt_tokens == sum(n_tokens(tok, render_prompt(tok, p)) for p in prompts)
+    assert 3 <= stats.generated_tokens <= 3 * 10
+    assert stats.seconds > 0 and stats.tokens_per_second > 0
+    total = GenerationStats()
+    total += stats
+    total += stats
+    assert (total.prompts, total.prompt_tokens, total.generated_tokens) == (6, 2 * stats.prompt_tokens,
+                                                                           2 * stats.generated_tokens)
+    assert total.as_dict()["generated_tokens"] == 2 * stats.generated_tokens
+
+
+def test_max_prompt_tokens_cuts_from_the_left(llm):
+    model, tok = llm
+    long = "x" * 50 + "tail"
+    _, stats = generate(model, tok, [long], SamplingConfig(max_new_tokens=2, temperature=0.0, max_prompt_tokens=8))
+    assert stats.prompt_tokens == 8
+    a, _ = generate(model, tok, [long], SamplingConfig(max_new_tokens=6, temperature=0.0, max_prompt_tokens=8))
+    b, _ = generate(model, tok, ["x" * 4 + "tail"], SamplingConfig(max_new_tokens=6, temperature=0.0))
+    assert a == b
+
+
+def test_chat_prompts_use_the_chat_template(llm):
+    model, tok = llm
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    rendered = render_prompt(tok, chat)
+    assert rendered == "<s>system\nBe brief.</s>\n<s>user\nName a colour.</s>\n<s>assistant\n"
+    assert render_prompt(tok, "plain") == "plain"
+    chat_out, chat_stats = generate(model, tok, [chat], GREEDY)
+    text_out, text_stats = generate(model, tok, [rendered], GREEDY)
+    assert chat_out == text_out
+    assert chat_stats.prompt_tokens == text_stats.prompt_tokens == n_tokens(tok, rendered)
+    # no template: contents joined
+    plain = byte_tokenizer(chat_template=False)
+    assert render_prompt(plain, chat) == "Be brief.\n\nName a colour.\n"
+
+
+def _manual_logprob(model, tok, prompt: str, cont: str) -> float:
+    p_ids = tok(prompt)["input_ids"]
+    c_ids = tok(cont, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + c_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    return float(sum(logp[len(p_ids) - 1 + k, c] for k, c in enumerate(c_ids)))
+
+
+def test_continuation_logprobs_equal_manual_computation(llm):
+    model, tok = llm
+    prompts = ["The answer is", "A much longer question, padded on the right in its batch? Answer:", "Q"]
+    conts = [" yes", " no way", " positive"]
+    got = continuation_logprobs(model, tok, prompts, conts, batch_size=3)
+    for (lp, n), p, c in zip(got, prompts, conts):
+        assert n == len(tok(c, add_special_tokens=False)["input_ids"])
+        assert lp == pytest.approx(_manual_logprob(model, tok, p, c), abs=1e-4)
+        assert lp < 0
+    # batch size does not change the scores
+    one_by_one = continuation_logprobs(model, tok, prompts, conts, batch_size=1)
+    assert [n for _, n in one_by_one] == [n for _, n in got]
+    assert np.allclose([lp for lp, _ in one_by_one], [lp for lp, _ in got], atol=1e-4)
+
+
+def test_continuation_logprobs_chat_prompt_and_truncation(llm):
+    model, tok = llm
+    chat = [{"role": "user", "content": "Say yes"}]
+    (lp, _), = continuation_logprobs(model, tok, [chat], ["yes"])
+    assert lp == pytest.approx(_manual_logprob(model, tok, render_prompt(tok, chat), "yes"), abs=1e-4)
+    # max_tokens keeps the last prompt tokens and the whole continuation
+    long_prompt = "z" * 40 + "end:"
+    (cut, n), = continuation_logprobs(model, tok, [long_prompt], [" ok"], max_tokens=10)
+    assert n == 3
+    assert cut == pytest.approx(_manual_logprob(model, tok, long_prompt[-7:], " ok"), abs=1e-4)
+    with pytest.raises(ValueError, match="2 prompts but 1 continuations"):
+        continuation_logprobs(model, tok, ["a", "b"], ["c"])
+    with pytest.raises(ValueError, match="has no tokens"):
+        continuation_logprobs(model, tok, ["a"], [""])
+
+
+def test_label_probabilities_are_renormalised_label_likelihoods(llm):
+    model, tok = llm
+    texts = ["great drug", "awful side effects", "it was fine I guess"]
+    labels = ("negative", "neutral", "positive")
+    probs = label_probabilities(model, tok, texts, labels, "Classify.", batch_size=4)
+    assert probs.shape == (3, 3)
+    assert np.allclose(probs.sum(axis=1), 1.0)
+    # equals softmax of the continuation log-likelihoods of each label
+    prompts = [classification_prompt("Classify.", texts[1], labels)] * 3
+    lps = np.array([lp for lp, _ in continuation_logprobs(model, tok, prompts, list(labels))])
+    assert np.allclose(probs[1], np.exp(lps - lps.max()) / np.exp(lps - lps.max()).sum(), atol=1e-4)
+
+
+def test_classification_prompt_lists_labels_and_cuts_long_text():
+    prompt = classification_prompt("Classify.", "y" * 2000, ["a", "b"], max_chars=100)
+    content = prompt[0]["content"]
+    assert prompt[0]["role"] == "user"
+    assert content.startswith("Classify.") and "Answer with one word: a, b." in content
+    assert "y" * 100 + " ..." in content and "y" * 101 not in content
+
+
+# ---------------------------------------------------------------- SLM training
+
+SEPARABLE = [("aaaa aaa aaaa", 0), ("aa aaaa a", 0), ("a aa aaa aa", 0), ("aaa a aaaa", 0),
+             ("zzzz zzz zz", 1), ("zz zzzz z", 1), ("z zz zzz zz", 1), ("zzz z zzzz", 1)] * 2
+FAST = SLMTrainConfig(epochs=8, batch_size=8, lr=2e-3, max_length=32)
+
+
+def _loss(model, tok, texts, labels) -> float:
+    probs = predict_proba(model, tok, texts)
+    return float(F.nll_loss(torch.log(torch.tensor(probs)), torch.tensor(labels)))
+
+
+def test_train_classifier_learns_a_separable_task():
+    model, tok = tiny_slm(2, seed=0)
+    texts, labels = [t for t, _ in SEPARABLE], [y for _, y in SEPARABLE]
+    before = _loss(model, tok, texts, labels)
+    stats = train_classifier(model, tok, texts, labels, FAST, seed=0)
+    after = _loss(model, tok, texts, labels)
+    assert after < 0.5 * before
+    assert (predict_proba(model, tok, texts).argmax(1) == labels).all()
+    assert stats.steps == 8 * 2 and stats.examples == 8 * len(texts)
+    assert np.isfinite(stats.final_loss) and stats.seconds > 0 and stats.examples_per_second > 0
+    assert not model.training  # left in eval mode
+
+
+def test_train_classifier_accepts_soft_targets():
+    model, tok = tiny_slm(2, seed=1)
+    texts = [t for t, _ in SEPARABLE]
+    soft = np.array([[0.9, 0.1] if y == 0 else [0.2, 0.8] for _, y in SEPARABLE])
+    before = predict_proba(model, tok, texts)
+    train_classifier(model, tok, texts, soft, FAST, seed=0)
+    after = predict_proba(model, tok, texts)
+
+    def xent(p):
+        return float(-(soft * np.log(p)).sum(1).mean())
+
+    assert xent(after) < xent(before)
+    assert (after.argmax(1) == soft.argmax(1)).all()
+
+
+def test_sample_weights_decide_which_examples_count():
+    texts = [t for t, _ in SEPARABLE] * 2
+    labels = [y for _, y in SEPARABLE] + [1 - y for _, y in SEPARABLE]  # second half: flipped labels
+    clean = [y for _, y in SEPARABLE]
+    half = len(SEPARABLE)
+    for weights, expect in (([1.0] * half + [0.0] * half, clean), ([0.0] * half + [1.0] * half, [1 - y for y in clean])):
+        model, tok = tiny_slm(2, seed=0)
+        train_classifier(model, tok, texts, labels, FAST, sample_weights=weights, seed=0)
+        assert (predict_proba(model, tok, texts[:half]).argmax(1) == expect).all()
+
+
+def test_train_classifier_is_seeded_and_refuses_empty_data():
+    texts, labels = [t for t, _ in SEPARABLE], [y for _, y in SEPARABLE]
+    cfg = SLMTrainConfig(epochs=1, batch_size=4, lr=1e-3, max_length=16)
+    runs = []
+    for _ in range(2):
+        model, tok = tiny_slm(2, seed=0)
+        runs.append(train_classifier(model, tok, texts, labels, cfg, seed=5).final_loss)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4)  # same seed, same run (up to CPU float reordering)
+    model, tok = tiny_slm(2, seed=0)
+    assert train_classifier(model, tok, texts, labels, cfg, seed=6).final_loss != pytest.approx(runs[0], rel=1e-4)
+    model, tok = tiny_slm(2)
+    with pytest.raises(ValueError, match="No training examples"):
+        train_classifier(model, tok, [], [], cfg)
+
+
+def test_predict_proba_rows_sum_to_one():
+    model, tok = tiny_slm(4, seed=0)
+    texts = [f"text number {i} " * (i % 5 + 1) for i in range(70)]  # more than one batch, mixed lengths
+    probs = predict_proba(model, tok, texts, batch_size=32)
+    assert probs.shape == (70, 4)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5) and (probs >= 0).all()
+    # batching does not change the result
+    assert np.allclose(predict_proba(model, tok, texts[:3], batch_size=1), probs[:3], atol=1e-5)
+    assert predict_proba(model, tok, []).shape == (0, 4)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_tiny_models_are_seeded():
+    a, _ = tiny_slm(3, seed=0)
+    b, _ = tiny_slm(3, seed=0)
+    c, _ = tiny_slm(3, seed=1)
+    assert a.classifier.out_features == 3
+    assert torch.equal(a.classifier.weight, b.classifier.weight)
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    assert load_slm("tiny-bert", 5)[0].config.num_labels == 5
+
+
+def test_load_llm_shares_the_frozen_model_and_copies_trainable():
+    frozen, tok = load_llm("tiny-llama")
+    again, _ = load_llm("tiny-llama")
+    private, _ = load_llm("tiny-llama", trainable=True)
+    assert frozen is again and private is not frozen
+    assert torch.equal(next(private.parameters()), next(frozen.parameters()))
+    with torch.no_grad():
+        next(private.parameters()).add_(1.0)
+    assert not torch.equal(next(private.parameters()), next(frozen.parameters()))
+
+
+def test_byte_tokenizer_round_trips_unicode():
+    tok = byte_tokenizer()
+    text = "héllo wörld ✓"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert len(tok) == 4 + 256
+
+
+def test_minilm_l3_keeps_three_layers():
+    model, tok = load_slm("minilm-l3", 3, seed=0)
+    assert model.config.num_hidden_layers == 3
+    assert len(model.bert.encoder.layer) == 3
+    assert model.classifier.out_features == 3
+    probs = predict_proba(model, tok, ["a short text", "another one"])
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    full, _ = load_slm("minilm-l6", 3, seed=0)
+    # the kept layers are the pretrained first three, not random
+    assert torch.equal(model.bert.encoder.layer[2].output.dense.weight, full.bert.encoder.layer[2].output.dense.weight)
+
+
+@pytest.mark.parametrize("spec", ["minilm-l0", "minilm-l9"])
+def test_minilm_layer_count_out_of_range(spec):
+    with pytest.raises(ModelSpecError, match="minilm-l1 .. minilm-l6"):
+        load_slm(spec, 2)
+
+
+def test_bad_local_model_dirs_raise_model_spec_error(tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    with pytest.raises(ModelSpecError, match="Could not load SLM"):
+        load_slm(str(empty), 2)
+    with pytest.raises(ModelSpecError, match="Could not load LLM"):
+        load_llm(str(tmp_path / "also-empty"))
+
+
+def test_missing_package_names_the_install_command():
+    with pytest.raises(ModelSpecError, match="pip install --no-deps some-missing-pkg"):
+        package_dir("fedbridge_no_such_package", "some-missing-pkg")

@@ -1,0 +1,48 @@
+"""Flower's simulation engine through ``flwr run`` (Ray, a local SuperLink): one real run, one real failure.
+
+``flwr run`` exits 0 even when the run fails; the runner decides by the record the ServerApp writes.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_config
+
+from fedbridge.results import RunRecord
+from fedbridge.simulations.runner import FLWR_ENV, RunFailed, run_simulation
+
+pytestmark = pytest.mark.slow
+
+
+def test_runner_disables_runtime_dependency_installation():
+    # without it a local SuperLink would `uv sync` a fresh env (a multi-GB CUDA torch) for every run
+    assert FLWR_ENV["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+
+
+def test_fedavg_on_the_simulation_engine(tmp_path):
+    cfg = tiny_config(tmp_path, method="fedavg", run_name="sim-fedavg",
+                      **{"task.max-examples": 200, "partition.num-silos": 2, "partition.kind": "iid"})
+    record = run_simulation(cfg, quiet=True)
+    path = tmp_path / "sim-fedavg.json"
+    assert path.is_file()
+    on_disk = RunRecord.read(path)
+    assert on_disk.status == "ok" and record.status == "ok"
+    assert on_disk.method == "fedavg" and on_disk.failures == []
+    assert 0.0 <= on_disk.global_metrics["accuracy"] <= 1.0
+    assert on_disk.global_metrics["n"] == 40  # 20% of 200
+    assert {"silo-0", "silo-1"} <= set(on_disk.silo_metrics)
+    assert on_disk.communication["bytes_sent"] > 1_000_000  # the tiny BERT's weights went out twice (train, evaluate)
+
+
+def test_a_server_side_failure_raises_run_failed(tmp_path):
+    # the file exists when the config is built; the label set makes loading fail inside the ServerApp
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"example {i},{'ab'[i % 2]}\n" for i in range(40)))
+    cfg = tiny_config(tmp_path, method="local", run_name="sim-fails",
+                      **{"task.name": str(data), "task.labels": "a,c", "task.max-examples": 0})
+    with pytest.raises(RunFailed) as info:
+        run_simulation(cfg, quiet=True)
+    assert "sim-fails" in str(info.value)
+    assert "unknown label 'b'" in str(info.value)
+    record = RunRecord.read(tmp_path / "sim-fails.json")
+    assert record.status == "failed" and record.error.startswith("DataError")
