@@ -100,8 +100,9 @@ class Silo:
         cfg = from_flat(FDKTConfig, self.cfg.method_options, "fdkt")
         ledger = self.ledger(state, cfg.epsilon, cfg.delta)
         noise_seed = None if cfg.noise_seed < 0 else cfg.noise_seed + self.index
-        # calibration stops up to 0.01 below its target, so a release leaves such a crumb unspent; no mechanism
-        # reaches an epsilon that small, so it would fail as 'out of reach' instead of as a budget refusal
+        # noise calibration stops up to 0.01 below its target, so a release leaves such a crumb unspent; at the
+        # usual delta no mechanism reaches an epsilon that small, so asking for it failed as 'out of reach'
+        # (a ConfigError) instead of as this budget refusal
         if ledger.remaining() <= MIN_RELEASE_EPSILON:
             raise PrivacyBudgetExceeded(f"{self.name}: privacy budget spent (epsilon {ledger.spent():.4g} of "
                                         f"{ledger.epsilon_budget:g}, delta {ledger.delta:g}); this silo releases "

@@ -1,0 +1,433 @@
+"""FDKT end to end with tiny models: the server's text utilities and LLM filter, in-process rounds for both DP
+mechanisms, what crosses the wire, the silo's privacy ledger across messages, per-silo streaming, and a
+Secret Sharer canary through the silo's release path (non-private vs small ε)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+import time
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_config
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+import fedbridge.silo as silo_module
+import fedbridge.strategies.fdkt as fdkt
+from fedbridge import protocol as p
+from fedbridge.client_app import app as client_app
+from fedbridge.models.generation import GenerationStats
+from fedbridge.models.loading import byte_tokenizer
+from fedbridge.privacy import (
+    PrivacyLedger,
+    candidate_secrets,
+    canary_rank,
+    exposure,
+    make_canary,
+    verbatim_copy_rate,
+)
+from fedbridge.results import RunRecord
+from fedbridge.server_app import run_experiment
+from fedbridge.silo import LEDGER, Silo
+from fedbridge.simulations.inprocess import InProcessGrid
+from fedbridge.simulations.runner import prepare
+from fedbridge.strategies.fdkt import deduplicate, llm_filter, parse_generation, parse_kept_indices
+from fedbridge.tasks import Examples, load_federation
+
+NODES = (1000, 1001)  # InProcessGrid's node ids for partition-id 0 and 1
+# Small and fast, but every stage runs: DP demonstrations, LLM filter, augmentation, label filter, dedup, training.
+FAST = {"fdkt.generator": "tiny-llama", "fdkt.num-per-label": 2, "fdkt.max-tokens": 6, "fdkt.augment-per-label": 2,
+        "fdkt.min-words": 1, "fdkt.max-new-tokens": 12, "fdkt.sgd-epochs": 1, "fdkt.noise-seed": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads spin (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class RecordingGrid(InProcessGrid):
+    """An InProcessGrid that also keeps every reply, and times pushes and replies (perf_counter)."""
+
+    def __init__(self, *args, on_push=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_push = on_push
+        self.pushed: list[tuple[float, str, int]] = []  # (time, message type, destination node)
+        self.replies: list[tuple[float, Message, Message]] = []  # (time the handler finished, request, reply)
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for msg in messages:
+            self.pushed.append((time.perf_counter(), msg.metadata.message_type, msg.metadata.dst_node_id))
+            if self.on_push:
+                self.on_push(msg)
+        return ids
+
+    def _handle(self, msg: Message) -> Message:
+        reply = super()._handle(msg)
+        with self._lock:
+            self.replies.append((time.perf_counter(), msg, reply))
+        return reply
+
+    def sent_of(self, message_type: str) -> dict[int, Message]:
+        return {m.metadata.dst_node_id: m for m in self.sent if m.metadata.message_type == message_type}
+
+    def replies_of(self, message_type: str) -> dict[int, Message]:
+        return {req.metadata.dst_node_id: rep for _, req, rep in self.replies
+                if req.metadata.message_type == message_type}
+
+
+def start_fdkt(tmp_path, name: str, workers: int = 1, before_handle=None, on_push=None,
+               **options) -> tuple[RunRecord, RecordingGrid]:
+    """One in-process FDKT run with tiny models; the caller closes the grid (it still serves messages)."""
+    cfg = prepare(tiny_config(tmp_path, method="fdkt", run_name=name, **{**FAST, **options}))
+    grid = RecordingGrid(client_app, cfg.to_run_config(), [{"partition-id": i, "num-partitions": 2} for i in range(2)],
+                         workers=workers, before_handle=before_handle, on_push=on_push)
+    try:
+        return run_experiment(grid, cfg), grid
+    except BaseException:
+        grid.close()
+        raise
+
+
+def private_texts(grid: InProcessGrid, node: int) -> tuple[str, ...]:
+    return Silo.from_context(grid.contexts[node]).data.train.texts
+
+
+def all_strings(content: RecordDict) -> list[str]:
+    """Every string a message carries: record keys, values, list items."""
+    out = []
+    for key, record in content.items():
+        out.append(key)
+        for k, v in record.items():
+            out.append(k)
+            out += [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+    return out
+
+
+# ------------------------------------------------------------------ server text utilities
+
+
+def test_parse_kept_indices_handles_garbage():
+    assert parse_kept_indices("", 5) is None
+    assert parse_kept_indices("none", 5) is None  # names no number: keep everything
+    assert parse_kept_indices("keep all of them", 5) is None
+    assert parse_kept_indices("1, 3 and 7", 5) == [0, 2]  # 7 is out of range
+    assert parse_kept_indices("0, 6, 42", 5) is None  # nothing in 1..n
+    assert parse_kept_indices("2, 2, 2 and 2.", 5) == [1]  # repeats count once
+    assert parse_kept_indices("Numbers: 4,1\n3", 4) == [0, 2, 3]  # sorted, any separators
+    assert parse_kept_indices("12", 15) == [11]  # multi-digit numbers are one number
+    assert parse_kept_indices("1", 0) is None
+
+
+def test_parse_generation_strips_lead_ins_quotes_and_trailing_paragraphs():
+    body = "This drug cleared my skin in two weeks."
+    assert parse_generation(f"Review: {body}") == body
+    assert parse_generation(f"Here is a new review: {body}") == body
+    assert parse_generation(f"Here's a new drug review with label 'positive':\n\n{body}") == body
+    assert parse_generation(f"New review 2: {body}") == body
+    assert parse_generation(f'"{body}"') == body
+    assert parse_generation(f"“{body}”") == body
+    assert parse_generation(f'Review: "{body}"\n\nI hope this helps! Let me know.') == body
+    assert parse_generation(f"  {body}\n\nNote: it is fictional.\n\nMore.") == body
+    assert parse_generation(f"{body}\nSecond line of the same paragraph.") == f"{body}\nSecond line of the same paragraph."
+    assert parse_generation("") == ""
+
+
+def test_deduplicate_drops_exact_and_near_copies_and_keeps_distinct_texts():
+    demo = ("I took this medication for three months and the headaches almost disappeared, although I felt "
+            "tired during the first week and had a dry mouth most mornings.")
+    near_demo = demo.replace("three", "four")  # one word changed in a long text
+    distinct_a = "Terrible side effects: dizziness, nausea and a rash that lasted for weeks after I stopped."
+    near_a = distinct_a.replace("weeks", "days")
+    distinct_b = "It works for my blood pressure and I have had no problems at all with it so far."
+    candidates = [demo, distinct_a, near_demo, demo.upper(), distinct_b, near_a, distinct_a, f"  {distinct_b}  "]
+    assert deduplicate(candidates, [demo], threshold=0.8) == [1, 4]
+    assert deduplicate(candidates, [], threshold=0.8) == [0, 1, 4]
+    assert deduplicate([distinct_a, distinct_b], [demo], threshold=0.8) == [0, 1]
+    assert deduplicate([near_a], [distinct_a], threshold=1.0) == [0]  # only exact copies at threshold 1
+    assert deduplicate([], [demo], 0.8) == []
+
+
+TEXTS = [  # 8 distinct texts: k = ceil(8/4) = 2 clusters, one LLM question each
+    "This medicine stopped my migraines completely.", "Great pill, my migraines are gone.",
+    "My acne cleared up within a month of using it.", "Skin is clearer than it has been in years.",
+    "Awful nausea every single morning, I quit.", "It made me vomit and feel dizzy all day.",
+    "No effect on my blood pressure whatsoever.", "Did nothing for my sleep, a waste of money.",
+]
+
+
+def fake_llm(monkeypatch, answer_for):
+    """Replace the server LLM in fdkt with ``answer_for(listed texts) -> answer``; returns the listings asked."""
+    asked: list[list[str]] = []
+
+    def generate(model, tok, prompts, sampling, *args, **kwargs):
+        answers = []
+        for prompt in prompts:
+            listing = [line.split(". ", 1)[1] for line in prompt[0]["content"].splitlines()
+                       if line[:1].isdigit() and ". " in line]
+            asked.append(listing)
+            answers.append(answer_for(listing))
+        return answers, GenerationStats(prompts=len(prompts))
+
+    monkeypatch.setattr(fdkt, "generate", generate)
+    return asked
+
+
+def test_llm_filter_keeps_a_whole_cluster_when_the_answer_is_unparseable(monkeypatch):
+    asked = fake_llm(monkeypatch, lambda listing: "I think they all look fine!")
+    counts = Counter()
+    kept = llm_filter(None, None, SimpleNamespace(description="drug review"), "positive", TEXTS, 0,
+                      GenerationStats(), counts)
+    assert kept == list(range(len(TEXTS)))
+    assert len(asked) == 2 and sorted(t for listing in asked for t in listing) == sorted(TEXTS)  # every text asked once
+    assert counts["filter-unparseable"] == 2
+
+
+def test_llm_filter_keeps_only_the_named_texts(monkeypatch):
+    # cluster 1: "1 and 3" (out-of-range numbers ignored); any other cluster: garbage, so kept whole
+    answers = iter(["1 and 3, not 9", "no idea"])
+    asked = fake_llm(monkeypatch, lambda listing: next(answers))
+    counts, stats = Counter(), GenerationStats()
+    kept = llm_filter(None, None, SimpleNamespace(description="drug review"), "positive", TEXTS, 0, stats, counts)
+    first, second = asked
+    expected = {TEXTS.index(first[0]), *([TEXTS.index(first[2])] if len(first) >= 3 else []),
+                *(TEXTS.index(t) for t in second)}
+    assert kept == sorted(expected) and len(kept) < len(TEXTS)
+    assert counts["filter-unparseable"] == 1 and stats.prompts == 2
+
+
+def test_llm_filter_needs_no_llm_for_fewer_than_two_texts(monkeypatch):
+    asked = fake_llm(monkeypatch, lambda listing: "1")
+    assert llm_filter(None, None, SimpleNamespace(description="x"), "y", ["only one"], 0, GenerationStats(),
+                      Counter()) == [0]
+    assert asked == []
+
+
+# ------------------------------------------------------------------ in-process rounds
+
+
+@pytest.fixture(scope="module", params=["dp-fewshot", "dp-sgd"])
+def dp_run(request, tmp_path_factory):
+    """One FDKT round per mechanism at a small budget (ε = 1); the grid stays open for follow-up messages."""
+    mechanism = request.param
+    record, grid = start_fdkt(tmp_path_factory.mktemp(mechanism), f"fdkt-{mechanism}",
+                              **{"fdkt.mechanism": mechanism, "fdkt.epsilon": 1.0})
+    yield SimpleNamespace(mechanism=mechanism, record=record, grid=grid)
+    grid.close()
+
+
+def test_round_trains_every_silo_on_its_augmented_set_and_records_privacy(dp_run):
+    record, grid = dp_run.record, dp_run.grid
+    assert record.status == "ok" and record.failures == []
+    assert set(record.privacy) == {"silo-0", "silo-1"}
+    augmented = grid.sent_of(p.TRAIN_AUGMENTED)
+    assert set(augmented) == set(NODES)
+    for node, silo in zip(NODES, ("silo-0", "silo-1")):
+        privacy, metrics = record.privacy[silo], record.silo_metrics[silo]
+        assert privacy["mechanism"] == dp_run.mechanism and privacy["private"] is True
+        assert 0 < privacy["epsilon"] <= privacy["epsilon-total"] <= privacy["budget"] == 1.0
+        assert privacy["delta"] == 1e-5 and privacy["noise-multiplier"] > 0 and privacy["steps"] > 0
+        sent = p.read_examples(augmented[node].content, p.EXAMPLES, 3)  # the examples record is there and valid
+        assert len(sent) > 0
+        assert metrics["train.synthetic"] == len(sent) > 0  # the silo trained on exactly what it was sent
+        assert metrics["train.examples"] == metrics["num-train"] + len(sent)
+        assert metrics["synth.examples"] > 0 and 0 <= metrics["global-test.accuracy"] <= 1
+    assert record.tokens["silo-generated"] > 0 and record.tokens["prompt"] > 0 and record.tokens["generated"] > 0
+    assert record.server_metrics["fdkt.generated"] > 0 and record.server_metrics["fdkt.demonstrations"] > 0
+    assert record.communication["by_message_type"][p.SYNTHESIZE]["received"] > 0
+    assert not any("NOT differentially private" in note for note in record.notes)
+
+
+def test_synthesize_replies_carry_only_dp_examples_and_no_private_text(dp_run):
+    grid = dp_run.grid
+    replies = grid.replies_of(p.SYNTHESIZE)
+    assert set(replies) == set(NODES)
+    for node, reply in replies.items():
+        assert not reply.has_error()
+        content = reply.content
+        assert set(content.keys()) == {p.METRICS, p.EXAMPLES, p.PRIVACY}
+        assert not content.array_records and not any(isinstance(r, ArrayRecord) for r in content.values())
+        assert all(k.startswith("synth.") for k in content[p.METRICS])  # no silo-local diagnostics
+        assert not any(word in key for key in content[p.METRICS] for word in ("private", "loss", "train-tokens"))
+        private = private_texts(grid, node)
+        strings = all_strings(content)
+        assert verbatim_copy_rate(strings, private) == 0.0
+        assert not set(map(str.strip, content[p.EXAMPLES]["texts"])) & set(map(str.strip, private))
+        # and the server forwarded nothing private to any silo either
+        for msg in grid.sent_of(p.TRAIN_AUGMENTED).values():
+            assert verbatim_copy_rate(msg.content[p.EXAMPLES]["texts"], private) == 0.0
+
+
+def test_a_spent_budget_refuses_the_next_synthesize_and_charges_nothing(dp_run):
+    grid, node = dp_run.grid, NODES[0]
+    state = grid.contexts[node].state
+    before = state[LEDGER]["state"]
+    ledger = PrivacyLedger.from_dict(json.loads(before))
+    assert ledger.epsilon_budget == 1.0 and 0 < ledger.spent() <= 1.0 and ledger.events
+    assert ledger.spent() == pytest.approx(dp_run.record.privacy["silo-0"]["epsilon-total"])
+    msg = Message(p.request(), dst_node_id=node, message_type=p.SYNTHESIZE, group_id="2")
+    [reply] = grid.send_and_receive([msg], timeout=60)
+    assert reply.has_error()
+    reason = reply.error.reason
+    assert "PrivacyBudgetExceeded" in reason and "privacy budget" in reason
+    assert f"{ledger.spent():.4g}" in reason and "of 1" in reason  # what was spent, of which budget
+    assert state[LEDGER]["state"] == before  # nothing new charged
+
+
+def test_epsilon_inf_works_and_is_labelled_non_private(tmp_path):
+    record, grid = start_fdkt(tmp_path, "fdkt-inf", **{"fdkt.epsilon": "inf", "fdkt.llm-filter": False})
+    grid.close()
+    assert record.status == "ok" and record.failures == []
+    assert any("NOT differentially private" in note for note in record.notes)
+    on_disk = RunRecord.read(tmp_path / "fdkt-inf.json")
+    for rec in (record, on_disk):
+        for silo in ("silo-0", "silo-1"):
+            privacy = rec.privacy[silo]
+            assert privacy["private"] is False and privacy["mechanism"] == "fewshot (non-private)"
+            assert math.isinf(privacy["epsilon"]) and math.isinf(privacy["budget"])
+            assert privacy["noise-multiplier"] == 0.0
+            assert rec.silo_metrics[silo]["train.synthetic"] > 0
+
+
+def test_pooled_sends_every_silo_the_same_augmented_set(tmp_path):
+    record, grid = start_fdkt(tmp_path, "fdkt-pooled", **{"fdkt.pooled": True, "fdkt.llm-filter": False})
+    grid.close()
+    assert record.status == "ok" and record.failures == []
+    sets = {node: (tuple(m.content[p.EXAMPLES]["texts"]), tuple(m.content[p.EXAMPLES]["labels"]))
+            for node, m in grid.sent_of(p.TRAIN_AUGMENTED).items()}
+    assert set(sets) == set(NODES) and sets[NODES[0]] == sets[NODES[1]] and sets[NODES[0]][0]
+    pooled = set(sets[NODES[0]][0])
+    for node, reply in grid.replies_of(p.SYNTHESIZE).items():  # without the filter every demonstration is kept
+        assert set(reply.content[p.EXAMPLES]["texts"]) <= pooled
+    assert record.silo_metrics["silo-0"]["train.synthetic"] == record.silo_metrics["silo-1"]["train.synthetic"] > 0
+
+
+def test_per_silo_sets_go_back_as_soon_as_they_are_ready(tmp_path):
+    """Silo 0's synthesize is held until silo 1's train.augmented is pushed (or 30 s pass, if the server waits
+    for every silo first). Per-silo mode must push silo 1's set while silo 0 is still writing."""
+    released = threading.Event()
+
+    def on_push(msg):
+        if msg.metadata.message_type == p.TRAIN_AUGMENTED and msg.metadata.dst_node_id == NODES[1]:
+            released.set()
+
+    def before_handle(node, msg):
+        if node == NODES[0] and msg.metadata.message_type == p.SYNTHESIZE:
+            released.wait(timeout=30)
+
+    record, grid = start_fdkt(tmp_path, "fdkt-stream", workers=2, before_handle=before_handle, on_push=on_push,
+                              **{"fdkt.llm-filter": False})
+    grid.close()
+    assert record.status == "ok" and record.failures == []
+    assert released.is_set()
+    pushed_at = {(kind, node): t for t, kind, node in grid.pushed}
+    replied_at = {(req.metadata.message_type, req.metadata.dst_node_id): t for t, req, _ in grid.replies}
+    assert pushed_at[(p.TRAIN_AUGMENTED, NODES[1])] < replied_at[(p.SYNTHESIZE, NODES[0])]
+    order = [(m.metadata.message_type, m.metadata.dst_node_id) for m in grid.sent]
+    assert order.index((p.TRAIN_AUGMENTED, NODES[1])) < order.index((p.TRAIN_AUGMENTED, NODES[0]))
+    # per-silo: each set is built from that silo's own demonstrations only
+    demos = {n: set(r.content[p.EXAMPLES]["texts"]) for n, r in grid.replies_of(p.SYNTHESIZE).items()}
+    for node, msg in grid.sent_of(p.TRAIN_AUGMENTED).items():
+        other = demos[NODES[1 - NODES.index(node)]] - demos[node]
+        assert demos[node] <= set(msg.content[p.EXAMPLES]["texts"])
+        assert not other & set(msg.content[p.EXAMPLES]["texts"])
+
+
+# ------------------------------------------------------------------ canary through the silo's release path
+
+
+class CopyingLM(torch.nn.Module):
+    """A stand-in causal LM: at every position, if the last 4+ tokens occurred earlier in the context, it
+    predicts (logit 50) the token that followed the longest such match (an ideal induction head); otherwise a
+    fixed, nearly flat random bigram distribution, so candidates never tie when canaries are ranked."""
+
+    MIN_MATCH = 4
+
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        super().__init__()
+        self.device = torch.device("cpu")
+        self.bigram = 0.1 * torch.randn(vocab_size, vocab_size, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, input_ids, attention_mask, **_):
+        logits, k_min = self.bigram[input_ids].clone(), self.MIN_MATCH
+        for row in range(input_ids.shape[0]):
+            where = attention_mask[row].nonzero().flatten().tolist()  # left or right padding
+            ids, seen = input_ids[row, where].tolist(), {}
+            for i in range(k_min - 1, len(ids)):
+                key, best, target = tuple(ids[i - k_min + 1:i + 1]), -1, None
+                for j in seen.get(key, ()):  # earlier ends of the same 4-gram; extend the match backwards
+                    k = k_min
+                    while k <= j and ids[j - k] == ids[i - k]:
+                        k += 1
+                    if k >= best:
+                        best, target = k, ids[j + 1]
+                if target is not None:
+                    logits[row, where[i], target] = 50.0
+                seen.setdefault(key, []).append(i)
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def canary_silo():
+    """Silo 0 of the tiny federation with half its 'negative' training texts replaced by a canary sentence,
+    writing its demonstrations with the copying LM."""
+    cfg = tiny_config("unused", method="fdkt", **{"task.max-examples": 200})
+    data = load_federation(cfg.task, cfg.partition, cfg.seed).silos[0]
+    canary = make_canary("digits", seed=0)
+    texts, labels = list(data.train.texts), list(data.train.labels)
+    negative = [i for i, y in enumerate(labels) if y == 0]
+    assert len(negative) >= 10
+    for i in negative[:len(negative) // 2]:
+        texts[i] = canary.text
+    tok = byte_tokenizer()
+    return SimpleNamespace(cfg=cfg, data=dataclasses.replace(data, train=Examples.of(texts, labels)), canary=canary,
+                           model=CopyingLM(len(tok)), tok=tok, candidates=candidate_secrets(canary, 999, seed=1))
+
+
+def release(canary_silo, monkeypatch, epsilon) -> tuple[list[str], dict]:
+    """What silo 0 sends in reply to query.synthesize, at ``epsilon`` (dp-fewshot, fixed noise seed)."""
+    monkeypatch.setattr(silo_module, "load_llm", lambda spec, trainable=False: (canary_silo.model, canary_silo.tok))
+    options = {"fdkt.mechanism": "dp-fewshot", "fdkt.epsilon": epsilon, "fdkt.noise-seed": 0, "fdkt.groups": 8,
+               "fdkt.shots-per-group": 2, "fdkt.max-tokens": 24, "fdkt.public-top-k": 0, "fdkt.num-per-label": 2,
+               "fdkt.min-words": 1}
+    cfg = dataclasses.replace(canary_silo.cfg, method_options=options)
+    silo = Silo(0, cfg, ("negative", "neutral", "positive"), canary_silo.data)
+    examples, privacy, _ = silo.synthesize(RecordDict())
+    return list(examples.texts), privacy
+
+
+def rank(canary_silo, released: list[str]) -> int:
+    return canary_rank(canary_silo.model, canary_silo.tok, "\n".join(released), canary_silo.canary,
+                       canary_silo.candidates)
+
+
+def test_canary_leaks_without_dp_when_the_lm_copies_its_context(canary_silo, monkeypatch):
+    released, privacy = release(canary_silo, monkeypatch, math.inf)
+    assert privacy["private"] is False and privacy["mechanism"] == "fewshot (non-private)"
+    assert canary_silo.canary.text in released
+    assert verbatim_copy_rate(released, [canary_silo.canary.text]) > 0
+    leaked = rank(canary_silo, released)
+    assert leaked == 0
+    assert exposure(leaked, 1000) == pytest.approx(math.log2(1000))
+    assert rank(canary_silo, []) > 50  # the scorer alone does not favour the secret: the release does
+
+
+def test_canary_does_not_leak_at_small_epsilon(canary_silo, monkeypatch):
+    released, privacy = release(canary_silo, monkeypatch, 0.5)
+    assert privacy["private"] is True and privacy["mechanism"] == "dp-fewshot"
+    assert privacy["epsilon"] <= 0.5 and privacy["noise-multiplier"] > 1
+    assert verbatim_copy_rate(released, [canary_silo.canary.text]) == 0.0
+    assert verbatim_copy_rate(released, canary_silo.data.train.texts) == 0.0
+    assert not any(canary_silo.canary.secret in t for t in released)
+    private_rank = rank(canary_silo, released)
+    assert private_rank > 50 and exposure(private_rank, 1000) < 5
