@@ -49,8 +49,8 @@ class SLMConfig:
     model: str = "embedded"  # one spec, or a comma list assigned to silos round-robin (mixed architectures)
     epochs: int = 3
     batch_size: int = 16
-    lr: float = 5e-5
-    max_length: int = 128
+    lr: float = 2e-4
+    max_length: int = 64
 
     def train_config(self, epochs: int | None = None) -> SLMTrainConfig:
         return SLMTrainConfig(epochs=self.epochs if epochs is None else epochs, batch_size=self.batch_size,

@@ -154,9 +154,8 @@ def _silo(run_items: tuple, node_items: tuple) -> Silo:
     index = int(node["partition-id"])
     task = load_task(cfg.task, cfg.seed)
     if "data-path" in node:
-        file_cfg = cfg.task.__class__(**{**cfg.task.__dict__,
-                                         "text_column": str(node.get("text-column", cfg.task.text_column)),
-                                         "label_column": str(node.get("label-column", cfg.task.label_column))})
+        file_cfg = dataclasses.replace(cfg.task, text_column=str(node.get("text-column", cfg.task.text_column)),
+                                       label_column=str(node.get("label-column", cfg.task.label_column)))
         data = silo_from_file(file_cfg, str(node["data-path"]), task.labels, cfg.seed + index)
     else:
         federation = load_federation(cfg.task, cfg.partition, cfg.seed)

@@ -58,3 +58,14 @@ def toy_csv(tmp_path: Path) -> Path:
     path = tmp_path / "toy.csv"
     toy_frame().to_csv(path, index=False)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads spin (20x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import threading
+from collections.abc import Iterator
 
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, toy_frame
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedbridge import protocol as p
@@ -35,10 +37,15 @@ def records(tmp_path_factory) -> dict[str, tuple[RunRecord, ExperimentConfig]]:
     return out
 
 
-def _grid(cfg: ExperimentConfig, **kwargs) -> InProcessGrid:
+@contextlib.contextmanager
+def _grid(cfg: ExperimentConfig, **kwargs) -> Iterator[InProcessGrid]:
     n = cfg.partition.num_silos
-    return InProcessGrid(client_app, cfg.to_run_config(), [{"partition-id": i, "num-partitions": n} for i in range(n)],
+    grid = InProcessGrid(client_app, cfg.to_run_config(), [{"partition-id": i, "num-partitions": n} for i in range(n)],
                          **kwargs)
+    try:
+        yield grid
+    finally:
+        grid.close()
 
 
 def _in_unit(value) -> bool:
@@ -109,11 +116,8 @@ def test_fedavg_moves_weights(records):
 def test_fedavg_rounds_and_local_epochs(tmp_path):
     cfg = tiny_config(tmp_path, method="fedavg", rounds=2, run_name="fedavg-2r",
                       **{"fedavg.local-epochs": 1, "task.max-examples": 60})
-    grid = _grid(cfg)
-    try:
+    with _grid(cfg) as grid:
         record = run_experiment(grid, prepare(cfg))
-    finally:
-        grid.close()
     train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert len(train_msgs) == 2 * 2  # 2 rounds x 2 silos
     assert all(m.content[p.CONFIG]["epochs"] == 1 for m in train_msgs)
@@ -149,11 +153,8 @@ def test_a_failing_silo_is_recorded_and_the_run_completes(tmp_path):
         if node_id == 1001 and msg.metadata.message_type == p.TRAIN_LOCAL:
             raise RuntimeError("disk on fire")
 
-    grid = _grid(cfg, before_handle=boom)
-    try:
+    with _grid(cfg, before_handle=boom) as grid:
         record = run_experiment(grid, cfg)
-    finally:
-        grid.close()
     assert record.status == "ok"
     assert record.failures == [{"silo": "silo-1", "message_type": "train.local", "round": 1,
                                 "reason": "RuntimeError: disk on fire"}]
@@ -172,12 +173,9 @@ def test_a_run_where_every_silo_fails_is_a_failed_run(tmp_path):
         if msg.metadata.message_type == p.TRAIN_LOCAL:
             raise RuntimeError("disk on fire")
 
-    grid = _grid(cfg, before_handle=boom)
-    try:
+    with _grid(cfg, before_handle=boom) as grid:
         with pytest.raises(RuntimeError, match="No silo completed"):
             run_experiment(grid, cfg)
-    finally:
-        grid.close()
     on_disk = RunRecord.read(tmp_path / "all-fail.json")
     assert on_disk.status == "failed" and len(on_disk.failures) == 2
 
@@ -189,11 +187,8 @@ def test_a_silo_failing_discovery_is_left_out(tmp_path):
         if node_id == 1000 and msg.metadata.message_type == p.INFO:
             raise ConnectionError("unreachable")
 
-    grid = _grid(cfg, before_handle=boom)
-    try:
+    with _grid(cfg, before_handle=boom) as grid:
         record = run_experiment(grid, cfg)
-    finally:
-        grid.close()
     assert record.status == "ok"
     assert record.failures[0]["silo"] == "node-1000" and "unreachable" in record.failures[0]["reason"]
     assert [k for k in record.silo_metrics if k.startswith("silo-")] == ["silo-1"]
@@ -209,13 +204,11 @@ def test_a_silo_that_never_answers_times_out(tmp_path):
             release.wait(60)  # blocks until the server has given up on it
             raise TimeoutError("released after the run")  # then do no work (no RNG use after this test)
 
-    grid = _grid(cfg, before_handle=stall, workers=2)
-    try:
-        record = run_experiment(grid, cfg)
-    finally:
-        release.set()
-        grid.close()
-        grid._pool.shutdown(wait=True)  # no handler thread outlives the test
+    with _grid(cfg, before_handle=stall, workers=2) as grid:
+        try:
+            record = run_experiment(grid, cfg)
+        finally:
+            release.set()  # then close() waits for the handler: no thread outlives the test
     assert record.status == "ok"
     assert [f["silo"] for f in record.failures] == ["silo-1"]
     assert "no reply within 5 s" in record.failures[0]["reason"]
@@ -224,23 +217,17 @@ def test_a_silo_that_never_answers_times_out(tmp_path):
 
 def test_server_side_failure_writes_a_failed_record_and_raises(tmp_path):
     cfg = prepare(tiny_config(tmp_path, method="fedavg", run_name="bad-labels", **{"task.labels": "good,bad"}))
-    grid = _grid(cfg)
-    try:
+    with _grid(cfg) as grid:
         with pytest.raises(Exception, match="task.labels"):
             run_experiment(grid, cfg)
-    finally:
-        grid.close()
     record = RunRecord.read(tmp_path / "bad-labels.json")
     assert record.status == "failed" and "DataError" in record.error
 
 
 def test_unknown_method_is_a_config_error(tmp_path):
-    grid = _grid(tiny_config(tmp_path))
-    try:
+    with _grid(tiny_config(tmp_path)) as grid:
         with pytest.raises(ConfigError, match="Unknown method 'fdkt-typo'. Available: local, fedavg"):
             run_experiment(grid, dataclasses.replace(tiny_config(tmp_path), method="fdkt-typo"))
-    finally:
-        grid.close()
 
 
 # ---------------------------------------------------------------- protocol
@@ -253,8 +240,7 @@ def _ask(grid: InProcessGrid, content: RecordDict, message_type: str = p.INFO, n
 
 
 def test_client_app_refuses_another_protocol_major_version(tmp_path):
-    grid = _grid(tiny_config(tmp_path, **{"task.max-examples": 60}))
-    try:
+    with _grid(tiny_config(tmp_path, **{"task.max-examples": 60})) as grid:
         ok = _ask(grid, p.request())
         assert not ok.has_error()
         assert ok.content[p.METRICS]["partition-id"] == 0
@@ -270,8 +256,6 @@ def test_client_app_refuses_another_protocol_major_version(tmp_path):
 
         missing = _ask(grid, RecordDict({p.CONFIG: ConfigRecord({"round": 1})}))
         assert missing.has_error() and "protocol" in missing.error.reason
-    finally:
-        grid.close()
 
 
 def test_check_version_and_global_test_records():
@@ -310,3 +294,23 @@ def test_run_record_round_trip_and_schema_check(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="schema 99 is not 1"):
         RunRecord.read(path)
+
+
+def test_deployed_silos_read_their_own_files(tmp_path):
+    """Deployment mode: each SuperNode's node config points at its own data file, which the silo alone reads."""
+    cfg = prepare(tiny_config(tmp_path, method="local", run_name="own-files"))
+    frames = toy_frame(60, labels=("negative", "neutral", "positive"))
+    nodes = []
+    for i in range(2):
+        path = tmp_path / f"silo{i}.csv"
+        frames.iloc[i::2].rename(columns={"review": "body", "sentiment": "stars"}).to_csv(path, index=False)
+        nodes.append({"partition-id": i, "data-path": str(path), "text-column": "body", "label-column": "stars"})
+    grid = InProcessGrid(client_app, cfg.to_run_config(), nodes)
+    try:
+        record = run_experiment(grid, cfg)
+    finally:
+        grid.close()
+    assert record.status == "ok"
+    assert [record.silo_metrics[f"silo-{i}"]["num-train"] + record.silo_metrics[f"silo-{i}"]["num-test"]
+            for i in range(2)] == [30, 30]
+    assert all("global-test.accuracy" in record.silo_metrics[f"silo-{i}"] for i in range(2))

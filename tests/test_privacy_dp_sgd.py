@@ -19,13 +19,7 @@ CFG = DPSGDConfig(target_epsilon=4.0, epochs=2, batch_size=8, lr=1e-2, max_lengt
                   min_words=0, sampling=SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads spin (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -25,13 +25,7 @@ TEXTS = [f"review {i} says the film was {'great' if i % 2 else 'dull'}" for i in
 LABEL_IDS = [i % 2 for i in range(24)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads spin (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CopyingLM(torch.nn.Module):

@@ -417,3 +417,32 @@ def test_metrics_perfect_and_absent_classes():
 def test_metrics_empty():
     m = classification_metrics([], np.zeros((0, 3)))
     assert m["n"] == 0 and np.isnan(m["accuracy"]) and np.isnan(m["macro_f1"])
+
+
+def test_hugging_face_dataset_ids_use_load_dataset(monkeypatch):
+    """An id that is neither built in nor a file goes to datasets.load_dataset; ClassLabel ids become names."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["world", "sports"])})
+    fake = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": [f"story {i}" for i in range(20)], "label": [i % 2 for i in range(20)]},
+                                            features=features),
+        "test": datasets.Dataset.from_dict({"text": ["late story"], "label": [1]}, features=features)})
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: calls.append(name) or fake)
+    task = load_task(TaskConfig(name="someone/news-topics"))
+    assert calls == ["someone/news-topics"]
+    assert task.labels == ("sports", "world") and len(task.data) == 21
+    assert task.data["label"][task.data["text"].index("late story")] == task.labels.index("sports")
+
+
+def test_an_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
+    import datasets
+
+    def offline(name):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="as a local file or a Hugging Face dataset.*no route to host"):
+        load_task(TaskConfig(name="someone/unreachable"))

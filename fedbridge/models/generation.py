@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -151,3 +152,26 @@ def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
             targets = torch.tensor(c, device=model.device)
             results.append((float(logprobs[i, positions, targets].sum()), len(c)))
     return results
+
+
+@torch.no_grad()
+def next_token_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+                        token_ids: Sequence[int], batch_size: int = 8, max_tokens: int = 1024) -> np.ndarray:
+    """log p(token | prompt) for each prompt and each of ``token_ids``: one forward pass per prompt.
+
+    The same numbers as ``continuation_logprobs`` for one-token continuations, at a fraction of the cost.
+    """
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        for prompt in prompts[start:start + batch_size]:
+            text = render_prompt(tokenizer, prompt)
+            ids = tokenizer(text, add_special_tokens=not text.startswith(tokenizer.bos_token or "\0"))["input_ids"]
+            rows.append(ids[-max(1, max_tokens - 1):])
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows], device=model.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        last = logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])].float()
+        out.append(torch.log_softmax(last, dim=-1)[:, list(token_ids)].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(token_ids)))

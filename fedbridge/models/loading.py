@@ -174,7 +174,9 @@ def load_slm(spec: str, num_labels: int, seed: int = 0) -> tuple[PreTrainedModel
     kwargs = {"num_hidden_layers": layers} if layers else {}
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
+        # a checkpoint that already has a classifier of another size gets a fresh head for this task's labels
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
+                                                                   ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelSpecError(f"Could not load SLM '{spec}': {err}. Use 'embedded', 'minilm-l<k>', 'tiny-bert', "
                              "an HF model id (needs hub access) or a local directory.") from err

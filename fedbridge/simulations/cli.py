@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -44,10 +45,13 @@ def parse_sets(pairs: list[str] | None) -> dict[str, bool | int | float | str]:
 
 
 def build_config(overrides: dict) -> ExperimentConfig:
+    """Parse and check a run's config here, so bad input fails in seconds, not inside a simulation."""
     from fedbridge.strategies import get_method
+    from fedbridge.tasks import load_federation
 
     cfg = ExperimentConfig.from_run_config({**ExperimentConfig().to_run_config(), **overrides})
-    get_method(cfg.method)  # fail fast on an unknown method
+    get_method(cfg.method)(cfg)  # unknown method or method option
+    load_federation(cfg.task, cfg.partition, cfg.seed)  # data: columns, labels, encoding, empty silos
     return cfg
 
 
@@ -161,7 +165,12 @@ def list_() -> None:
         console.print(tab)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed `fedbridge` stops its Flower run too (see runner._stream)
     logging.basicConfig(level=os.environ.get("FEDBRIDGE_LOG", "WARNING"))
     from transformers.utils import logging as hf_logging
 

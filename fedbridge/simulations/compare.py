@@ -120,7 +120,8 @@ def print_table(rows: Sequence[Row], title: str = "fedbridge comparison") -> Non
 
 
 def plot(rows: Sequence[Row], path: Path, sweep_key: str | None = None) -> Path:
-    """Bars of global and silo-test accuracy per row; with a swept numeric key, accuracy against that key."""
+    """Bars of accuracy and macro-F1 (global and silo-test) per row; with a swept numeric key, global accuracy
+    against that key."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,17 +141,18 @@ def plot(rows: Sequence[Row], path: Path, sweep_key: str | None = None) -> Path:
             stds = [100 * r.stat("global_metrics.accuracy")[1] for _, r in pts]
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
         ax.set_xlabel(f"{sweep_key} (∞ plotted at {inf_at:g})")
+        ax.set_ylabel("global accuracy (%)")
         ax.legend()
     else:
         x = np.arange(len(rows))
-        for offset, (path_, title) in zip((-0.2, 0.2), METRICS[::2]):
+        for offset, (path_, title) in zip((-0.3, -0.1, 0.1, 0.3), METRICS):
             stats = [row.stat(path_) for row in rows]
-            ax.bar(x + offset, [100 * m for m, _ in stats], 0.4, yerr=[100 * s for _, s in stats], capsize=3,
+            ax.bar(x + offset, [100 * m for m, _ in stats], 0.2, yerr=[100 * s for _, s in stats], capsize=2,
                    label=title)
         ax.set_xticks(x, [row.label for row in rows], rotation=15, ha="right")
+        ax.set_ylabel("%")
         ax.legend()
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("fedbridge: accuracy by method")
+    ax.set_title("fedbridge: accuracy and macro-F1 by method" if not sweep_key else "fedbridge: accuracy")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

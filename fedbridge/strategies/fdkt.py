@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.cluster import KMeans
+from flwr.app import RecordDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge import protocol as p
-from fedbridge.config import from_flat
+from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
 from fedbridge.models.embedding import embed
 from fedbridge.models.generation import GenerationStats, SamplingConfig, generate
@@ -187,9 +188,12 @@ class FDKT(Method):
     name = "fdkt"
     description = "FDKT: DP synthetic demonstrations from silos, LLM-augmented on the server"
 
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        self.options = from_flat(FDKTConfig, cfg.method_options, "fdkt")  # a bad fdkt.* key fails before any work
+
     def run(self, session: Session) -> None:
-        cfg = from_flat(FDKTConfig, self.cfg.method_options, "fdkt")
-        record, task = session.record, session.task
+        cfg, record, task = self.options, session.record, session.task
         record.privacy, demos = {}, {}
         if math.isinf(cfg.epsilon):
             record.notes.append("fdkt: fdkt.epsilon=inf, the demonstrations are NOT differentially private")
@@ -223,7 +227,6 @@ class FDKT(Method):
         record.server_metrics.update({f"fdkt.{k}": v for k, v in counts.items()})
         record.server_metrics["fdkt.llm-seconds"] = stats.seconds
 
-    def _train_request(self, session: Session, augmented: Examples):
-        cfg = from_flat(FDKTConfig, self.cfg.method_options, "fdkt")
-        return p.request({"synthetic-weight": cfg.synthetic_weight}, global_test=session.global_test,
+    def _train_request(self, session: Session, augmented: Examples) -> RecordDict:
+        return p.request({"synthetic-weight": self.options.synthetic_weight}, global_test=session.global_test,
                          examples=p.examples_record(augmented))

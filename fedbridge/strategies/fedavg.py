@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedbridge import protocol as p
-from fedbridge.config import from_flat
+from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
 from fedbridge.models.loading import load_slm
 from fedbridge.models.slm import predict_proba
@@ -50,8 +50,12 @@ class FedAvg(Method):
     name = "fedavg"
     description = "identical SLMs trained with Flower's FedAvg"
 
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        self.options = from_flat(FedAvgConfig, cfg.method_options, "fedavg")
+
     def run(self, session: Session) -> None:
-        cfg = from_flat(FedAvgConfig, self.cfg.method_options, "fedavg")
+        cfg = self.options
         model, _ = load_slm(single_slm_spec(session, self.name), len(session.task.labels), seed=self.cfg.seed)
         n = len(session.silos)
         strategy = _RoundTaggedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,

@@ -5,6 +5,7 @@ Silo assignment uses flwr-datasets partitioners on an in-memory ``datasets.Datas
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 from dataclasses import dataclass
@@ -97,5 +98,5 @@ def load_federation(task_cfg: TaskConfig, partition_cfg: PartitionConfig, seed: 
 
 def silo_from_file(task_cfg: TaskConfig, path: str, labels: tuple[str, ...], seed: int) -> SiloData:
     """A deployed silo's own data file, split into train/test, checked against the federation's label set."""
-    task = load_task(TaskConfig(**{**task_cfg.__dict__, "name": path, "labels": labels}), seed)
+    task = load_task(dataclasses.replace(task_cfg, name=path, labels=labels), seed)
     return SiloData(*_split(list(task.data["text"]), list(task.data["label"]), task_cfg.silo_test_fraction, seed))
