@@ -94,11 +94,17 @@ def run_simulation(cfg: ExperimentConfig, cpus_per_silo: int = 1, quiet: bool = 
     return record
 
 
+def flwr_env() -> dict[str, str]:
+    """This environment's bin dir first on PATH: `flwr` launches `flower-superlink` by name, which fails when the
+    venv is used without being activated (as `make test` does)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, **FLWR_ENV, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+
+
 def _stream(cmd: list[str], quiet: bool) -> tuple[int, str]:
     """Run ``flwr run``, echoing its log; if we are interrupted, stop the Flower run too (it would go on)."""
     lines, run_id = [], None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **FLWR_ENV})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flwr_env())
     try:
         for line in proc.stdout:
             lines.append(line)
@@ -110,7 +116,7 @@ def _stream(cmd: list[str], quiet: bool) -> tuple[int, str]:
     except BaseException:
         proc.kill()
         if run_id:
-            subprocess.run([cmd[0], "stop", run_id], env={**os.environ, **FLWR_ENV}, check=False,
+            subprocess.run([cmd[0], "stop", run_id], env=flwr_env(), check=False,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         raise
 
