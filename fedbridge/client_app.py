@@ -6,9 +6,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedbridge import protocol as p
+from fedbridge.faults import fault_mod
 from fedbridge.silo import Silo
 
-app = ClientApp()
+app = ClientApp(mods=[fault_mod])
 
 
 def _silo(msg: Message, context: Context) -> tuple[Silo, dict]:

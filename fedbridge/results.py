@@ -15,6 +15,9 @@ Schema (version 1); every field is always present so that records compare side b
   privacy         null for methods that share no private-data-derived content; else
                   {silo-k: {epsilon, delta, mechanism, ...}} ("epsilon": "inf" marks non-private)
   failures        [{silo, message_type, round, reason}] silos that errored or timed out
+  timelines       {silo-k: [{event: sent|received|failed|processed, message_type, round, t}]} with t in
+                  seconds since the run started: when each silo's messages left, came back and were used
+  artifacts       {name: path} files the run wrote beside its record (e.g. what crossed the wire, for audit)
   notes           caveats a reader must see (e.g. "centralized: non-private upper bound")
 """
 
@@ -63,6 +66,8 @@ class RunRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, dict[str, Any]] | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    timelines: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def path(self, results_dir: str | Path) -> Path:

@@ -8,8 +8,9 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedbridge.config import ExperimentConfig
+from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import FedbridgeError
+from fedbridge.faults import FaultConfig
 from fedbridge.results import RunRecord
 from fedbridge.strategies import get_method
 from fedbridge.strategies.base import MeteredGrid, Session, default_run_name, server_task
@@ -24,6 +25,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> RunRecord:
     record = RunRecord(run_name=default_run_name(cfg), method=cfg.method, seed=cfg.seed, config=cfg.to_run_config())
     if method.note:
         record.notes.append(method.note)
+    faults = from_flat(FaultConfig, cfg.method_options, "faults")
+    if faults.active:
+        record.notes.append(faults.describe())
     t0 = time.perf_counter()
     try:
         task, global_test = server_task(cfg)

@@ -7,12 +7,14 @@ timeout-aware ``exchange`` with error handling, phase timing, and the record it 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import Message, RecordDict
@@ -79,6 +81,7 @@ class Session:
     task: Task
     global_test: Examples
     silos: dict[int, str] = field(default_factory=dict)  # node id -> silo name
+    started: float = field(default_factory=time.monotonic)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -88,10 +91,34 @@ class Session:
         finally:
             self.record.seconds[name] = self.record.seconds.get(name, 0.0) + time.perf_counter() - t0
 
+    def silo_name(self, node_id: int) -> str:
+        return self.silos.get(node_id, f"node-{node_id}")
+
+    def event(self, node_id: int, event: str, message_type: str, round_: int) -> None:
+        """Append to the silo's timeline (sent / received / failed are logged by push and replies; methods add
+        'processed' when they have used a reply)."""
+        self.record.timelines.setdefault(self.silo_name(node_id), []).append(
+            {"event": event, "message_type": message_type, "round": round_,
+             "t": round(time.monotonic() - self.started, 3)})
+
     def fail(self, node_id: int, message_type: str, round_: int, reason: str) -> None:
-        silo = self.silos.get(node_id, f"node-{node_id}")
+        silo = self.silo_name(node_id)
         log.warning("%s failed %s (round %d): %s", silo, message_type, round_, reason)
         self.record.failures.append({"silo": silo, "message_type": message_type, "round": round_, "reason": reason})
+        self.event(node_id, "failed", message_type, round_)
+
+    def save_contribution(self, node_id: int, kind: str, round_: int, examples: Examples | None = None,
+                          **extra: Any) -> None:
+        """Keep what a silo sent (synthetic examples, instructions, ...) beside the run record, one JSON line each,
+        written as it arrives so a crash loses nothing; ``fedbridge audit`` reads it back."""
+        path = Path(self.cfg.results_dir) / f"{self.record.run_name}.contributions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = {"silo": self.silo_name(node_id), "kind": kind, "round": round_, **extra}
+        if examples is not None:
+            line |= {"texts": list(examples.texts), "labels": list(examples.labels)}
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.record.artifacts["contributions"] = str(path)
 
     def discover(self) -> dict[int, str]:
         """Wait for the silos' nodes to connect, then ask each for its partition id and data sizes."""
@@ -119,7 +146,10 @@ class Session:
         ttl = self.cfg.timeout if timeout is None else timeout
         msgs = [Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_), ttl=ttl)
                 for node, content in contents.items()]
-        return dict(zip(self.grid.push_messages(msgs), contents))
+        ids = dict(zip(self.grid.push_messages(msgs), contents))
+        for node in contents:
+            self.event(node, "sent", message_type, round_)
+        return ids
 
     def replies(self, pending: dict[str, int], message_type: str, round_: int = 0,
                 timeout: float | None = None) -> Iterator[tuple[int, RecordDict]]:
@@ -137,6 +167,7 @@ class Session:
                 if reply.has_error():
                     self.fail(node, message_type, round_, reply.error.reason)
                 else:
+                    self.event(node, "received", message_type, round_)
                     yield node, reply.content
             if pending:
                 time.sleep(POLL_SECONDS)

@@ -206,11 +206,13 @@ class FDKT(Method):
                 silo = session.silos[node]
                 demos[node] = p.read_examples(reply, p.EXAMPLES, len(task.labels))
                 record.privacy[silo] = dict(reply[p.PRIVACY])
+                session.save_contribution(node, "dp-demonstrations", 1, demos[node], privacy=record.privacy[silo])
                 record.silo_metrics.setdefault(silo, {}).update(dict(reply[p.METRICS]))
                 record.tokens["silo-generated"] = (record.tokens.get("silo-generated", 0)
                                                    + int(reply[p.METRICS].get("synth.tokens-generated", 0)))
                 if not cfg.pooled:  # per-silo: this silo's set goes back as soon as it is ready
                     augmented = augment(model, tok, task, demos[node], cfg, self.cfg.seed, stats, counts)
+                    session.event(node, "processed", p.SYNTHESIZE, 1)
                     pending |= session.push(p.TRAIN_AUGMENTED, {node: self._train_request(session, augmented)}, 2)
             if cfg.pooled and demos:
                 pooled = Examples.of([t for d in demos.values() for t in d.texts],
