@@ -150,6 +150,33 @@ def test_compare_sweep_names_runs_by_value(tmp_path, monkeypatch):
     assert (out / "accuracy.png").is_file()
 
 
+def test_compare_grid_sweep_runs_a_method_s_own_keys_only_for_that_method(tmp_path, monkeypatch):
+    out, seen = tmp_path / "grid", []
+
+    def fake_run(cfg, engine):
+        seen.append((cfg.method, cfg.method_options.get("fdkt.epsilon"), cfg.method_options.get("fdkt.mechanism")))
+        eps = cfg.method_options.get("fdkt.epsilon", 0)
+        rec = RunRecord(run_name=cfg.run_name, method=cfg.method, seed=cfg.seed, config=cfg.to_run_config(),
+                        status="ok", global_metrics={"accuracy": 0.5 + 0.01 * min(eps, 10)},
+                        seconds={"train": 1.0 + eps if eps < 10 else 2.0})
+        rec.write(cfg.results_dir)
+        return rec
+
+    import fedbridge.simulations.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "run", fake_run)
+    result = runner.invoke(cli, ["compare", "--methods", "local,fdkt", "--seeds", "0", "--sweep", "fdkt.epsilon=1,inf",
+                                 "--sweep", "fdkt.mechanism=dp-fewshot,dp-sgd", "--engine", "inprocess",
+                                 "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert seen[0] == ("local", None, None) and len(seen) == 5  # the baseline once, fdkt on the 2 x 2 grid
+    assert sorted(seen[1:]) == sorted((("fdkt", e, m) for e in (1, float("inf")) for m in ("dp-fewshot", "dp-sgd")))
+    table = (out / "table.md").read_text()
+    assert "| local |" in table and "fdkt fdkt.epsilon=1 fdkt.mechanism=dp-sgd" in table
+    assert "Wall seconds by phase" in table and "| 2.0 |" in table
+    assert (out / "accuracy.png").is_file()
+
+
 def test_compare_only_aggregate_without_records_is_an_error(tmp_path):
     result = runner.invoke(cli, ["compare", "--only-aggregate", "--out", str(tmp_path)])
     assert result.exit_code != 0

@@ -75,29 +75,30 @@ def run(method: Annotated[str, typer.Option(help="see 'fedbridge list'")] = "loc
 def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fedavg,centralized,llm-zero-shot",
             seeds: Annotated[str, typer.Option(help="comma list")] = "0",
             task: str = "drug-reviews",
-            sweep: Annotated[str | None, typer.Option(help="key=v1,v2,... e.g. fdkt.epsilon=1,4,8,inf")] = None,
+            sweep: Annotated[list[str] | None, typer.Option(
+                help="key=v1,v2,... (repeatable: the grid of all values), e.g. --sweep fdkt.epsilon=1,4,8,inf "
+                     "--sweep fdkt.mechanism=dp-fewshot,dp-sgd. A method's own keys (fdkt.*) sweep that method only"
+            )] = None,
             engine: EngineOpt = "simulation",
             out: Annotated[Path, typer.Option(help="records go to OUT/runs, table and plot to OUT")] = Path("results/compare"),
             set_: SetOpt = None,
             only_aggregate: Annotated[bool, typer.Option(help="only tabulate records already in OUT/runs")] = False,
             ) -> None:
-    """Run every method x seed (x swept value) not already done, then print and save the comparison."""
+    """Run every method x seed (x swept values) not already done, then print and save the comparison."""
     from fedbridge.simulations.compare import group, load_records, plot, print_table, to_markdown
     from fedbridge.simulations.runner import RunFailed
     from fedbridge.simulations.runner import run as run_one
 
-    sweep_key, sweep_values = None, [None]
-    if sweep:
-        sweep_key, _, values = sweep.partition("=")
-        sweep_values = [parse_value(v) for v in values.split(",")]
+    sweeps = parse_sweeps(sweep)
     runs_dir, base = out / "runs", parse_sets(set_)
     t0 = time.perf_counter()
     if not only_aggregate:
-        combos = list(itertools.product(methods.split(","), sweep_values, [int(s) for s in seeds.split(",")]))
-        for i, (method, value, seed) in enumerate(combos, 1):
-            name = "-".join([method, Path(task).stem, *([f"{sweep_key}={value}"] if sweep_key else []), f"s{seed}"])
+        combos = [(method, values, int(seed)) for method in methods.split(",")
+                  for values in sweep_grid(sweeps, method) for seed in seeds.split(",")]
+        for i, (method, values, seed) in enumerate(combos, 1):
+            name = "-".join([method, Path(task).stem, *(f"{k}={v}" for k, v in values.items()), f"s{seed}"])
             overrides = {**base, "method": method, "task.name": task, "seed": seed, "results-dir": str(runs_dir),
-                         "run-name": name, **({sweep_key: value} if sweep_key else {})}
+                         "run-name": name, **values}
             cfg = build_config(overrides)
             done = runs_dir / f"{name}.json"
             if done.exists() and _ok(done):
@@ -111,12 +112,32 @@ def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fe
     records = load_records(runs_dir)
     if not records:
         raise FedbridgeError(f"No successful run records in {runs_dir}.")
-    rows = group(records, [sweep_key] if sweep_key else [])
+    rows = group(records, list(sweeps))
     print_table(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(to_markdown(rows))
-    png = plot(rows, out / "accuracy.png", sweep_key if sweep_key and _numeric(sweep_values) else None)
+    numeric = next((k for k, v in sweeps.items() if _numeric(v)), None)
+    png = plot(rows, out / "accuracy.png", numeric)
     typer.echo(f"table: {out / 'table.md'}  plot: {png}  ({time.perf_counter() - t0:.0f} s)")
+
+
+def parse_sweeps(specs: list[str] | None) -> dict[str, list]:
+    sweeps = {}
+    for spec in specs or []:
+        key, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise FedbridgeError(f"--sweep expects key=v1,v2,..., got '{spec}'.")
+        sweeps[key.strip()] = [parse_value(v.strip()) for v in values.split(",")]
+    return sweeps
+
+
+def sweep_grid(sweeps: dict[str, list], method: str) -> list[dict]:
+    """The swept values that apply to ``method``: keys of another method's section (``fdkt.*`` for ``local``)
+    leave it alone, so baselines run once per seed next to a method's sweep."""
+    from fedbridge.strategies import METHODS
+
+    keys = [k for k in sweeps if not (k.split(".")[0] in METHODS and k.split(".")[0] != method)]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(sweeps[k] for k in keys))]
 
 
 def _ok(path: Path) -> bool:

@@ -30,7 +30,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        return " ".join([self.method, *(f"{k}={v}" for k, v in self.sweep)])
+        return " ".join([self.method, *(f"{k}={v}" for k, v in self.sweep if v)])
 
     def values(self, path: str) -> list[float]:
         section, key = path.split(".", 1)
@@ -100,6 +100,13 @@ def to_markdown(rows: Sequence[Row]) -> str:
                  "(methods with one model per silo: mean over silo models); 'silo-test' = mean over silos of "
                  "each silo's own test split.")
     lines += [f"- {n}" for n in notes(rows)]
+    phases = sorted({k for row in rows for r in row.records for k in r.seconds})
+    if phases:
+        lines += ["", "Wall seconds by phase (mean over seeds):", "",
+                  "| method | " + " | ".join(phases) + " |", "|" + "---|" * (len(phases) + 1)]
+        lines += ["| " + row.label + " | " + " | ".join(
+            f"{np.mean([r.seconds[k] for r in row.records if k in r.seconds]):.1f}"
+            if any(k in r.seconds for r in row.records) else "—" for k in phases) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -129,9 +136,14 @@ def plot(rows: Sequence[Row], path: Path, sweep_key: str | None = None) -> Path:
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4.2))
     if sweep_key:
-        by_method: dict[str, list[tuple[float, Row]]] = defaultdict(list)
+        by_method: dict[str, list[tuple[float, Row]]] = defaultdict(list)  # one line per method and other values
         for row in rows:
-            by_method[row.method].append((float(dict(row.sweep)[sweep_key]), row))
+            sweep = dict(row.sweep)
+            if sweep_key not in sweep or not sweep[sweep_key]:  # a baseline next to the sweep: a flat line
+                continue
+            others = " ".join([row.method, *(f"{k}={v}" for k, v in row.sweep if k != sweep_key)])
+            by_method[others].append((float(sweep[sweep_key]), row))
+        baselines = [row for row in rows if not dict(row.sweep).get(sweep_key)]
         finite = [x for pts in by_method.values() for x, _ in pts if math.isfinite(x)]
         inf_at = (max(finite) * 1.5 if finite else 1.0)
         for method, pts in by_method.items():
@@ -140,6 +152,10 @@ def plot(rows: Sequence[Row], path: Path, sweep_key: str | None = None) -> Path:
             means = [100 * r.stat("global_metrics.accuracy")[0] for _, r in pts]
             stds = [100 * r.stat("global_metrics.accuracy")[1] for _, r in pts]
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
+        for row in baselines:
+            ax.axhline(100 * row.stat("global_metrics.accuracy")[0], linestyle="--", alpha=0.6, color="grey")
+            ax.annotate(row.label, (0, 100 * row.stat("global_metrics.accuracy")[0]), xycoords=("axes fraction", "data"),
+                        fontsize=8, va="bottom")
         ax.set_xlabel(f"{sweep_key} (∞ plotted at {inf_at:g})")
         ax.set_ylabel("global accuracy (%)")
         ax.legend()
