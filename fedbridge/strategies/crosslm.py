@@ -1,0 +1,571 @@
+"""CrossLM (Deng et al. 2023, arXiv 2312.05842): silo SLMs judge the server LLM's generations; the rewards train
+the LLM (LoRA, on a KL leash to the original) and pick the examples that enhance every silo's SLM.
+
+Per silo, asynchronously by default (Flower has no asynchronous strategy: this is a push/pull loop on the grid):
+  1. ``train.private``: the silo trains its SLM on its private data and keeps it in its node state. Architectures
+     may differ per silo (``slm.model`` is a comma list).
+  2. The server LLM writes batch b: per-label prompts with varied style hints, sampled, parsed, length-filtered
+     and deduplicated against everything written before. A batch is written once, when the first silo needs it;
+     later silos score the same batch, so their rewards can be combined.
+  3. ``query.score`` (``score-on=silo``, default): the silo returns its SLM's class probabilities of the batch and
+     nothing else. With ``score-on=server`` (opt-in, weaker privacy) the silo uploads its SLM once
+     (``query.upload``) and the server scores with it.
+  4. As soon as one silo's scores arrive, the server combines the rewards r = 2·S(y|x) − 1 of every silo that has
+     scored the batch so far (mean / median / trimmed mean); updates the LLM when at least ``min-scorers`` silos
+     have scored it and the batch is at most ``max-staleness`` LLM updates old; selects high-reward, diverse,
+     label-balanced examples; and sends this silo ``train.enhance`` at once. The silo fine-tunes its SLM on them
+     (hard labels, or the combined SLM probabilities as soft labels), or, with uploaded weights, the server
+     fine-tunes its copy and sends the weights back.
+  5. When the silo's enhanced metrics arrive, its next round starts (step 3 with batch b+1), whatever the others do.
+Every message has a TTL (``crosslm.ttl``); an error reply or a silo that stays silent is logged as a failure and
+dropped, never waited for. ``crosslm.mode=sync`` runs each step for all silos and waits for all, for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedbridge import protocol as p
+from fedbridge.config import ExperimentConfig, from_flat
+from fedbridge.errors import ConfigError
+from fedbridge.models.embedding import embed
+from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
+from fedbridge.models.llm_classifier import label_probabilities
+from fedbridge.models.loading import ModelSpecError, load_llm, load_slm
+from fedbridge.models.reward import (
+    AGGREGATIONS,
+    LLMUpdateConfig,
+    RewardTrainer,
+    ScoredExample,
+    aggregate,
+    aggregate_probabilities,
+    general_text,
+    perplexity,
+    rewards_from_probabilities,
+)
+from fedbridge.models.slm import predict_proba, train_classifier
+from fedbridge.strategies.base import POLL_SECONDS, Method, Session, mean_over_silos
+from fedbridge.strategies.fdkt import deduplicate, parse_generation
+from fedbridge.tasks import Examples, Task, classification_metrics
+
+log = logging.getLogger(__name__)
+MODES, SCORE_ON, TARGETS = ("async", "sync"), ("silo", "server"), ("hard", "soft")
+
+
+@dataclass(frozen=True)
+class CrossLMConfig:
+    mode: str = "async"  # async | sync (every step waits for every silo; for comparison)
+    score_on: str = "silo"  # silo: only probabilities leave silos | server: silos upload SLM weights (weaker privacy)
+    rounds: int = 2  # score -> enhance rounds per silo
+    ttl: float = 0.0  # seconds one message may take to come back; 0 = the run's `timeout`
+    # generation
+    per_label: int = 8  # examples the LLM writes per label for each batch
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 48
+    min_words: int = 5
+    near_duplicate: float = 0.8  # character 5-gram Jaccard at or above which a text is a duplicate
+    # rewards
+    aggregate: str = "median"  # mean | median | trimmed-mean, over the silos that scored a batch
+    trim: float = 0.25  # trimmed-mean: floor(trim * silos) values cut from each end, at least 1 from 3 silos on
+    min_scorers: int = 3  # a batch updates the LLM only once this many silos (or all live ones, if fewer) scored it
+    max_staleness: int = 4  # rewards on a batch written more than this many LLM updates ago do not update the LLM
+    # LLM update: LoRA with quality + task + KL loss (fedbridge.models.reward)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj"  # comma list of module names, or all-linear
+    lora_lr: float = 5e-4
+    lora_steps: int = 2  # optimizer steps per LLM update (sync: x the updates async would make, in one)
+    lora_batch_size: int = 4
+    lora_max_length: int = 160
+    quality_weight: float = 1.0  # γ_quality: reward-weighted likelihood (r > 0) / unlikelihood (r < 0)
+    task_weight: float = 1.0  # γ_task: the label of approved (r > 0) examples under the classification prompt
+    kl_weight: float = 1.0  # γ_kl: KL(LLM ‖ original) on the same tokens; 0 = no leash (ablation)
+    # SLM enhancement
+    select_max: int = 24  # examples sent to a silo per round
+    min_reward: float = 0.0  # only examples whose combined reward is above this
+    diversity: float = 0.5  # MMR weight on MiniLM cosine similarity to examples already chosen; 0 = by reward only
+    targets: str = "hard"  # hard: the LLM's intended labels | soft: the silos' combined probabilities (distillation)
+    enhance_epochs: int = 2
+    synthetic_weight: float = 1.0
+    with_private: bool = False  # score-on=silo: fine-tune on private + selected examples, not selected only
+    # evaluation
+    llm_eval_examples: int = 100  # global-test examples for the LLM's label-scoring accuracy (0 = all)
+    ppl_passages: int = 0  # general-text passages for perplexity (0 = all)
+    ppl_max_tokens: int = 128
+    general_text: str = ""  # text file of passages separated by blank lines; "" = text bundled in scikit-learn
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (("mode", self.mode, MODES), ("score-on", self.score_on, SCORE_ON),
+                                    ("aggregate", self.aggregate, AGGREGATIONS), ("targets", self.targets, TARGETS)):
+            if value not in allowed:
+                raise ConfigError(f"Unknown crosslm.{key} '{value}'. Use one of: {', '.join(allowed)}.")
+        if self.rounds < 1 or self.per_label < 1 or self.min_scorers < 1 or self.max_staleness < 0:
+            raise ConfigError("crosslm.rounds, per-label and min-scorers must be >= 1, max-staleness >= 0.")
+        if not 0.0 <= self.trim < 0.5:
+            raise ConfigError(f"crosslm.trim must be in [0, 0.5), got {self.trim}.")
+        if min(self.quality_weight, self.task_weight, self.kl_weight) < 0:
+            raise ConfigError("crosslm loss weights (quality-weight, task-weight, kl-weight) must be >= 0.")
+
+    def update_config(self) -> LLMUpdateConfig:
+        return LLMUpdateConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                               targets=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()),
+                               lr=self.lora_lr, batch_size=self.lora_batch_size, max_length=self.lora_max_length,
+                               quality_weight=self.quality_weight, task_weight=self.task_weight,
+                               kl_weight=self.kl_weight)
+
+
+# ------------------------------------------------------------------ generation and selection
+
+STYLES = ("", "Keep it short.", "Write two or three sentences.", "Write it in the first person.",
+          "Use plain, everyday words.", "Include one concrete detail.", "Make it sound like a real person wrote it.")
+
+
+def generation_prompt(task: Task, label: str, style: str = "") -> Prompt:
+    hint = f" {style}" if style else ""
+    return [{"role": "user", "content": f"Write one {task.description} with label '{label}'.{hint} "
+                                        "Reply with the text only."}]
+
+
+@dataclass(frozen=True)
+class Generated:
+    prompt: Prompt
+    text: str
+    label: int
+
+
+def write_examples(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, cfg: CrossLMConfig,
+                   history: list[str], seed: int, batch_size: int, stats: GenerationStats,
+                   counts: Counter) -> list[Generated]:
+    """One batch: ``per-label`` prompts per label (style hints drawn at random), sampled, parsed, kept if long
+    enough and not a near-copy of anything written before (``history``, extended in place)."""
+    rng = random.Random(seed)
+    prompts, labels = [], []
+    for y, label in enumerate(task.labels):
+        for _ in range(cfg.per_label):
+            prompts.append(generation_prompt(task, label, rng.choice(STYLES)))
+            labels.append(y)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              batch_size=batch_size)
+    outs, st = generate(model, tok, prompts, sampling, seed=seed, progress="crosslm generate")
+    stats += st
+    texts = [parse_generation(o) for o in outs]
+    long_enough = [i for i, t in enumerate(texts) if len(t.split()) >= cfg.min_words]
+    kept = [long_enough[j] for j in deduplicate([texts[i] for i in long_enough], history, cfg.near_duplicate)]
+    history += [texts[i] for i in kept]
+    counts["generated"] += len(texts)
+    counts["kept-after-filter"] += len(kept)
+    return [Generated(prompts[i], texts[i], labels[i]) for i in kept]
+
+
+def select_examples(labels: list[int] | tuple[int, ...], rewards: np.ndarray, max_examples: int, min_reward: float,
+                    embeddings: np.ndarray | None = None, diversity: float = 0.0) -> list[int]:
+    """Up to ``max_examples`` indices with reward above ``min_reward``, labels taken in turn (balanced). Within a
+    label, the best by reward − diversity × (highest cosine similarity to an example already chosen), i.e.
+    maximal marginal relevance: high reward first, but not the same thing twice."""
+    pools = {y: [i for i in range(len(labels)) if labels[i] == y and rewards[i] > min_reward]
+             for y in sorted(set(labels))}
+    chosen: list[int] = []
+
+    def value(i: int) -> float:
+        if not diversity or embeddings is None or not chosen:
+            return float(rewards[i])
+        return float(rewards[i]) - diversity * float(np.max(embeddings[chosen] @ embeddings[i]))
+
+    while len(chosen) < max_examples and any(pools.values()):
+        for pool in pools.values():
+            if pool and len(chosen) < max_examples:
+                best = max(pool, key=value)
+                pool.remove(best)
+                chosen.append(best)
+    return chosen
+
+
+@dataclass
+class Batch:
+    """Examples the LLM wrote at one version, and each silo's class probabilities of them as they arrive."""
+
+    index: int
+    version: int  # LLM updates done before it was written
+    examples: list[Generated]
+    scores: dict[int, np.ndarray] = field(default_factory=dict)  # node id -> (n, num_labels)
+    embeddings: np.ndarray | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [g.text for g in self.examples]
+
+    @property
+    def labels(self) -> list[int]:
+        return [g.label for g in self.examples]
+
+    def rewards(self, rule: str, trim: float) -> np.ndarray:
+        """Combined reward per example over the silos that have scored the batch so far."""
+        if not self.examples:
+            return np.zeros(0)
+        return aggregate([rewards_from_probabilities(s, self.labels) for s in self.scores.values()], rule, trim)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    node: int
+    message_type: str
+    round: int
+    deadline: float  # monotonic time after which it counts as lost
+
+
+# ------------------------------------------------------------------ the method
+
+
+class CrossLM(Method):
+    name = "crosslm"
+    description = "CrossLM: silo SLMs score LLM generations; LLM reward-trained (LoRA + KL), SLMs enhanced, async"
+    note = "crosslm: silo scores of server-written text leave the silos without DP noise (no formal privacy guarantee)"
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        self.options = from_flat(CrossLMConfig, cfg.method_options, "crosslm")  # bad crosslm.* keys fail up front
+
+    def run(self, session: Session) -> None:
+        _Run(self.cfg, self.options, session).run()
+
+
+class _Run:
+    """One CrossLM run: the push/pull loop, the LLM and its trainer, the batches, and what goes in the record."""
+
+    def __init__(self, cfg: ExperimentConfig, opts: CrossLMConfig, session: Session) -> None:
+        self.cfg, self.opts, self.session, self.record, self.task = cfg, opts, session, session.record, session.task
+        self.num_labels = len(self.task.labels)
+        self.ttl = opts.ttl or cfg.timeout
+        self.pending: dict[str, _Pending] = {}
+        self.live: set[int] = set(session.silos)
+        self.batches: list[Batch] = []
+        self.history: list[str] = []
+        self.version = 0  # LLM updates so far
+        self.server_slms: dict[int, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+        self.counts: Counter = Counter()
+        self.stats = GenerationStats()
+        self.trainer: RewardTrainer | None = None
+        self.steps_path = Path(cfg.results_dir) / f"{self.record.run_name}.crosslm-steps.jsonl"
+
+    # -------------------------------------------------------------- run
+
+    def run(self) -> None:
+        session, opts = self.session, self.opts
+        if opts.score_on == "server":
+            self.record.notes.append("crosslm: score-on=server: silos uploaded their SLM weights to the server "
+                                     "(weaker privacy than score-on=silo, where only probabilities leave a silo)")
+        # silos train while the server loads and evaluates its LLM
+        self.push_all(p.TRAIN_PRIVATE, 0, lambda node: p.request({"round": 0}, global_test=session.global_test))
+        with session.phase("server-llm-load"):
+            model, tok = load_llm(self.cfg.llm.model, trainable=True)
+            eval_set = _subsample(session.global_test, opts.llm_eval_examples, self.cfg.seed)
+            passages = general_text(opts.general_text)
+            passages = passages[:opts.ppl_passages] if opts.ppl_passages > 0 else passages
+        with session.phase("llm-eval-before"):
+            before = self.evaluate_llm(model, tok, eval_set, passages)
+        self.trainer = RewardTrainer(model, tok, opts.update_config(), self.task.labels, self.task.instruction,
+                                     seed=self.cfg.seed)
+        with session.phase("crosslm-rounds"):
+            self.run_async() if opts.mode == "async" else self.run_sync()
+        if not any("global-test.accuracy" in m for m in self.record.silo_metrics.values()):
+            raise RuntimeError("No silo completed a CrossLM round; every one failed or timed out (see the record's "
+                               "failures).")
+        with session.phase("llm-eval-after"):
+            after = self.evaluate_llm(self.trainer.model, tok, eval_set, passages)
+        self.finish(before, after)
+
+    def run_async(self) -> None:
+        for pend, content in self.replies():
+            node, r = pend.node, pend.round
+            if pend.message_type == p.TRAIN_PRIVATE:
+                self.on_trained(node, content)
+                if self.opts.score_on == "server":
+                    self.push(node, p.UPLOAD, 0, p.request({"round": 0}))
+                else:
+                    self.request_scores(node, 1)
+            elif pend.message_type == p.UPLOAD:
+                if self.on_uploaded(pend, content):
+                    self.process(node, 1, self.server_scores(node, 1), p.UPLOAD)
+            elif pend.message_type == p.SCORE:
+                if (probs := self.read_scores(pend, content)) is not None:
+                    self.process(node, r, probs, p.SCORE)
+            elif pend.message_type == p.ENHANCE:
+                self.on_enhanced(node, r, content)
+                if r < self.opts.rounds and self.opts.score_on == "server":
+                    self.process(node, r + 1, self.server_scores(node, r + 1), p.ENHANCE)
+                elif r < self.opts.rounds:
+                    self.request_scores(node, r + 1)
+
+    def run_sync(self) -> None:
+        for pend, content in self.replies():
+            self.on_trained(pend.node, content)
+        if self.opts.score_on == "server":
+            self.push_all(p.UPLOAD, 0, lambda node: p.request({"round": 0}))
+            for pend, content in self.replies():
+                self.on_uploaded(pend, content)
+        for r in range(1, self.opts.rounds + 1):
+            batch = self.batch(r)
+            if self.opts.score_on == "server":
+                for node in sorted(self.live):
+                    self.take_scores(node, batch, self.server_scores(node, r))
+            else:
+                self.push_all(p.SCORE, r, lambda node: self.score_request(batch))
+                for pend, content in self.replies():
+                    if (probs := self.read_scores(pend, content)) is not None:
+                        self.take_scores(pend.node, batch, probs)
+            if not batch.scores:
+                break
+            rewards = batch.rewards(self.opts.aggregate, self.opts.trim)
+            # as many steps as async spends on a batch: one update per arrival from the min-scorers-th on
+            contributions = len(batch.scores) - min(self.opts.min_scorers, len(self.live)) + 1
+            self.learn(batch, rewards, "all", self.opts.lora_steps * max(1, contributions))
+            for node in sorted(self.live & set(batch.scores)):
+                self.session.event(node, "processed", p.SCORE, r)
+                self.send_enhancement(node, batch, rewards)
+            for pend, content in self.replies():
+                self.on_enhanced(pend.node, pend.round, content)
+            if not self.live:
+                break
+
+    # -------------------------------------------------------------- messaging with per-message TTL
+
+    def push(self, node: int, message_type: str, round_: int, content: RecordDict) -> None:
+        for message_id in self.session.push(message_type, {node: content}, round_, timeout=self.ttl):
+            self.pending[message_id] = _Pending(node, message_type, round_, time.monotonic() + self.ttl)
+
+    def push_all(self, message_type: str, round_: int, content_for: Callable[[int], RecordDict]) -> None:
+        for node in sorted(self.live):
+            self.push(node, message_type, round_, content_for(node))
+
+    def replies(self) -> Iterator[tuple[_Pending, RecordDict]]:
+        """Yield (request, reply content) in arrival order until nothing is pending; requests pushed meanwhile
+        are waited for too. Error replies, replies over the size cap or with malformed metrics, and expired
+        messages drop that silo (a failure), as ``Session.replies`` does."""
+        grid = self.session.grid
+        while self.pending:
+            arrived = []
+            for reply in grid.pull_messages(list(self.pending)):
+                pend = self.pending.pop(reply.metadata.reply_to_message_id, None)
+                if pend is None:
+                    continue
+                size = grid.received_bytes.pop(reply.metadata.message_id, None)
+                if reply.has_error():
+                    self.drop(pend, reply.error.reason)
+                    continue
+                cap = p.MAX_REPLY_BYTES if pend.message_type == p.UPLOAD else p.MAX_EXAMPLES_REPLY_BYTES
+                try:
+                    p.check_size(reply.content, cap, size)
+                    p.read_metrics(reply.content)
+                except p.ProtocolError as err:
+                    self.drop(pend, f"rejected: {err}")
+                    continue
+                self.session.event(pend.node, "received", pend.message_type, pend.round)
+                arrived.append((pend, reply.content))
+            now = time.monotonic()
+            for message_id, pend in list(self.pending.items()):
+                if now > pend.deadline:
+                    del self.pending[message_id]
+                    self.drop(pend, f"no reply within the {self.ttl:g} s TTL")
+            yield from arrived
+            if not arrived and self.pending:
+                time.sleep(POLL_SECONDS)
+
+    def drop(self, pend: _Pending, reason: str) -> None:
+        self.session.fail(pend.node, pend.message_type, pend.round, reason)
+        self.live.discard(pend.node)
+
+    # -------------------------------------------------------------- per-silo steps
+
+    def on_trained(self, node: int, content: RecordDict) -> None:
+        metrics = self.silo_metrics(node)
+        for key, value in p.read_metrics(content).items():
+            if key != "partition-id":
+                metrics[key if key.startswith("num-") else f"before.{key}"] = value
+        self.session.event(node, "processed", p.TRAIN_PRIVATE, 0)
+
+    def on_uploaded(self, pend: _Pending, content: RecordDict) -> bool:
+        """Load the SLM a silo uploaded (score-on=server); a malformed upload drops the silo."""
+        try:
+            arrays = p.read_arrays(content)
+            slm = content.get(p.SLM)
+            spec = slm.get("spec") if isinstance(slm, ConfigRecord) else None
+            if not isinstance(spec, str) or not spec:
+                raise p.ProtocolError("upload has no 'slm' record with the model's 'spec'.")
+            model, tok = load_slm(spec, self.num_labels, seed=self.cfg.seed)
+            model.load_state_dict(arrays.to_torch_state_dict())
+        except (p.ProtocolError, ModelSpecError, RuntimeError) as err:
+            self.drop(pend, f"rejected: unusable SLM upload: {err}")
+            return False
+        self.server_slms[pend.node] = (model, tok)
+        self.session.save_contribution(pend.node, "slm-upload", 0, spec=spec, bytes=p.payload_bytes(content))
+        self.session.event(pend.node, "processed", p.UPLOAD, 0)
+        return True
+
+    def read_scores(self, pend: _Pending, content: RecordDict) -> np.ndarray | None:
+        try:
+            return p.read_probabilities(content, p.SCORES, len(self.batches[pend.round - 1].examples), self.num_labels)
+        except p.ProtocolError as err:
+            self.drop(pend, f"rejected: {err}")
+            return None
+
+    def server_scores(self, node: int, round_: int) -> np.ndarray:
+        model, tok = self.server_slms[node]
+        return predict_proba(model, tok, self.batch(round_).texts, max_length=self.cfg.slm.max_length)
+
+    def score_request(self, batch: Batch) -> RecordDict:
+        return p.request({"round": batch.index}, examples=p.examples_record(Examples.of(batch.texts, batch.labels)))
+
+    def request_scores(self, node: int, round_: int) -> None:
+        self.push(node, p.SCORE, round_, self.score_request(self.batch(round_)))
+
+    def take_scores(self, node: int, batch: Batch, probs: np.ndarray) -> None:
+        batch.scores[node] = probs
+        self.session.save_contribution(node, "scores", batch.index, Examples.of(batch.texts, batch.labels),
+                                       probs=np.round(probs, 4).tolist())
+
+    def process(self, node: int, round_: int, probs: np.ndarray, trigger: str) -> None:
+        """Async: one silo's scores of batch ``round_`` have arrived; learn from them and send its enhancement."""
+        batch = self.batch(round_)
+        self.take_scores(node, batch, probs)
+        rewards = batch.rewards(self.opts.aggregate, self.opts.trim)
+        self.learn(batch, rewards, self.session.silo_name(node), self.opts.lora_steps)
+        self.send_enhancement(node, batch, rewards)
+        self.session.event(node, "processed", trigger, round_)
+
+    def on_enhanced(self, node: int, round_: int, content: RecordDict) -> None:
+        metrics = self.silo_metrics(node)
+        for key, value in p.read_metrics(content).items():
+            if key == "partition-id":
+                continue
+            metrics[key] = value
+            if key.endswith((".accuracy", ".macro_f1")):
+                metrics[f"round-{round_}.{key}"] = value
+        self.session.event(node, "processed", p.ENHANCE, round_)
+
+    # -------------------------------------------------------------- server work
+
+    def batch(self, round_: int) -> Batch:
+        """Batch ``round_``, written by the current LLM the first time a silo needs it."""
+        while len(self.batches) < round_:
+            index = len(self.batches) + 1
+            with self.session.phase("server-generate"):
+                examples = write_examples(self.trainer.model, self.trainer.tok, self.task, self.opts, self.history,
+                                          self.cfg.seed * 1000 + index, self.cfg.llm.batch_size, self.stats,
+                                          self.counts)
+            self.batches.append(Batch(index, self.version, examples))
+            log.info("crosslm: batch %d written by LLM version %d: %d examples", index, self.version, len(examples))
+        return self.batches[round_ - 1]
+
+    def learn(self, batch: Batch, rewards: np.ndarray, silo: str, steps: int) -> None:
+        """Update the LLM on the batch's combined rewards, unless too few silos scored it or it is too stale."""
+        needed = min(self.opts.min_scorers, max(1, len(self.live)))
+        if len(batch.scores) < needed:
+            self.counts["waiting-for-scorers"] += 1
+            return
+        staleness = self.version - batch.version
+        if staleness > self.opts.max_staleness:
+            self.counts["stale-contributions"] += 1
+            log.info("crosslm: %s's rewards on batch %d are %d LLM updates stale (max %d): not used for the LLM",
+                     silo, batch.index, staleness, self.opts.max_staleness)
+            return
+        examples = [ScoredExample(g.prompt, g.text, g.label, float(r)) for g, r in zip(batch.examples, rewards)]
+        with self.session.phase("server-llm-update"):
+            entries = self.trainer.update(examples, steps, progress=f"crosslm llm update ({silo})", silo=silo,
+                                          batch=batch.index, version=self.version, staleness=staleness,
+                                          scorers=len(batch.scores))
+        if entries:
+            self.version += 1
+            self.counts["llm-updates"] += 1
+            self.steps_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.steps_path.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(e) + "\n" for e in entries)
+            self.record.artifacts["crosslm-steps"] = str(self.steps_path)
+
+    def send_enhancement(self, node: int, batch: Batch, rewards: np.ndarray) -> None:
+        opts = self.opts
+        if opts.diversity and batch.embeddings is None and batch.examples:
+            batch.embeddings = embed(batch.texts)
+        chosen = select_examples(batch.labels, rewards, opts.select_max, opts.min_reward, batch.embeddings,
+                                 opts.diversity)
+        self.counts["selected"] += len(chosen)
+        examples = Examples.of([batch.texts[i] for i in chosen], [batch.labels[i] for i in chosen])
+        targets = (aggregate_probabilities([s[chosen] for s in batch.scores.values()], opts.aggregate, opts.trim)
+                   if opts.targets == "soft" and chosen else None)
+        config = {"round": batch.index}
+        if opts.score_on == "server":
+            model, tok = self.server_slms[node]
+            if chosen:
+                with self.session.phase("server-slm-enhance"):
+                    train_classifier(model, tok, examples.texts, examples.labels if targets is None else targets,
+                                     self.cfg.slm.train_config(opts.enhance_epochs), [opts.synthetic_weight] * len(chosen),
+                                     seed=self.cfg.seed + 1000 * batch.index)
+            content = p.request(config, global_test=self.session.global_test, arrays=ArrayRecord(model.state_dict()))
+        else:
+            config |= {"epochs": opts.enhance_epochs, "synthetic-weight": opts.synthetic_weight,
+                       "with-private": opts.with_private}
+            extra = {"targets": p.probabilities_record(targets)} if targets is not None else {}
+            content = p.request(config, global_test=self.session.global_test, examples=p.examples_record(examples),
+                                **extra)
+        self.push(node, p.ENHANCE, batch.index, content)
+
+    def evaluate_llm(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, eval_set: Examples,
+                     passages: list[str]) -> dict[str, float]:
+        probs = label_probabilities(model, tok, eval_set.texts, self.task.labels, self.task.instruction,
+                                    batch_size=self.cfg.llm.batch_size, max_tokens=self.cfg.llm.max_length,
+                                    progress="crosslm llm eval")
+        return {**classification_metrics(eval_set.labels, probs),
+                "perplexity": perplexity(model, tok, passages, self.opts.ppl_max_tokens, self.cfg.llm.batch_size)}
+
+    # -------------------------------------------------------------- the record
+
+    def silo_metrics(self, node: int) -> dict[str, float]:
+        return self.record.silo_metrics.setdefault(self.session.silo_name(node), {})
+
+    def finish(self, before: dict[str, float], after: dict[str, float]) -> None:
+        record, server = self.record, self.record.server_metrics
+        server.update({f"crosslm.llm-before.{k}": v for k, v in before.items()})
+        server.update({f"crosslm.llm-after.{k}": v for k, v in after.items()})
+        server.update({f"crosslm.{k}": v for k, v in sorted(self.counts.items())})
+        server["crosslm.llm-version"] = self.version
+        server["crosslm.llm-steps"] = len(self.trainer.log)
+        server["crosslm.batches"] = len(self.batches)
+        steps = self.trainer.log
+        for key in ("loss", "quality", "task", "kl", "seconds"):
+            values = [s[key] for s in steps if key in s]
+            if values:
+                server.update({f"crosslm.step-first.{key}": values[0], f"crosslm.step-last.{key}": values[-1],
+                               f"crosslm.step-mean.{key}": float(np.mean(values))})
+        rewards = [batch.rewards(self.opts.aggregate, self.opts.trim) for batch in self.batches if batch.scores]
+        if rewards and (flat := np.concatenate(rewards)).size:
+            server["crosslm.mean-reward"] = float(flat.mean())
+            server["crosslm.positive-reward-share"] = float((flat > 0).mean())
+        record.tokens["prompt"] += self.stats.prompt_tokens
+        record.tokens["generated"] += self.stats.generated_tokens
+        mean_over_silos(record)
+        for split, prefix in (("global-test", ""), ("silo-test", "silo_test_")):
+            for metric in ("accuracy", "macro_f1"):
+                values = [m[f"before.{split}.{metric}"] for m in record.silo_metrics.values()
+                          if f"before.{split}.{metric}" in m]
+                if values:
+                    record.global_metrics[f"before_{prefix}{metric}"] = float(np.mean(values))
+
+
+def _subsample(examples: Examples, k: int, seed: int) -> Examples:
+    """A fixed random subset of ``k`` examples (all when k is 0 or too large), the same before and after."""
+    if k <= 0 or k >= len(examples):
+        return examples
+    idx = sorted(random.Random(seed).sample(range(len(examples)), k))
+    return Examples.of([examples.texts[i] for i in idx], [examples.labels[i] for i in idx])

@@ -1,0 +1,49 @@
+"""CrossLM on Flower's simulation engine through ``flwr run`` (Ray, a local SuperLink), with tiny models.
+
+The crosslm options travel as run config (every ``crosslm.*`` key is declared in pyproject.toml); each silo's SLM
+lives in its node's context state between messages, as in a deployment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from fedbridge import protocol as p
+from fedbridge.results import RunRecord
+from fedbridge.simulations.runner import run_simulation
+
+pytestmark = pytest.mark.slow
+
+OPTIONS = {"crosslm.per-label": 3, "crosslm.max-new-tokens": 12, "crosslm.min-words": 1, "crosslm.min-reward": -1.0,
+           "crosslm.llm-eval-examples": 8, "crosslm.ppl-passages": 2, "crosslm.ppl-max-tokens": 32,
+           "crosslm.diversity": 0.0, "crosslm.lora-max-length": 96, "crosslm.select-max": 6,
+           "crosslm.enhance-epochs": 1}
+
+
+def test_crosslm_on_the_simulation_engine(tmp_path):
+    cfg = tiny_config(tmp_path, method="crosslm", run_name="sim-crosslm")
+    cfg = dataclasses.replace(cfg, method_options=dict(OPTIONS))
+    record = run_simulation(cfg, quiet=True)
+    on_disk = RunRecord.read(tmp_path / "sim-crosslm.json")
+    assert record.status == on_disk.status == "ok" and on_disk.method == "crosslm" and on_disk.failures == []
+    assert on_disk.config["crosslm.per-label"] == 3
+    for silo in ("silo-0", "silo-1"):
+        metrics = on_disk.silo_metrics[silo]
+        # round 2 scored with the SLM the silo kept in its node state since train.private (and enhanced in round 1)
+        for key in ("before.global-test.accuracy", "round-1.global-test.accuracy", "round-2.global-test.accuracy"):
+            assert 0.0 <= metrics[key] <= 1.0
+        assert metrics["train.synthetic"] > 0
+        events = [(e["event"], e["message_type"], e["round"]) for e in on_disk.timelines[silo]]
+        assert ("processed", p.SCORE, 2) in events and ("processed", p.ENHANCE, 2) in events
+    server = on_disk.server_metrics
+    assert server["crosslm.llm-updates"] == 2 and server["crosslm.step-last.kl"] > 0
+    assert 0.0 <= server["crosslm.llm-after.accuracy"] <= 1.0 and server["crosslm.llm-after.perplexity"] > 1
+    steps = Path(on_disk.artifacts["crosslm-steps"]).read_text().splitlines()
+    assert len(steps) == server["crosslm.llm-steps"] and "quality" in json.loads(steps[0])
+    by_type = on_disk.communication["by_message_type"]
+    assert by_type[p.SCORE]["received"] > 0 and by_type[p.ENHANCE]["sent"] > 0 and p.UPLOAD not in by_type
