@@ -8,24 +8,38 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedbridge.models.generation import Prompt, continuation_logprobs, next_token_logprobs
+from fedbridge.models.generation import (
+    Prompt,
+    common_prefix_length,
+    continuation_logprobs,
+    next_token_logprobs,
+    prefix_cached_logprobs,
+    prompt_ids,
+)
 
 
-def classification_prompt(instruction: str, text: str, labels: Sequence[str], max_chars: int = 1500) -> Prompt:
-    """The chat prompt whose answer is one label name."""
+def classification_prompt(instruction: str, text: str, labels: Sequence[str], max_chars: int = 1500,
+                          context: str = "") -> Prompt:
+    """The chat prompt whose answer is one label name. A ``context`` (in-context examples or instructions) goes
+    between the instruction and the text, so that everything before the text is the same for every prompt."""
     body = text if len(text) <= max_chars else text[:max_chars] + " ..."
-    return [{"role": "user", "content": f"{instruction}\n\n{body}\n\nAnswer with one word: {', '.join(labels)}."}]
+    middle = f"{context}\n\nText: {body}" if context else body
+    return [{"role": "user", "content": f"{instruction}\n\n{middle}\n\nAnswer with one word: {', '.join(labels)}."}]
 
 
 def label_probabilities(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                         labels: Sequence[str], instruction: str, batch_size: int = 8, max_tokens: int = 512,
-                        progress: str | None = None) -> np.ndarray:
+                        progress: str | None = None, context: str = "") -> np.ndarray:
     """p(label | prompt) renormalised over the label set, shape (len(texts), len(labels)).
 
     When every label is one distinct token, one forward pass per text scores them all; otherwise each label
-    continuation is scored on its own.
+    continuation is scored on its own. With a ``context`` (few-shot examples or instructions in every prompt),
+    the prompts' common beginning runs once and its KV cache is reused (``prefix_cached_logprobs``).
     """
     ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    if context and texts:
+        return _softmax(_scores_in_context(model, tokenizer, texts, labels, ids, instruction, context, batch_size,
+                                           max_tokens, progress))
     if all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(ids):
         token_ids = [i[0] for i in ids]
         scores = [next_token_logprobs(model, tokenizer, [classification_prompt(instruction, t, labels)
@@ -42,6 +56,41 @@ def label_probabilities(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         logp = continuation_logprobs(model, tokenizer, prompts, conts, batch_size=batch_size, max_tokens=max_tokens)
         scores[start:start + len(chunk)] = np.array([lp for lp, _ in logp]).reshape(len(chunk), len(labels))
     return _softmax(scores)
+
+
+def _scores_in_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                       labels: Sequence[str], label_ids: list[list[int]], instruction: str, context: str,
+                       batch_size: int, max_tokens: int, progress: str | None) -> np.ndarray:
+    """Label log-likelihoods for prompts that share ``context``: per chunk of texts, the chunk's common token prefix
+    runs once and each text (plus each label, for multi-token labels) is scored against its KV cache."""
+    singles = [j for j, i in enumerate(label_ids) if len(i) == 1]
+    multis = [j for j, i in enumerate(label_ids) if len(i) > 1]
+    room = max(len(i) for i in label_ids)
+
+    def score(prefix: list[int], suffixes: list[list[int]]) -> np.ndarray:
+        """One row per text and multi-token label (one per text if none): one-token labels are read where the text
+        ends, multi-token ones are the row's own last tokens."""
+        per = max(1, len(multis))
+        rows = [s + (label_ids[j] if j is not None else []) for s in suffixes for j in (multis or [None])]
+        own, nxt = prefix_cached_logprobs(model, prefix, rows, [label_ids[j][0] for j in singles],
+                                          next_after=[len(s) for s in suffixes for _ in range(per)])
+        out = np.zeros((len(suffixes), len(labels)))
+        for t, s in enumerate(suffixes):
+            out[t, singles] = nxt[t * per]
+            for r, j in enumerate(multis):
+                out[t, j] = own[t * per + r][len(s):].sum()
+        return out
+
+    scores = np.zeros((len(texts), len(labels)))
+    chunk = 8 * batch_size  # the prefix runs once per chunk: negligible against the chunk, and the bar moves
+    for start in tqdm(range(0, len(texts), chunk), desc=progress, disable=progress is None, unit="chunk"):
+        prompts = [classification_prompt(instruction, t, labels, context=context) for t in texts[start:start + chunk]]
+        rows = [prompt_ids(tokenizer, prompt)[-(max_tokens - room):] for prompt in prompts]
+        if k := common_prefix_length(rows):
+            scores[start:start + len(rows)] = score(rows[0][:k], [r[k:] for r in rows])
+        else:  # nothing shared (left truncation moved the rows' starts): each row is its own prefix
+            scores[start:start + len(rows)] = np.concatenate([score(r[:-1], [r[-1:]]) for r in rows])
+    return scores
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from fedbridge.privacy.accounting import (
 )
 from fedbridge.privacy.canaries import (
     Canary,
+    CopyDetector,
     candidate_secrets,
     canary_rank,
     exposure,
@@ -17,6 +18,7 @@ from fedbridge.privacy.canaries import (
     make_canary,
     min_normalized_levenshtein,
     normalized_levenshtein,
+    plant,
     verbatim_copy_rate,
 )
 from fedbridge.privacy.dp_fewshot import (
@@ -32,9 +34,10 @@ from fedbridge.privacy.dp_sgd import DPSGDConfig, TrainReport, dp_sgd_synthesize
 from fedbridge.privacy.synthesis import SynthesisResult, privacy_generator
 
 __all__ = [
-    "Canary", "DPFewShotConfig", "DPSGDConfig", "PrivacyEvent", "PrivacyLedger", "SynthesisResult", "TrainReport",
-    "aggregate_noise_std", "calibrate_noise", "candidate_secrets", "canary_rank", "compute_epsilon",
+    "Canary", "CopyDetector", "DPFewShotConfig", "DPSGDConfig", "PrivacyEvent", "PrivacyLedger", "SynthesisResult",
+    "TrainReport", "aggregate_noise_std", "calibrate_noise", "candidate_secrets", "canary_rank", "compute_epsilon",
     "dp_fewshot_synthesize", "dp_sgd_synthesize", "dp_sgd_train", "exposure", "fewshot_events", "levenshtein",
     "make_canary", "min_normalized_levenshtein", "noise_for_epsilon", "noisy_argmax", "noisy_average",
-    "normalized_levenshtein", "privacy_generator", "sample_synthetic", "sigma_for_epsilon", "verbatim_copy_rate",
+    "normalized_levenshtein", "plant", "privacy_generator", "sample_synthetic", "sigma_for_epsilon",
+    "verbatim_copy_rate",
 ]

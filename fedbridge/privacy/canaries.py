@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.errors import ConfigError
-from fedbridge.models.generation import Prompt, continuation_logprobs
+from fedbridge.models.generation import Prompt, continuation_logprobs, continuation_logprobs_shared
 
 FIRST_NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi",
                "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tamar", "Umar", "Vera",
@@ -73,14 +74,19 @@ def candidate_secrets(canary: Canary, n: int = 999, seed: int = 0) -> list[str]:
 
 
 def canary_rank(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt, canary: Canary,
-                candidates: Sequence[str], batch_size: int = 32) -> int:
+                candidates: Sequence[str], batch_size: int = 32, cache_prompt: bool = False) -> int:
     """How many candidate secrets score strictly higher than the true one (0 = the secret is memorised).
 
     Score: the per-token log-likelihood of the whole canary sentence as a continuation of ``prompt``
     (length-normalised, so secrets of different token lengths compare fairly). Ties count for the canary.
+    ``cache_prompt`` runs the prompt once and reuses its KV cache for all 1,000 sentences (same scores; needs a
+    model with a KV cache): a long student prompt then costs seconds instead of minutes.
     """
     sentences = [canary.text] + [canary.with_secret(s).text for s in candidates]
-    scored = continuation_logprobs(model, tok, [prompt] * len(sentences), sentences, batch_size=batch_size)
+    if cache_prompt:
+        scored = continuation_logprobs_shared(model, tok, prompt, sentences)
+    else:
+        scored = continuation_logprobs(model, tok, [prompt] * len(sentences), sentences, batch_size=batch_size)
     true, *others = [total / n for total, n in scored]
     return sum(score > true for score in others)
 
@@ -161,3 +167,50 @@ def min_normalized_levenshtein(shared: Sequence[str], private: Sequence[str]) ->
                 break
         out.append(best)
     return out
+
+
+def plant(texts: Sequence[str], labels: Sequence[int], canary: Canary, copies: int, label: int,
+          seed: int | str) -> tuple[list[str], list[int]]:
+    """The data with ``copies`` copies of the canary sentence (labelled ``label``) inserted at seeded positions."""
+    rng, texts, labels = random.Random(seed), list(texts), list(labels)
+    for _ in range(copies):
+        at = rng.randrange(len(texts) + 1)
+        texts.insert(at, canary.text)
+        labels.insert(at, label)
+    return texts, labels
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"\w+", text.lower()))
+
+
+class CopyDetector:
+    """Flags text that copies private text: a run of ``ngram`` consecutive words of a private text, or the whole of
+    a shorter one (3+ words; a text of one or two words only when equal). Case and punctuation are ignored.
+
+    The silo's verbatim filter (drop a generation before it leaves) and the audit's n-gram copy rate.
+    """
+
+    def __init__(self, private_texts: Sequence[str], ngram: int = 8) -> None:
+        if ngram < 2:
+            raise ConfigError(f"a copy needs at least 2 words in a row, got ngram={ngram}")
+        self.ngram = ngram
+        self.grams: dict[int, set[tuple[str, ...]]] = {}  # run length -> private runs of that length
+        self.exact: set[tuple[str, ...]] = set()
+        for text in private_texts:
+            words = _words(text)
+            if len(words) >= ngram:
+                self.grams.setdefault(ngram, set()).update(words[i:i + ngram] for i in range(len(words) - ngram + 1))
+            elif len(words) >= 3:
+                self.grams.setdefault(len(words), set()).add(words)
+            elif words:
+                self.exact.add(words)
+
+    def copies(self, text: str) -> bool:
+        words = _words(text)
+        if words in self.exact:
+            return True
+        return any(words[i:i + n] in runs for n, runs in self.grams.items() for i in range(len(words) - n + 1))
+
+    def copy_rate(self, texts: Sequence[str]) -> float:
+        return sum(map(self.copies, texts)) / len(texts) if texts else 0.0

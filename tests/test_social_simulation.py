@@ -1,0 +1,43 @@
+"""Social Learning on Flower's simulation engine through ``flwr run`` (Ray, a local SuperLink), with tiny models.
+
+Every ``social.*`` option travels as run config, so each must be declared in pyproject.toml or Flower refuses it;
+teachers answer ``query.teach``/``query.vote`` from their own SuperNodes, and plant the canary themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+from conftest import tiny_config
+
+from fedbridge import protocol as p
+from fedbridge.results import RunRecord
+from fedbridge.simulations.runner import run_simulation
+
+pytestmark = pytest.mark.slow
+
+OPTIONS = {"social.teacher": "tiny-llama", "social.shots": 2, "social.samples": 4, "social.top-k": 2,
+           "social.max-new-tokens": 8, "social.max-example-chars": 60, "social.num-examples": 3,
+           "social.vote-examples": 2, "social.max-test": 10, "social.max-prompt-tokens": 1000,
+           "social.baselines": "zero-shot,original", "social.canaries": True, "social.canary-candidates": 99}
+
+
+def test_social_on_the_simulation_engine(tmp_path):
+    cfg = tiny_config(tmp_path, method="social", run_name="sim-social")
+    cfg = dataclasses.replace(cfg, method_options=dict(OPTIONS))
+    record = run_simulation(cfg, quiet=True)
+    on_disk = RunRecord.read(tmp_path / "sim-social.json")
+    assert record.status == on_disk.status == "ok" and on_disk.method == "social" and on_disk.failures == []
+    assert on_disk.config["social.samples"] == 4 and on_disk.config["social.canaries"] is True
+    for variant in ("0-shot", "examples:balanced", "examples:voting", "examples:random", "original(non-private)"):
+        assert 0 <= on_disk.server_metrics[f"variant.{variant}.accuracy"] <= 1
+    for silo in ("silo-0", "silo-1"):
+        assert on_disk.silo_metrics[silo]["teach.kept"] == 2 and math.isinf(on_disk.privacy[silo]["epsilon"])
+    assert 0 <= on_disk.server_metrics["canary-rank"] <= 99
+    by_type = on_disk.communication["by_message_type"]
+    assert by_type[p.TEACH]["received"] > 0 and by_type[p.VOTE]["received"] > 0 and by_type[p.SHARE_RAW]["sent"] > 0
+    lines = [json.loads(x) for x in (tmp_path / "sim-social.contributions.jsonl").read_text().splitlines()]
+    assert {x["kind"] for x in lines} == {"social-examples", "raw-examples(non-private)"}
