@@ -76,6 +76,7 @@ class ExperimentConfig:
     timeout: float = 3600.0  # seconds to wait for silo replies in one exchange
     results_dir: str = "results"
     run_name: str = ""
+    resume: bool = False  # continue the run named run-name from its checkpoint, skipping its completed steps
     task: TaskConfig = TaskConfig()
     partition: PartitionConfig = PartitionConfig()
     slm: SLMConfig = SLMConfig()

@@ -193,41 +193,80 @@ class FDKT(Method):
         self.options = from_flat(FDKTConfig, cfg.method_options, "fdkt")  # a bad fdkt.* key fails before any work
 
     def run(self, session: Session) -> None:
-        cfg, record, task = self.options, session.record, session.task
-        record.privacy, demos = {}, {}
-        if math.isinf(cfg.epsilon):
-            record.notes.append("fdkt: fdkt.epsilon=inf, the demonstrations are NOT differentially private")
+        """One FDKT round, checkpointed per silo and step (demonstrations received, augmented set made, SLM trained):
+        a resumed run skips what is done, and never asks a silo for demonstrations it already sent."""
+        cfg, record, ckpt, num_labels = self.options, session.record, session.checkpoint, len(session.task.labels)
+        record.privacy = record.privacy or {}
+        note = "fdkt: fdkt.epsilon=inf, the demonstrations are NOT differentially private"
+        if math.isinf(cfg.epsilon) and note not in record.notes:
+            record.notes.append(note)
         with session.phase("server-llm-load"):
             model, tok = load_llm(self.cfg.llm.model)
-        stats, counts = GenerationStats(), Counter()
+        nodes = {silo: node for node, silo in session.silos.items()}
+        demos = {step.split("/", 1)[1]: ckpt.load_examples(step) for step in ckpt.steps("demonstrations/")}
+        trained = {step.split("/", 1)[1] for step in ckpt.steps("trained/")}
         pending: dict[str, int] = {}
+
+        def send(silos: list[str], augmented: Examples) -> None:
+            request = self._train_request(session, augmented)
+            pending.update(session.push(p.TRAIN_AUGMENTED, {nodes[s]: request for s in silos}, 2))
+
+        def parse(content: RecordDict) -> tuple[Examples, dict, dict]:
+            return p.read_examples(content, p.EXAMPLES, num_labels), p.read_privacy(content), p.read_metrics(content)
+
         with session.phase("silo-synthesize+server-augment"):
-            for node, reply in session.iter_replies(p.SYNTHESIZE, {n: p.request() for n in session.silos}, round_=1):
+            if not cfg.pooled:  # resumed: silos whose demonstrations are here already get their sets first
+                for silo in sorted(demos.keys() & nodes.keys() - trained):
+                    send([silo], self._augmented(session, silo, [silo], demos[silo], model, tok))
+            ask = {node: p.request() for silo, node in nodes.items() if silo not in demos}
+            for node, (examples, privacy, metrics) in session.iter_replies(
+                    p.SYNTHESIZE, ask, round_=1, parse=parse, max_bytes=p.MAX_EXAMPLES_REPLY_BYTES):
                 silo = session.silos[node]
-                demos[node] = p.read_examples(reply, p.EXAMPLES, len(task.labels))
-                record.privacy[silo] = dict(reply[p.PRIVACY])
-                session.save_contribution(node, "dp-demonstrations", 1, demos[node], privacy=record.privacy[silo])
-                record.silo_metrics.setdefault(silo, {}).update(dict(reply[p.METRICS]))
+                demos[silo], record.privacy[silo] = examples, privacy
+                session.save_contribution(node, "dp-demonstrations", 1, examples, privacy=privacy)
+                record.silo_metrics.setdefault(silo, {}).update(metrics)
                 record.tokens["silo-generated"] = (record.tokens.get("silo-generated", 0)
-                                                   + int(reply[p.METRICS].get("synth.tokens-generated", 0)))
+                                                   + int(metrics.get("synth.tokens-generated", 0)))
+                ckpt.save_examples(f"demonstrations/{silo}", examples)
+                ckpt.complete(f"demonstrations/{silo}")
                 if not cfg.pooled:  # per-silo: this silo's set goes back as soon as it is ready
-                    augmented = augment(model, tok, task, demos[node], cfg, self.cfg.seed, stats, counts)
+                    augmented = self._augmented(session, silo, [silo], examples, model, tok)
                     session.event(node, "processed", p.SYNTHESIZE, 1)
-                    pending |= session.push(p.TRAIN_AUGMENTED, {node: self._train_request(session, augmented)}, 2)
+                    send([silo], augmented)
             if cfg.pooled and demos:
-                pooled = Examples.of([t for d in demos.values() for t in d.texts],
-                                     [y for d in demos.values() for y in d.labels])
-                augmented = augment(model, tok, task, pooled, cfg, self.cfg.seed, stats, counts)
-                pending = session.push(p.TRAIN_AUGMENTED, {n: self._train_request(session, augmented)
-                                                           for n in demos}, 2)
+                sources = sorted(demos)
+                pooled = Examples.of([t for s in sources for t in demos[s].texts],
+                                     [y for s in sources for y in demos[s].labels])
+                send(sorted(demos.keys() & nodes.keys() - trained),
+                     self._augmented(session, "pooled", sources, pooled, model, tok))
         with session.phase("silo-train-eval"):
-            replies = {session.silos[n]: r for n, r in session.replies(pending, p.TRAIN_AUGMENTED, 2)}
-        session.record_silo_metrics(replies)
+            for node, reply in session.replies(pending, p.TRAIN_AUGMENTED, 2):
+                silo = session.silos[node]
+                session.record_silo_metrics({silo: reply})
+                ckpt.complete(f"trained/{silo}")
+                trained.add(silo)
+        if not trained:
+            raise RuntimeError("No silo completed FDKT training; every one failed or timed out (see the record's "
+                               "failures).")
         mean_over_silos(record)
+
+    def _augmented(self, session: Session, key: str, sources: list[str], demos: Examples, model: PreTrainedModel,
+                   tok: PreTrainedTokenizerBase) -> Examples:
+        """The augmented set for ``key`` (a silo, or 'pooled') made from the ``sources`` silos' demonstrations:
+        from the checkpoint if a resumed run made it already, else made, counted in the record, and checkpointed."""
+        ckpt, record, step = session.checkpoint, session.record, f"augmented/{key}"
+        done = ckpt.done(step)
+        if done is not None and done["sources"] == sources:
+            return ckpt.load_examples(step)
+        stats, counts = GenerationStats(), Counter()
+        augmented = augment(model, tok, session.task, demos, self.options, self.cfg.seed, stats, counts)
+        for name, value in {**counts, "llm-seconds": stats.seconds}.items():
+            record.server_metrics[f"fdkt.{name}"] = record.server_metrics.get(f"fdkt.{name}", 0) + value
         record.tokens["prompt"] += stats.prompt_tokens
         record.tokens["generated"] += stats.generated_tokens
-        record.server_metrics.update({f"fdkt.{k}": v for k, v in counts.items()})
-        record.server_metrics["fdkt.llm-seconds"] = stats.seconds
+        ckpt.save_examples(step, augmented)
+        ckpt.complete(step, sources=sources)
+        return augmented
 
     def _train_request(self, session: Session, augmented: Examples) -> RecordDict:
         return p.request({"synthetic-weight": self.options.synthetic_weight}, global_test=session.global_test,

@@ -1,15 +1,21 @@
 """Baseline ``fedavg``: identical SLMs averaged with Flower's own FedAvg strategy.
 
 Each round trains ``fedavg.local-epochs`` epochs per silo, so ``rounds`` x ``local-epochs`` epochs in all
-(the default, 3 x 1, equals the ``local`` baseline's 3 epochs of compute).
+(the default, 3 x 1, equals the ``local`` baseline's 3 epochs of compute). Replies are validated before they are
+averaged (a bad one is a failure of its silo, not of the round), and the global weights are checkpointed after
+every round, so a resumed run continues with the next round.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
@@ -55,29 +61,103 @@ class FedAvg(Method):
         self.options = from_flat(FedAvgConfig, cfg.method_options, "fedavg")
 
     def run(self, session: Session) -> None:
-        cfg = self.options
+        cfg, ckpt = self.options, session.checkpoint
         model, _ = load_slm(single_slm_spec(session, self.name), len(session.task.labels), seed=self.cfg.seed)
-        n = len(session.silos)
-        strategy = _RoundTaggedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
+        done = max((int(step.removeprefix("round-")) for step in ckpt.steps("round-")), default=0)
+        arrays = ArrayRecord(ckpt.load_arrays(f"global-round-{done}") if done else model.state_dict())
+        if done < self.cfg.rounds:
+            n = len(session.silos)
+            strategy = _CheckedFedAvg(session, done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
                                       min_available_nodes=n, arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG)
-        with session.phase("federated-training"):
-            result = strategy.start(grid=session.grid, initial_arrays=ArrayRecord(model.state_dict()),
-                                    num_rounds=self.cfg.rounds, timeout=self.cfg.timeout,
-                                    train_config=ConfigRecord({"protocol": p.PROTOCOL_VERSION,
-                                                               "epochs": cfg.local_epochs}))
-        session.record.server_metrics.update(_train_losses(result.train_metrics_clientapp))
-        evaluate_shared_model(session, result.arrays, round_=self.cfg.rounds + 1)
+            with session.phase("federated-training"):
+                arrays = strategy.start(grid=session.grid, initial_arrays=arrays, num_rounds=self.cfg.rounds - done,
+                                        timeout=self.cfg.timeout,
+                                        train_config=ConfigRecord({"protocol": p.PROTOCOL_VERSION,
+                                                                   "epochs": cfg.local_epochs})).arrays
+        evaluate_shared_model(session, arrays, round_=self.cfg.rounds + 1)
 
 
-class _RoundTaggedFedAvg(FlowerFedAvg):
-    """Flower's FedAvg sends with an empty group id; tag each message with its round so bytes meter by round."""
+TRAIN_METRICS = ("num-examples", "train.seconds", "train.examples", "train.loss")  # a FedAvg train reply's metrics
+
+
+class _CheckedFedAvg(FlowerFedAvg):
+    """Flower's FedAvg, hardened for fedbridge:
+    - only the run's silos train (Flower would sample every connected node, also one that failed discovery);
+    - rounds continue after ``rounds_done`` (a resumed run) and tag each message's group id, so bytes meter by round;
+    - each reply is validated (the global model's keys, shapes and dtypes, finite weights, TRAIN_METRICS with at
+      least one example); an invalid, erroring or missing reply is recorded as a failure of that silo, and the
+      round averages the others (Flower's own check would abort the round, and NaN weights would poison it);
+    - after each round: the train loss and the silos averaged go to the record, the global weights to the checkpoint.
+    """
+
+    def __init__(self, session: Session, rounds_done: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.session, self.rounds_done = session, rounds_done
+        self._global: ArrayRecord | None = None
+        self._waiting: set[int] = set()
+        self._sent: list[Message] = []
 
     def configure_train(self, server_round, arrays, config, grid):  # noqa: ANN001, ANN201 - Flower's signature
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        round_ = server_round + self.rounds_done
+        # Flower's sampling waits, without end, for min_available_nodes to be online: a silo whose host died would
+        # hold the run forever. Wait for the silos at most `timeout`, then train those online; the others fail.
+        online = self._online_silos(grid)
+        if not online:
+            raise RuntimeError(f"No silo online for FedAvg round {round_} within {self.session.cfg.timeout:.0f} s.")
+        self.min_available_nodes = self.min_train_nodes = len(online)
+        # Flower samples every connected node; a node that failed discovery is not one of this run's silos
+        messages = [m for m in super().configure_train(round_, arrays, config, grid)
+                    if m.metadata.dst_node_id in self.session.silos]
+        self._global, self._waiting, self._sent = arrays, {m.metadata.dst_node_id for m in messages}, messages
         for msg in messages:
-            msg.metadata.group_id = str(server_round)
+            msg.metadata.group_id = str(round_)
+            self.session.event(msg.metadata.dst_node_id, "sent", p.TRAIN_FEDAVG, round_)
+        for node in sorted(self.session.silos.keys() - self._waiting):
+            self.session.fail(node, p.TRAIN_FEDAVG, round_, "offline when the round started")
         return messages
 
+    def _online_silos(self, grid) -> set[int]:  # noqa: ANN001 - Flower's Grid
+        deadline = time.monotonic() + self.session.cfg.timeout
+        while (online := set(grid.get_node_ids()) & self.session.silos.keys()) != self.session.silos.keys():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        return online
 
-def _train_losses(per_round: dict[int, MetricRecord]) -> dict[str, float]:
-    return {f"round-{r}.train-loss": float(m["train.loss"]) for r, m in per_round.items() if "train.loss" in m}
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        session, round_ = self.session, server_round + self.rounds_done
+        valid: dict[int, RecordDict] = {}
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}  # the grid set the ids
+        for reply in replies:
+            # by the message it answers: the SuperLink's own error replies (node unavailable) come from node 1
+            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            self._waiting.discard(node)
+            size = session.grid.received_bytes.pop(reply.metadata.message_id, None)
+            if reply.has_error():
+                session.fail(node, p.TRAIN_FEDAVG, round_, reply.error.reason)
+                continue
+            try:
+                p.check_size(reply.content, p.MAX_REPLY_BYTES, size)
+                arrays = p.read_arrays(reply.content, p.ARRAYS, like=self._global)
+                metrics = p.read_metrics(reply.content, required=TRAIN_METRICS)
+                p.read_number(metrics, "num-examples", low=1, integer=True)
+            except p.ProtocolError as err:
+                session.fail(node, p.TRAIN_FEDAVG, round_, f"rejected: {err}")
+                continue
+            session.event(node, "received", p.TRAIN_FEDAVG, round_)
+            # only what averaging reads: an extra record or metric from one silo would make Flower abort the round
+            valid[node] = RecordDict({p.ARRAYS: arrays,
+                                      p.METRICS: MetricRecord({k: metrics[k] for k in TRAIN_METRICS})})
+        for node in self._waiting:
+            session.fail(node, p.TRAIN_FEDAVG, round_, f"no reply within {session.cfg.timeout:.0f} s")
+        if not valid:
+            raise RuntimeError(f"No silo completed FedAvg round {round_}; every one failed or timed out (see the "
+                               "record's failures).")
+        arrays = aggregate_arrayrecords(list(valid.values()), self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(list(valid.values()), self.weighted_by_key)
+        session.record.server_metrics.update({f"round-{round_}.train-loss": float(metrics["train.loss"]),
+                                              f"round-{round_}.silos": len(valid)})
+        session.checkpoint.save_arrays(f"global-round-{round_}", arrays)
+        session.checkpoint.complete(f"round-{round_}", silos=sorted(session.silo_name(n) for n in valid))
+        session.checkpoint.delete(f"global-round-{round_ - 1}")
+        return arrays, metrics

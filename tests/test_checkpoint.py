@@ -1,0 +1,305 @@
+"""Checkpoint and resume: a ServerApp that dies mid-run resumes without losing or redoing finished work (FDKT's
+demonstrations and augmented sets, FedAvg's rounds and weights, the run record), and a silo's spent privacy
+budget survives the restart: a resumed run cannot spend it again."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from flwr.app import Message
+from peft import LoraConfig, get_peft_model
+
+import fedbridge.strategies.fdkt as fdkt
+from fedbridge import protocol as p
+from fedbridge.checkpoint import STATE_FILE, Checkpoint, PersistentLedger, checkpoint_dir
+from fedbridge.client_app import app as client_app
+from fedbridge.config import ExperimentConfig
+from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
+from fedbridge.models.loading import tiny_llm
+from fedbridge.privacy import PrivacyEvent, PrivacyLedger
+from fedbridge.results import RunRecord
+from fedbridge.server_app import run_experiment
+from fedbridge.simulations.inprocess import InProcessGrid
+from fedbridge.simulations.runner import prepare
+from fedbridge.tasks import Examples
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NODES = (1000, 1001)
+FAST_FDKT = {"fdkt.generator": "tiny-llama", "fdkt.num-per-label": 2, "fdkt.max-tokens": 6,
+             "fdkt.augment-per-label": 2, "fdkt.min-words": 1, "fdkt.max-new-tokens": 12, "fdkt.noise-seed": 0,
+             "fdkt.llm-filter": False, "fdkt.epsilon": 1.0}
+
+
+class ServerKilled(Exception):
+    """Stands for the ServerApp process dying at this point."""
+
+
+class CrashingGrid(InProcessGrid):
+    """An InProcessGrid whose server dies when it is about to push a matching message or has pulled a matching reply
+    (the silo did the work; the server never saw it)."""
+
+    def __init__(self, *args, die_on_push=None, die_on_reply=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.die_on_push, self.die_on_reply = die_on_push, die_on_reply
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if self.die_on_push and any(self.die_on_push(m) for m in messages):
+            raise ServerKilled("server killed before sending")
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        if self.die_on_reply and any(self.die_on_reply(r) for r in replies):
+            raise ServerKilled("server killed after a reply arrived")
+        return replies
+
+
+def is_(message_type: str, node: int | None = None, round_: str | None = None):
+    def match(msg: Message) -> bool:
+        node_of = msg.metadata.src_node_id if msg.metadata.reply_to_message_id else msg.metadata.dst_node_id
+        return (msg.metadata.message_type == message_type and (node is None or node_of == node)
+                and (round_ is None or msg.metadata.group_id == round_))
+    return match
+
+
+def attempt(tmp_path: Path, name: str, resume: bool = False, **grid_kwargs) -> tuple[RunRecord | None, CrashingGrid]:
+    """One attempt of run ``name`` on silos whose state lives in tmp_path/silos (their own disks, across attempts);
+    each attempt is a new Flower run: fresh node contexts, fresh node ids seen by the server."""
+    method = "fedavg" if name.startswith("fedavg") else "fdkt"
+    options = FAST_FDKT if method == "fdkt" else {"rounds": 3, "task.max-examples": 60}
+    cfg = prepare(tiny_config(tmp_path, method=method, run_name=name, resume=resume, **options))
+    silos = [{"partition-id": i, "num-partitions": 2, "state-dir": str(tmp_path / "silos")} for i in range(2)]
+    grid = CrashingGrid(client_app, cfg.to_run_config(), silos, **grid_kwargs)
+    try:
+        return run_experiment(grid, cfg), grid
+    except ServerKilled:
+        return None, grid
+    finally:
+        grid.close()
+
+
+def sent(grid: InProcessGrid, message_type: str) -> list[tuple[int, str]]:
+    return sorted((m.metadata.dst_node_id, m.metadata.group_id) for m in grid.sent
+                  if m.metadata.message_type == message_type)
+
+
+def without_timings(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if "seconds" not in k}
+
+
+def ledger_file(tmp_path: Path, experiment: str, silo: str) -> Path:
+    return tmp_path / "silos" / experiment / f"{silo}-privacy-ledger.json"
+
+
+# ------------------------------------------------------------------ the Checkpoint itself
+
+
+def run_record(cfg: ExperimentConfig) -> RunRecord:
+    return RunRecord(run_name=cfg.run_name, method=cfg.method, seed=cfg.seed, config=cfg.to_run_config())
+
+
+def test_steps_data_and_the_record_survive_a_restart(tmp_path):
+    cfg = tiny_config(tmp_path, run_name="unit")
+    record = run_record(cfg)
+    ckpt = Checkpoint.for_run(cfg, record)
+    examples = Examples.of(["naïve text", "b"], [2, 0])
+    weights = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.int64)}
+    ckpt.save_examples("demonstrations/silo-0", examples)
+    ckpt.save_arrays("global-round-1", weights)
+    record.failures.append({"silo": "silo-1", "message_type": "x", "round": 1, "reason": "down"})
+    record.server_metrics["fdkt.generated"] = 4
+    ckpt.complete("demonstrations/silo-0", sources=["silo-0"])
+    record.server_metrics["fdkt.generated"] = 99  # after the last step: not part of the checkpoint
+
+    resumed_record = run_record(cfg)
+    resumed = Checkpoint.for_run(tiny_config(tmp_path, run_name="unit", resume=True, timeout=5.0), resumed_record)
+    assert resumed.experiment == ckpt.experiment and resumed.attempt == 2
+    assert resumed.done("demonstrations/silo-0") == {"sources": ["silo-0"]} and resumed.done("trained/silo-0") is None
+    assert list(resumed.steps("demonstrations/")) == ["demonstrations/silo-0"]
+    assert resumed.load_examples("demonstrations/silo-0") == examples
+    assert all(torch.equal(resumed.load_arrays("global-round-1")[k], v) for k, v in weights.items())
+    assert resumed.load_examples("demonstrations/silo-1") is None and resumed.load_arrays("nothing") is None
+    assert resumed_record.failures == record.failures and resumed_record.server_metrics == {"fdkt.generated": 4}
+    assert any("resumed from" in n and "1 completed steps" in n for n in resumed_record.notes)
+    assert 0 < resumed.prior_elapsed < 60
+    resumed.delete("global-round-1")
+    assert resumed.load_arrays("global-round-1") is None
+    resumed.remove()
+    assert not checkpoint_dir(tmp_path, "unit").exists()
+
+
+def test_a_new_run_replaces_an_old_checkpoint_and_resume_checks_the_config(tmp_path):
+    cfg = tiny_config(tmp_path, run_name="again")
+    first = Checkpoint.for_run(cfg, run_record(cfg))
+    first.complete("round-1")
+    with pytest.raises(ConfigError, match=r"differs .* seed: 0 -> 1"):
+        Checkpoint.for_run(tiny_config(tmp_path, run_name="again", seed=1, resume=True), run_record(cfg))
+    record = run_record(cfg)
+    fresh = Checkpoint.for_run(cfg, record)  # resume=false: a new experiment
+    assert fresh.experiment != first.experiment and fresh.steps() == {}
+    assert any("discarded" in n for n in record.notes)
+    with pytest.raises(ConfigError, match="needs the run-name"):
+        Checkpoint.for_run(tiny_config(tmp_path, resume=True), run_record(cfg))
+    never_ran = tiny_config(tmp_path, run_name="never-ran", resume=True)
+    missing = run_record(never_ran)
+    assert Checkpoint.for_run(never_ran, missing).steps() == {}
+    assert any("no checkpoint" in n and "from the beginning" in n for n in missing.notes)
+    (checkpoint_dir(tmp_path, "again") / STATE_FILE).write_text("{half a fi")
+    with pytest.raises(ConfigError, match="unreadable"):
+        Checkpoint.for_run(tiny_config(tmp_path, run_name="again", resume=True), run_record(cfg))
+
+
+def test_names_cannot_leave_the_checkpoint_directory(tmp_path):
+    cfg = tiny_config(tmp_path, run_name="names")
+    ckpt = Checkpoint.for_run(cfg, run_record(cfg))
+    for bad in ("../escape", "/abs", "a//b", ""):
+        with pytest.raises(ValueError, match="checkpoint name"):
+            ckpt.save_examples(bad, Examples.of([], []))
+
+
+def test_adapter_state_round_trips_into_a_fresh_peft_model(tmp_path):
+    def lora_model():
+        model, _ = tiny_llm(seed=0)
+        return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+
+    cfg = tiny_config(tmp_path, run_name="adapter")
+    ckpt = Checkpoint.for_run(cfg, run_record(cfg))
+    tuned = lora_model()
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.5)  # lora_B starts at zero: make the adapter do something
+    ckpt.save_adapter("llm-adapter", tuned)
+    fresh = lora_model()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert not torch.allclose(fresh(input_ids=ids).logits, tuned(input_ids=ids).logits)
+    assert ckpt.load_adapter("llm-adapter", fresh) is True
+    assert torch.allclose(fresh(input_ids=ids).logits, tuned(input_ids=ids).logits)
+    assert ckpt.load_adapter("no-such-adapter", fresh) is False
+    saved = ckpt.load_arrays("llm-adapter")
+    assert saved and all("lora_" in k for k in saved)  # the adapter only, not the frozen base
+
+
+# ------------------------------------------------------------------ the silo's persistent ledger
+
+
+def test_persistent_ledger_keeps_every_charge_and_its_budget(tmp_path):
+    path = tmp_path / "exp" / "silo-0-privacy-ledger.json"
+    event = PrivacyEvent(noise_multiplier=2.0, sample_rate=0.05, steps=100, mechanism="dp-fewshot")  # eps 1.2
+    ledger = PersistentLedger.open(path, 2.0, 1e-5)
+    assert path.exists() and PrivacyLedger.from_dict(json.loads(path.read_text())).events == ()
+    spent = ledger.charge(event)
+    assert PrivacyLedger.from_dict(json.loads(path.read_text())).events == (event,)  # written at the charge
+    again = PersistentLedger.open(path, 100.0, 1e-3)  # a restarted run asking for more cannot get it
+    assert again.epsilon_budget == 2.0 and again.delta == 1e-5 and again.spent() == pytest.approx(spent)
+    before = path.read_text()
+    with pytest.raises(PrivacyBudgetExceeded):
+        again.charge(PrivacyEvent(0.5, 0.5, 1000, "dp-fewshot"))
+    assert path.read_text() == before
+
+
+# ------------------------------------------------------------------ FDKT: kill the server, resume
+
+
+@pytest.fixture(scope="module")
+def fdkt_uninterrupted(tmp_path_factory) -> RunRecord:
+    record, _ = attempt(tmp_path_factory.mktemp("reference"), "fdkt-resume")
+    assert record.status == "ok" and record.failures == []
+    return record
+
+
+def test_fdkt_resumes_without_asking_or_augmenting_again(tmp_path, monkeypatch, fdkt_uninterrupted):
+    # attempt 1 dies when it is about to send silo 1 its augmented set: both silos' demonstrations and augmented
+    # sets are checkpointed, no silo has trained yet
+    first, _ = attempt(tmp_path, "fdkt-resume", die_on_push=is_(p.TRAIN_AUGMENTED, NODES[1]))
+    assert first is None
+    failed = RunRecord.read(tmp_path / "fdkt-resume.json")
+    assert failed.status == "failed" and "ServerKilled" in failed.error
+    assert any("resume=true run-name=fdkt-resume" in n for n in failed.notes)
+    directory = checkpoint_dir(tmp_path, "fdkt-resume")
+    state = json.loads((directory / STATE_FILE).read_text())
+    assert sorted(state["steps"]) == ["augmented/silo-0", "augmented/silo-1", "demonstrations/silo-0",
+                                      "demonstrations/silo-1"]
+    made = {s: json.loads((directory / "augmented" / f"{s}.examples.json").read_text()) for s in ("silo-0", "silo-1")}
+    ledgers = {s: ledger_file(tmp_path, state["experiment"], s).read_text() for s in ("silo-0", "silo-1")}
+
+    augmented = []
+    monkeypatch.setattr(fdkt, "augment", lambda *args, **kwargs: augmented.append(1))
+    resumed, grid = attempt(tmp_path, "fdkt-resume", resume=True)
+    assert resumed.status == "ok" and resumed.failures == [] and augmented == []
+    assert sent(grid, p.SYNTHESIZE) == [] and sent(grid, p.TRAIN_AUGMENTED) == [(NODES[0], "2"), (NODES[1], "2")]
+    requests = {m.metadata.dst_node_id: m for m in grid.sent if m.metadata.message_type == p.TRAIN_AUGMENTED}
+    for node, silo in zip(NODES, ("silo-0", "silo-1")):  # each silo trains on exactly the set attempt 1 made
+        assert dict(requests[node].content[p.EXAMPLES]) == made[silo]
+        assert resumed.silo_metrics[silo]["train.synthetic"] == len(made[silo]["texts"])
+    assert {s: ledger_file(tmp_path, state["experiment"], s).read_text() for s in ledgers} == ledgers  # no new spend
+    # what attempt 1 measured is carried over, not measured again; and the record is as complete as an
+    # uninterrupted run's
+    snapshot, reference = state["record"], fdkt_uninterrupted
+    assert resumed.privacy == snapshot["privacy"] == reference.privacy  # the DP noise has a fixed seed here
+    assert resumed.tokens == snapshot["tokens"]
+    assert without_timings(resumed.server_metrics) == without_timings(snapshot["server_metrics"])
+    assert set(resumed.server_metrics) == set(reference.server_metrics)
+    assert {s: set(m) for s, m in resumed.silo_metrics.items()} == {
+        s: set(m) for s, m in reference.silo_metrics.items()}
+    assert set(resumed.global_metrics) == set(reference.global_metrics)
+    assert any("resumed from" in n for n in resumed.notes)
+    assert not directory.exists()  # done: the record is the result
+    contributions = (tmp_path / "fdkt-resume.contributions.jsonl").read_text().splitlines()
+    assert len(contributions) == 2  # each silo's demonstrations were received once
+
+
+def test_a_resumed_run_cannot_spend_a_silos_budget_again(tmp_path, fdkt_uninterrupted):
+    # attempt 1 dies right after silo 1 released its demonstrations: silo 1 has spent its budget, the server
+    # never saw the release
+    first, _ = attempt(tmp_path, "fdkt-resume", die_on_reply=is_(p.SYNTHESIZE, NODES[1]))
+    assert first is None
+    state = json.loads((checkpoint_dir(tmp_path, "fdkt-resume") / STATE_FILE).read_text())
+    assert "demonstrations/silo-0" in state["steps"] and "demonstrations/silo-1" not in state["steps"]
+    path = ledger_file(tmp_path, state["experiment"], "silo-1")
+    spent_before = PrivacyLedger.from_dict(json.loads(path.read_text()))
+    assert spent_before.spent() == pytest.approx(1.0, abs=0.011)
+    on_disk = path.read_text()
+
+    resumed, grid = attempt(tmp_path, "fdkt-resume", resume=True)  # a new Flower run: fresh node state
+    assert resumed.status == "ok"
+    assert sent(grid, p.SYNTHESIZE) == [(NODES[1], "1")]  # silo 0's demonstrations came from the checkpoint
+    [failure] = resumed.failures
+    assert failure["silo"] == "silo-1" and "PrivacyBudgetExceeded" in failure["reason"]
+    assert "privacy budget spent" in failure["reason"] and "of 1" in failure["reason"]
+    assert path.read_text() == on_disk  # refused: nothing charged, nothing released
+    assert set(resumed.privacy) == {"silo-0"} and "train.synthetic" not in resumed.silo_metrics.get("silo-1", {})
+    assert resumed.privacy["silo-0"] == fdkt_uninterrupted.privacy["silo-0"]
+    assert set(resumed.silo_metrics["silo-0"]) == set(fdkt_uninterrupted.silo_metrics["silo-0"])
+
+
+# ------------------------------------------------------------------ FedAvg: kill the server in round 3, resume
+
+
+def test_fedavg_resumes_at_the_round_it_lost(tmp_path):
+    reference, _ = attempt(tmp_path / "reference", "fedavg-resume")
+    first, _ = attempt(tmp_path, "fedavg-resume", die_on_push=is_(p.TRAIN_FEDAVG, round_="3"))
+    assert first is None
+    state = json.loads((checkpoint_dir(tmp_path, "fedavg-resume") / STATE_FILE).read_text())
+    assert list(state["steps"]) == ["round-1", "round-2"]
+    files = sorted(f.name for f in checkpoint_dir(tmp_path, "fedavg-resume").iterdir())
+    assert files == ["global-round-2.safetensors", STATE_FILE]  # only the latest weights are kept
+
+    resumed, grid = attempt(tmp_path, "fedavg-resume", resume=True)
+    assert resumed.status == "ok" and resumed.failures == []
+    assert sent(grid, p.TRAIN_FEDAVG) == [(NODES[0], "3"), (NODES[1], "3")]  # rounds 1-2 are not redone
+    losses = {k: v for k, v in resumed.server_metrics.items() if k.startswith("round-")}
+    assert losses == {k: v for k, v in reference.server_metrics.items() if k.startswith("round-")}
+    assert set(losses) == {f"round-{r}.{m}" for r in (1, 2, 3) for m in ("train-loss", "silos")}
+    assert resumed.global_metrics == reference.global_metrics
+    by_round = resumed.communication["by_round"]
+    assert set(by_round) == {"0", "1", "2", "3", "4"}  # both attempts' traffic, by round
+    times = [e["t"] for e in resumed.timelines["silo-0"]]
+    assert times == sorted(times)  # the timeline goes on where the first attempt's stopped
+    assert not math.isnan(resumed.wall_seconds) and resumed.wall_seconds > 0
