@@ -72,16 +72,25 @@ def _toml_value(value: bool | int | float | str) -> str:
 
 def run_simulation(cfg: ExperimentConfig, cpus_per_silo: int = 1, quiet: bool = False) -> RunRecord:
     """``flwr run <app> local --stream`` with one SuperNode per silo; raises ``RunFailed`` unless the record is ok."""
+    return run_flwr(cfg, "local", ["--federation-config", f"num-supernodes={cfg.partition.num_silos} "
+                                   f"client-resources-num-cpus={cpus_per_silo} client-resources-num-gpus=0"],
+                    quiet=quiet)
+
+
+def run_flwr(cfg: ExperimentConfig, connection: str, extra_args: list[str] | None = None,
+             env: dict[str, str] | None = None, quiet: bool = False) -> RunRecord:
+    """``flwr run <app> <connection> --stream`` with ``cfg`` as the run config, on the simulation engine or a
+    deployed SuperLink (``env`` may set ``FLWR_HOME``, where ``flwr`` finds its connections); raises ``RunFailed``
+    unless the record the ServerApp wrote is ok. A deployed ServerApp writes its record on the SuperLink's host:
+    this check needs ``results-dir`` to be readable from here."""
     cfg = prepare(cfg)
     record_path = Path(cfg.results_dir) / f"{cfg.run_name}.json"
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write("".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in cfg.to_run_config().items()))
-    cmd = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir()), "local", "--stream",
-           "--run-config", f.name, "--federation-config",
-           f"num-supernodes={cfg.partition.num_silos} client-resources-num-cpus={cpus_per_silo} "
-           "client-resources-num-gpus=0"]
+    cmd = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir()), connection, "--stream",
+           "--run-config", f.name, *(extra_args or [])]
     try:
-        returncode, output = _stream(cmd, quiet)
+        returncode, output = _stream(cmd, quiet, env or flwr_env(), connection)
     finally:
         os.unlink(f.name)
     if not record_path.exists():
@@ -101,10 +110,10 @@ def flwr_env() -> dict[str, str]:
     return {**os.environ, **FLWR_ENV, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
 
 
-def _stream(cmd: list[str], quiet: bool) -> tuple[int, str]:
+def _stream(cmd: list[str], quiet: bool, env: dict[str, str], connection: str) -> tuple[int, str]:
     """Run ``flwr run``, echoing its log; if we are interrupted, stop the Flower run too (it would go on)."""
     lines, run_id = [], None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flwr_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         for line in proc.stdout:
             lines.append(line)
@@ -116,7 +125,7 @@ def _stream(cmd: list[str], quiet: bool) -> tuple[int, str]:
     except BaseException:
         proc.kill()
         if run_id:
-            subprocess.run([cmd[0], "stop", run_id], env=flwr_env(), check=False,
+            subprocess.run([cmd[0], "stop", run_id, connection], env=env, check=False,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         raise
 
