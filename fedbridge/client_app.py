@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedbridge import protocol as p
 from fedbridge.faults import fault_mod
-from fedbridge.silo import Silo
+from fedbridge.silo import KEPT_SLM, Silo
+from fedbridge.strategies.social import lesson_records
 
 app = ClientApp(mods=[fault_mod])
 
@@ -26,9 +30,11 @@ def info(msg: Message, context: Context) -> Message:
 def _train_fresh_and_evaluate(msg: Message, context: Context, with_examples: bool) -> Message:
     silo, config = _silo(msg, context)
     extra = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels)) if with_examples else None
+    weight = p.read_number(config, "synthetic-weight", 1.0, low=0.0)
+    global_test = p.read_global_test(msg.content, len(silo.labels))  # a malformed request fails before training
     model, tok = silo.new_slm()
-    stats = silo.train_slm(model, tok, extra=extra, extra_weight=float(config.get("synthetic-weight", 1.0)))
-    metrics = silo.evaluate_slm(model, tok, p.read_global_test(msg.content, len(silo.labels)))
+    stats = silo.train_slm(model, tok, extra=extra, extra_weight=weight)
+    metrics = silo.evaluate_slm(model, tok, global_test)
     return Message(p.metrics_reply({**metrics, **silo.info(), "train.seconds": stats.seconds,
                                     "train.examples": stats.examples, "train.synthetic": len(extra or ())}),
                    reply_to=msg)
@@ -49,8 +55,8 @@ def train_augmented(msg: Message, context: Context) -> Message:
 @app.query("synthesize")
 def synthesize(msg: Message, context: Context) -> Message:
     """FDKT: write DP synthetic demonstrations; only they and their privacy cost leave the silo."""
-    silo, _ = _silo(msg, context)
-    examples, privacy, metrics = silo.synthesize(context.state)
+    silo, config = _silo(msg, context)
+    examples, privacy, metrics = silo.synthesize(context.state, experiment=p.read_experiment(config))
     return Message(p.metrics_reply(metrics, examples=p.examples_record(examples), privacy=ConfigRecord(privacy)),
                    reply_to=msg)
 
@@ -59,8 +65,9 @@ def synthesize(msg: Message, context: Context) -> Message:
 def train_fedavg(msg: Message, context: Context) -> Message:
     """One FedAvg round: start from the server's weights, train locally, send weights back."""
     silo, config = _silo(msg, context)
-    model, tok = silo.slm_from_arrays(msg.content[p.ARRAYS])
-    stats = silo.train_slm(model, tok, epochs=int(config.get("epochs", silo.cfg.slm.epochs)))
+    epochs = p.read_number(config, "epochs", silo.cfg.slm.epochs, low=0, high=1000, integer=True)
+    model, tok = silo.slm_from_arrays(p.read_arrays(msg.content))
+    stats = silo.train_slm(model, tok, epochs=epochs)
     reply = p.metrics_reply({"num-examples": len(silo.data.train), "train.seconds": stats.seconds,
                              "train.examples": stats.examples, "train.loss": stats.final_loss},
                             arrays=ArrayRecord(model.state_dict()))
@@ -71,8 +78,9 @@ def train_fedavg(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the server's SLM weights on the silo's test split (and the global test set, if sent)."""
     silo, _ = _silo(msg, context)
-    model, tok = silo.slm_from_arrays(msg.content[p.ARRAYS])
-    metrics = silo.evaluate_slm(model, tok, p.read_global_test(msg.content, len(silo.labels)))
+    global_test = p.read_global_test(msg.content, len(silo.labels))
+    model, tok = silo.slm_from_arrays(p.read_arrays(msg.content))
+    metrics = silo.evaluate_slm(model, tok, global_test)
     return Message(p.metrics_reply({**metrics, "num-examples": len(silo.data.test), **silo.info()}), reply_to=msg)
 
 
@@ -80,3 +88,85 @@ def evaluate(msg: Message, context: Context) -> Message:
 def evaluate_llm(msg: Message, context: Context) -> Message:
     silo, _ = _silo(msg, context)
     return Message(p.metrics_reply({**silo.evaluate_llm(), **silo.info()}), reply_to=msg)
+
+
+@app.train("private")
+def train_private(msg: Message, context: Context) -> Message:
+    """CrossLM: train a fresh SLM on private data and keep it in the node state for scoring and enhancement."""
+    silo, _ = _silo(msg, context)
+    metrics = silo.train_private(context.state, p.read_global_test(msg.content, len(silo.labels)))
+    return Message(p.metrics_reply(metrics), reply_to=msg)
+
+
+@app.query("score")
+def score(msg: Message, context: Context) -> Message:
+    """CrossLM: the kept SLM's class probabilities of the server's examples; only these probabilities leave."""
+    silo, _ = _silo(msg, context)
+    examples = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
+    t0 = time.perf_counter()
+    probs = silo.score(context.state, examples.texts)
+    agreement = float((probs.argmax(axis=1) == np.array(examples.labels)).mean()) if len(examples) else 0.0
+    metrics = {"score.examples": len(examples), "score.seconds": time.perf_counter() - t0, "score.agreement": agreement}
+    return Message(p.metrics_reply(metrics, scores=p.probabilities_record(probs)), reply_to=msg)
+
+
+@app.query("upload")
+def upload(msg: Message, context: Context) -> Message:
+    """CrossLM with score-on=server (opt-in, weaker privacy): the kept SLM's weights and spec go to the server."""
+    silo, _ = _silo(msg, context)
+    model, _ = silo.kept_slm(context.state)
+    return Message(p.metrics_reply(silo.info(), arrays=ArrayRecord(model.state_dict()),
+                                   slm=ConfigRecord({"spec": silo.cfg.slm.spec_for(silo.index)})), reply_to=msg)
+
+
+@app.train("enhance")
+def enhance(msg: Message, context: Context) -> Message:
+    """CrossLM: fine-tune the kept SLM on the server's selected examples, or keep the weights the server enhanced."""
+    silo, config = _silo(msg, context)
+    global_test = p.read_global_test(msg.content, len(silo.labels))
+    if p.ARRAYS in msg.content:
+        arrays = p.read_arrays(msg.content, like=context.state.get(KEPT_SLM))
+        return Message(p.metrics_reply(silo.install_slm(context.state, arrays, global_test)), reply_to=msg)
+    examples = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
+    targets = (p.read_probabilities(msg.content, p.TARGETS, len(examples), len(silo.labels))
+               if p.TARGETS in msg.content else None)
+    metrics = silo.enhance(context.state, examples, targets,
+                           epochs=int(p.read_number(config, "epochs", 1, low=0, high=100, integer=True)),
+                           weight=float(p.read_number(config, "synthetic-weight", 1.0, low=0.0)),
+                           with_private=config.get("with-private", False) is True, global_test=global_test,
+                           round_=int(p.read_number(config, "round", 0, low=0, integer=True)))
+    return Message(p.metrics_reply(metrics), reply_to=msg)
+
+
+@app.query("teach")
+def teach(msg: Message, context: Context) -> Message:
+    """Social Learning: the silo as a teacher writes synthetic examples or instructions from its private data; only
+    they, how they were made and their privacy cost leave the silo."""
+    silo, config = _silo(msg, context)
+    lesson = silo.teach(p.read_mode(config), context.state, experiment=p.read_experiment(config))
+    return Message(p.metrics_reply(lesson.metrics, **lesson_records(lesson)), reply_to=msg)
+
+
+@app.query("vote")
+def vote(msg: Message, context: Context) -> Message:
+    """Social Learning: score the server's candidates against this teacher's held-out examples; only scores leave."""
+    silo, config = _silo(msg, context)
+    mode = p.read_mode(config)
+    if mode == "examples":
+        candidates = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
+        texts, labels = list(candidates.texts), list(candidates.labels)
+    else:
+        texts, labels = p.read_texts(msg.content, p.INSTRUCTIONS), None
+    t0 = time.perf_counter()
+    scores = silo.vote(mode, texts, labels)
+    return Message(p.metrics_reply({"vote.candidates": len(texts), "vote.seconds": time.perf_counter() - t0},
+                                   votes=ConfigRecord({"scores": scores})), reply_to=msg)
+
+
+@app.query("share_raw")
+def share_raw(msg: Message, context: Context) -> Message:
+    """Social Learning's NON-PRIVATE upper bound only: n raw training examples (refused unless the run asks for it)."""
+    silo, config = _silo(msg, context)
+    raw, privacy = silo.share_raw(int(p.read_number(config, "n", low=1, high=p.MAX_EXAMPLES, integer=True)))
+    return Message(p.metrics_reply({"share.examples": len(raw)}, examples=p.examples_record(raw),
+                                   privacy=ConfigRecord(privacy)), reply_to=msg)

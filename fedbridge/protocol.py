@@ -11,6 +11,22 @@ Message types (Flower ``<category>.<action>``), request -> reply:
 ``evaluate.llm``   config                                    -> metrics: silo-test.*  (the public LLM on the silo's test split)
 ``query.synthesize`` config                                  -> examples (DP synthetic), privacy, metrics: synth.*  (FDKT)
 ``train.augmented``  config (synthetic-weight), examples, global-test -> metrics: silo-test.*, global-test.*, train.*
+``train.private``  config, global-test                       -> metrics: silo-test.*, global-test.*, train.*  (CrossLM:
+                   train a fresh SLM on the private split and keep it in the node state for the messages below)
+``query.score``    config, examples (texts, intended labels) -> scores, metrics: score.*  (CrossLM: the kept SLM's class
+                   probabilities of the server's examples; no weights leave the silo)
+``query.upload``   config                                    -> arrays (the kept SLM), slm, metrics  (CrossLM
+                   ``score-on=server`` only: opt-in, weaker privacy)
+``train.enhance``  config (epochs, synthetic-weight, with-private), examples [+ targets], global-test
+                   -> metrics: silo-test.*, global-test.*, train.*  (CrossLM: fine-tune the kept SLM on selected
+                   examples, hard labels or soft ``targets``); or arrays (weights the server enhanced), global-test
+                   -> metrics: silo-test.*, global-test.*  (the silo keeps them)
+``query.teach``    config (mode: examples | instructions)     -> examples (synthetic) or instructions, provenance,
+                   privacy, metrics: teach.*  (Social Learning: the silo as a teacher; nothing else leaves it)
+``query.vote``     config (mode), examples or instructions (the candidates) -> votes, metrics: vote.*  (Social
+                   Learning: the teacher's score of every candidate against its held-out examples)
+``query.share_raw`` config (n)                               -> examples (n RAW private examples), privacy, metrics
+                   (Social Learning's NON-PRIVATE upper bound only; never part of a private method)
 
 Records:
   ``config``       ConfigRecord: protocol (str), round (int), and per-type options (e.g. epochs)
@@ -20,13 +36,31 @@ Records:
   ``examples``     ConfigRecord: texts (list[str]), labels (list[int]) — synthetic/augmented labelled examples
   ``privacy``      ConfigRecord: mechanism (str), epsilon, epsilon-total, delta, budget, noise-multiplier (float),
                    steps (int) — the cost of what a silo released (epsilon inf = non-private)
+  ``scores``, ``targets``  ConfigRecord: probs (list[float], row-major n x num-labels), num-labels (int) — class
+                   probabilities (a silo's SLM on the server's examples; soft labels for distillation)
+  ``slm``          ConfigRecord: spec (str) — the SLM spec uploaded weights belong to (``query.upload``)
+  ``instructions`` ConfigRecord: texts (list[str]) — unlabelled texts: a teacher's task instructions
+  ``provenance``   ConfigRecord: how a teacher made its contribution (mode, teacher model, shots, samples, top-k,
+                   temperature, conditioning, verbatim-filter, perplexities (list[float]) ...); informational
+  ``votes``        ConfigRecord: scores (list[float]) — one length-normalised log-likelihood per candidate
+  ``config["experiment"]``  the server's experiment id (stable across a resumed run): a silo keys its persistent
+                   state (the privacy ledger) on it, so a restarted server cannot spend the same budget twice
+
+Validation: whatever arrives is read through a ``read_*`` function below before use. Each returns a valid value or
+raises ``ProtocolError`` naming what is wrong — never another exception, never a half-valid value (the fuzz tests
+hold them to that). The server turns a reply that fails them into a recorded failure of that silo
+(``Session.replies(parse=...)``); a silo turns a request that fails them into an error reply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedbridge.errors import FedbridgeError
 from fedbridge.tasks.task import Examples
@@ -43,7 +77,23 @@ TRAIN_AUGMENTED = "train.augmented"
 
 CONFIG, GLOBAL_TEST, ARRAYS, METRICS = "config", "global-test", "arrays", "metrics"
 EXAMPLES, PRIVACY = "examples", "privacy"
+TRAIN_PRIVATE = "train.private"  # CrossLM (fedbridge.strategies.crosslm)
+SCORE = "query.score"
+UPLOAD = "query.upload"
+ENHANCE = "train.enhance"
+SCORES, TARGETS, SLM = "scores", "targets", "slm"
+TEACH = "query.teach"  # Social Learning (fedbridge.strategies.social)
+VOTE = "query.vote"
+SHARE_RAW = "query.share_raw"
+INSTRUCTIONS, PROVENANCE, VOTES = "instructions", "provenance", "votes"
+SOCIAL_MODES = ("examples", "instructions")
 MAX_EXAMPLES = 100_000  # a larger examples record is refused: a broken or hostile peer, not a real set
+MAX_TEXT_CHARS = 100_000  # one longer text is refused: a whole book, not an example
+MAX_REPLY_BYTES = 1 << 30  # default cap on one reply's serialised size (Session.replies); methods pass tighter ones
+MAX_EXAMPLES_REPLY_BYTES = 64 << 20  # cap for replies that carry examples but no weights
+EXPERIMENT = "experiment"
+_EXPERIMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # it names a directory on the silo: no '/', no '..'
+UNIT_METRICS = ("accuracy", "macro_f1")  # a metric named <split>.<one of these> must lie in [0, 1]
 
 
 class ProtocolError(FedbridgeError):
@@ -87,6 +137,8 @@ def read_examples(content: RecordDict, key: str, num_labels: int) -> Examples:
     if not all(isinstance(t, str) for t in texts) or not all(isinstance(y, int) and not isinstance(y, bool)
                                                              and 0 <= y < num_labels for y in labels):
         raise ProtocolError(f"Malformed '{key}' record: texts must be strings and labels ints in 0..{num_labels - 1}.")
+    if any(len(t) > MAX_TEXT_CHARS for t in texts):
+        raise ProtocolError(f"'{key}' record has a text of more than {MAX_TEXT_CHARS} characters.")
     return Examples.of(texts, labels)
 
 
@@ -109,3 +161,226 @@ def payload_bytes(content: RecordDict) -> int:
         total += len(obj.deflate())
         stack.extend((obj.children or {}).values())
     return total
+
+
+# ------------------------------------------------------------------ validators (see the module docstring)
+
+def check_size(content: RecordDict, max_bytes: int, size: int | None = None) -> int:
+    """The message's serialised size (``size`` if the caller measured it already); ProtocolError over ``max_bytes``."""
+    size = payload_bytes(content) if size is None else size
+    if size > max_bytes:
+        raise ProtocolError(f"Message is {_bytes(size)}, over the {_bytes(max_bytes)} limit for this message type.")
+    return size
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _number(value: Any, what: str, low: float = -math.inf, high: float = math.inf, integer: bool = False,
+            allow_inf: bool = False) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{what} must be a number, not {type(value).__name__}.")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise ProtocolError(f"{what} is too large.") from None
+    if math.isnan(as_float) or (math.isinf(as_float) and not allow_inf):
+        raise ProtocolError(f"{what} must be finite, got {value}.")
+    if integer and not as_float.is_integer():
+        raise ProtocolError(f"{what} must be a whole number, got {value}.")
+    if not low <= as_float <= high:
+        raise ProtocolError(f"{what} = {value} is outside [{low:g}, {high:g}].")
+    return int(value) if integer else as_float
+
+
+def read_number(record: Mapping[str, Any], key: str, default: float | None = None, *, low: float = -math.inf,
+                high: float = math.inf, integer: bool = False) -> float | int:
+    """A finite number ``record[key]`` in [low, high] (an int if ``integer``); ``default`` when absent (None:
+    the key is required). For the options a request carries, e.g. epochs or a loss weight."""
+    if key not in record:
+        if default is None:
+            raise ProtocolError(f"Record has no '{key}'.")
+        return default
+    return _number(record[key], f"'{key}'", low, high, integer)
+
+
+def read_floats(content: RecordDict, key: str, field: str, length: int | None = None, *, low: float = -math.inf,
+                high: float = math.inf) -> list[float]:
+    """The list ``content[key][field]`` of finite numbers in [low, high] (e.g. a silo's scores in [0, 1] of the
+    server's examples), of exactly ``length`` items if given."""
+    record = content.get(key)
+    if not isinstance(record, (ConfigRecord, MetricRecord)) or field not in record:
+        raise ProtocolError(f"Message has no '{key}' record with '{field}'.")
+    values = record[field]
+    if not isinstance(values, list):
+        raise ProtocolError(f"'{key}.{field}' must be a list of numbers.")
+    if length is not None and len(values) != length:
+        raise ProtocolError(f"'{key}.{field}' has {len(values)} values; {length} were asked for.")
+    return [float(_number(v, f"'{key}.{field}' item", low, high)) for v in values]
+
+
+def read_metrics(content: RecordDict, required: Iterable[str] = ()) -> dict[str, float | int | list]:
+    """A reply's metrics: every value a finite number (or a list of them), every score ``<split>.accuracy`` /
+    ``<split>.macro_f1`` in [0, 1], every count (``num-*``, ``<split>.n``) >= 0, and the ``required`` keys there.
+    NaN passes only as the score of an empty split (``<split>.n == 0``), which has none."""
+    record = content.get(METRICS)
+    if not isinstance(record, MetricRecord):
+        raise ProtocolError(f"Reply has no '{METRICS}' record.")
+    missing = [k for k in required if k not in record]
+    if missing:
+        raise ProtocolError(f"'{METRICS}' record lacks {', '.join(missing)}.")
+    out: dict[str, float | int | list] = {}
+    for key, value in record.items():
+        split, _, name = key.rpartition(".")
+        if (name in UNIT_METRICS and isinstance(value, float) and math.isnan(value)
+                and record.get(f"{split}.n") == 0):
+            out[key] = value
+            continue
+        low = 0.0 if name in UNIT_METRICS or name == "n" or key.startswith("num-") else -math.inf
+        high = 1.0 if name in UNIT_METRICS else math.inf
+        what = f"metric '{key}'"
+        out[key] = ([_number(v, what, low, high, integer=isinstance(v, int)) for v in value]
+                    if isinstance(value, list) else _number(value, what, low, high, integer=isinstance(value, int)))
+    return out
+
+
+def read_reply(content: RecordDict) -> RecordDict:
+    """The default reply check (``Session.replies``): a valid metrics record; returns the reply itself."""
+    read_metrics(content)
+    return content
+
+
+def read_info(content: RecordDict) -> dict[str, float | int | list]:
+    """A ``query.info`` reply: its metrics, with whole non-negative partition-id, num-train and num-test."""
+    metrics = read_metrics(content, required=("partition-id", "num-train", "num-test"))
+    for key in ("partition-id", "num-train", "num-test"):
+        read_number(metrics, key, low=0, integer=True)
+    return metrics
+
+
+PRIVACY_FIELDS = ("mechanism", "epsilon", "epsilon-total", "delta", "budget", "noise-multiplier", "steps", "private")
+
+
+def read_privacy(content: RecordDict) -> dict[str, Any]:
+    """A silo's report of what its release cost (the documented fields only): ε's >= 0 (inf = non-private),
+    this release within the silo's total, the total within the budget, δ in [0, 1), σ >= 0, whole steps, and
+    ``private`` true exactly when ε is finite."""
+    record = content.get(PRIVACY)
+    if not isinstance(record, ConfigRecord):
+        raise ProtocolError(f"Reply has no '{PRIVACY}' record.")
+    missing = [k for k in PRIVACY_FIELDS if k not in record]
+    if missing:
+        raise ProtocolError(f"'{PRIVACY}' record lacks {', '.join(missing)}.")
+    mechanism, private = record["mechanism"], record["private"]
+    if not isinstance(mechanism, str) or not 0 < len(mechanism) <= 100:
+        raise ProtocolError("privacy 'mechanism' must be a name of 1-100 characters.")
+    epsilon = _number(record["epsilon"], "privacy 'epsilon'", low=0.0, allow_inf=True)
+    total = _number(record["epsilon-total"], "privacy 'epsilon-total'", low=0.0, allow_inf=True)
+    budget = _number(record["budget"], "privacy 'budget'", low=0.0, allow_inf=True)
+    out = {"mechanism": mechanism, "epsilon": epsilon, "epsilon-total": total,
+           "delta": _number(record["delta"], "privacy 'delta'", low=0.0, high=1.0), "budget": budget,
+           "noise-multiplier": _number(record["noise-multiplier"], "privacy 'noise-multiplier'", low=0.0),
+           "steps": _number(record["steps"], "privacy 'steps'", low=0, integer=True), "private": private}
+    if out["delta"] >= 1.0 or budget <= 0.0:
+        raise ProtocolError("privacy 'delta' must be below 1 and 'budget' above 0.")
+    if not isinstance(private, bool) or private != math.isfinite(epsilon):
+        raise ProtocolError("privacy 'private' must be true exactly when 'epsilon' is finite.")
+    if epsilon > total * (1 + 1e-9) or total > budget * (1 + 1e-9):
+        raise ProtocolError(f"privacy report is inconsistent: epsilon {epsilon:g}, total {total:g}, "
+                            f"budget {budget:g} (each must be at most the next).")
+    return out
+
+
+def read_arrays(content: RecordDict, key: str = ARRAYS, like: ArrayRecord | None = None) -> ArrayRecord:
+    """Model weights: an ArrayRecord of numeric arrays with no NaN or infinity; given ``like`` (e.g. the global
+    model), exactly its keys, shapes and dtypes."""
+    record = content.get(key)
+    if not isinstance(record, ArrayRecord):
+        raise ProtocolError(f"Message has no '{key}' ArrayRecord.")
+    if like is not None and set(record) != set(like):
+        missing, extra = sorted(set(like) - set(record)), sorted(set(record) - set(like))
+        raise ProtocolError(f"'{key}' does not match the model: {len(missing)} arrays missing {missing[:3]}, "
+                            f"{len(extra)} unexpected {extra[:3]}.")
+    for name, array in record.items():
+        try:
+            values = array.numpy()
+        except Exception as err:  # noqa: BLE001 - whatever the bytes hold, they are not an array
+            raise ProtocolError(f"'{key}' array '{name}' cannot be decoded ({type(err).__name__}).") from None
+        if values.dtype.kind not in "biuf":
+            raise ProtocolError(f"'{key}' array '{name}' has dtype {values.dtype}; weights are numbers.")
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ProtocolError(f"'{key}' array '{name}' holds NaN or infinite values.")
+        expected = like[name] if like is not None else None
+        if expected is not None and (values.shape != tuple(expected.shape) or str(values.dtype) != expected.dtype):
+            raise ProtocolError(f"'{key}' array '{name}' is {values.dtype}{list(values.shape)}; the model's is "
+                                f"{expected.dtype}{list(expected.shape)}.")
+    return record
+
+
+def read_experiment(config: Mapping[str, Any]) -> str:
+    """The experiment id a request carries ('' when the server sent none); it names a directory on the silo."""
+    value = config.get(EXPERIMENT, "")
+    if value == "":
+        return ""
+    if not isinstance(value, str) or not _EXPERIMENT_ID.fullmatch(value):
+        raise ProtocolError(f"config '{EXPERIMENT}' must be 1-64 letters, digits, '-' or '_', got {value!r:.80}.")
+    return value
+
+
+def probabilities_record(probs: np.ndarray) -> ConfigRecord:
+    """Class probabilities (n, num_labels) as a ``scores``/``targets`` record."""
+    probs = np.asarray(probs, dtype=float)
+    return ConfigRecord({"probs": [float(v) for v in probs.reshape(-1)], "num-labels": int(probs.shape[1])})
+
+
+def read_probabilities(content: RecordDict, key: str, n: int, num_labels: int) -> np.ndarray:
+    """Class probabilities (n, num_labels) from a ``scores``/``targets`` record: values in [0, 1], rows summing to 1."""
+    record = content.get(key)
+    if not isinstance(record, ConfigRecord) or record.get("num-labels") != num_labels:
+        raise ProtocolError(f"Message has no '{key}' record of probabilities over {num_labels} labels.")
+    probs = np.array(read_floats(content, key, "probs", n * num_labels, low=0.0, high=1.0)).reshape(n, num_labels)
+    if n and not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise ProtocolError(f"'{key}' rows must each sum to 1 (class probabilities).")
+    return probs
+
+
+# ------------------------------------------------------------------ Social Learning
+
+
+def texts_record(texts: Iterable[str]) -> ConfigRecord:
+    return ConfigRecord({"texts": list(texts)})
+
+
+def read_texts(content: RecordDict, key: str) -> list[str]:
+    """Unlabelled texts (e.g. instructions): a list of at most MAX_EXAMPLES strings of at most MAX_TEXT_CHARS."""
+    record = content.get(key)
+    if not isinstance(record, ConfigRecord) or "texts" not in record:
+        raise ProtocolError(f"Message has no '{key}' record with 'texts'.")
+    texts = record["texts"]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ProtocolError(f"Malformed '{key}' record: texts must be a list of strings.")
+    if len(texts) > MAX_EXAMPLES or any(len(t) > MAX_TEXT_CHARS for t in texts):
+        raise ProtocolError(f"'{key}' record is too large: at most {MAX_EXAMPLES} texts of {MAX_TEXT_CHARS} "
+                            "characters.")
+    return texts
+
+
+def read_mode(config: Mapping[str, Any]) -> str:
+    """A Social Learning request's ``mode``."""
+    mode = config.get("mode")
+    if mode not in SOCIAL_MODES:
+        raise ProtocolError(f"config 'mode' must be one of {', '.join(SOCIAL_MODES)}, got {mode!r:.40}.")
+    return mode
+
+
+def read_provenance(content: RecordDict) -> dict[str, Any]:
+    """How a teacher made its contribution: a flat record of names, numbers, flags and lists of numbers (kept for
+    the audit, never acted on)."""
+    record = content.get(PROVENANCE)
+    if not isinstance(record, ConfigRecord) or len(record) > 64:
+        raise ProtocolError(f"Reply has no '{PROVENANCE}' record of at most 64 fields.")
+    for key, value in record.items():
+        if isinstance(value, str) and len(value) > 1000 or isinstance(value, list) and len(value) > MAX_EXAMPLES:
+            raise ProtocolError(f"'{PROVENANCE}' field '{key}' is too long.")
+    return dict(record)

@@ -90,6 +90,11 @@ class RunRecord:
         return cls(**data)
 
 
+def contributions_path(results_dir: str | Path, run_name: str) -> Path:
+    """Where a run keeps what silos sent (one JSON line each), beside its record; ``fedbridge audit`` reads it."""
+    return Path(results_dir) / f"{run_name}.contributions.jsonl"
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()

@@ -3,6 +3,8 @@
 Where the data comes from:
   simulation  ``node_config["partition-id"]`` selects one partition of the configured task;
   deployment  ``node_config["data-path"]`` (plus optional ``text-column``/``label-column``) is the silo's own file.
+State that must outlive a run (the privacy ledger of each experiment) lives in ``node_config["state-dir"]``
+(default ``~/.cache/fedbridge/silo-state``), on the silo's own disk.
 """
 
 from __future__ import annotations
@@ -11,21 +13,39 @@ import dataclasses
 import functools
 import json
 import math
+import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR, PersistentLedger
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
 from fedbridge.models.loading import load_llm, load_slm
 from fedbridge.models.llm_classifier import label_probabilities
 from fedbridge.models.slm import TrainStats, predict_proba, train_classifier
 from fedbridge.privacy import DPFewShotConfig, DPSGDConfig, PrivacyLedger, dp_fewshot_synthesize, dp_sgd_synthesize
+from fedbridge.privacy.audit import plant_canaries
+from fedbridge.privacy.canaries import CopyDetector
 from fedbridge.privacy.dp_fewshot import sigma_for_epsilon
+from fedbridge.protocol import ProtocolError
 from fedbridge.strategies.fdkt import FDKTConfig
+from fedbridge.strategies.social import (
+    NON_PRIVATE,
+    Lesson,
+    SocialConfig,
+    public_top_k,
+    social_options,
+    vote_scores,
+    write_examples,
+    write_instruction,
+)
 from fedbridge.tasks import Examples, SiloData, classification_metrics, load_federation, load_task, silo_from_file
+from fedbridge.tasks.task import BUILTIN_TASKS
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,7 @@ class Silo:
     cfg: ExperimentConfig
     labels: tuple[str, ...]
     data: SiloData
+    state_dir: Path = DEFAULT_SILO_STATE_DIR  # node config 'state-dir': state that outlives a run (privacy ledgers)
 
     @property
     def name(self) -> str:
@@ -89,16 +110,21 @@ class Silo:
 
     # ------------------------------------------------------------ FDKT contribution
 
-    def ledger(self, state: RecordDict, budget: float, delta: float) -> PrivacyLedger:
-        """The silo's privacy ledger, kept in the node's Flower state so spending persists across messages."""
+    def ledger(self, state: RecordDict, budget: float, delta: float, experiment: str = "") -> PrivacyLedger:
+        """The silo's privacy ledger. Under the server's experiment id (which a resumed run keeps) it is a file in
+        ``state_dir``, rewritten after every charge, so no restart of this process, the Flower run or the server
+        forgets spending; without one, it lives in the node's Flower state (one Flower run)."""
+        if experiment:
+            path = self.state_dir / experiment / f"{self.name}-privacy-ledger.json"
+            return PersistentLedger.open(path, budget, delta)
         if LEDGER in state:
             return PrivacyLedger.from_dict(json.loads(state[LEDGER]["state"]))
         return PrivacyLedger(budget, delta)
 
-    def synthesize(self, state: RecordDict) -> tuple[Examples, dict, dict[str, float]]:
+    def synthesize(self, state: RecordDict, experiment: str = "") -> tuple[Examples, dict, dict[str, float]]:
         """DP synthetic demonstrations of the private training split: (examples, privacy cost, metrics)."""
         cfg = from_flat(FDKTConfig, self.cfg.method_options, "fdkt")
-        ledger = self.ledger(state, cfg.epsilon, cfg.delta)
+        ledger = self.ledger(state, cfg.epsilon, cfg.delta, experiment)
         noise_seed = None if cfg.noise_seed < 0 else cfg.noise_seed + self.index
         # noise calibration stops up to 0.01 below its target, so a release leaves such a crumb unspent; at the
         # usual delta no mechanism reaches an epsilon that small, so asking for it failed as 'out of reach'
@@ -136,11 +162,145 @@ class Silo:
                    **{f"synth.tokens-{k}": v for k, v in result.tokens.items()}}
         return Examples.of([t for t, _ in result.examples], [y for _, y in result.examples]), privacy, metrics
 
+    # ------------------------------------------------------------ CrossLM: one SLM kept across messages
+
+    def kept_slm(self, state: RecordDict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The SLM this silo trained (and enhanced) earlier in the run, from the node's Flower state."""
+        if KEPT_SLM not in state:
+            raise ProtocolError(f"{self.name} has no trained SLM yet: the server must send train.private first.")
+        return self.slm_from_arrays(state[KEPT_SLM])
+
+    def keep_slm(self, state: RecordDict, model: PreTrainedModel) -> None:
+        state[KEPT_SLM] = ArrayRecord(model.state_dict())
+
+    def train_private(self, state: RecordDict, global_test: Examples | None) -> dict[str, float]:
+        """Train a fresh SLM on the private split, keep it for later messages, and evaluate it."""
+        model, tok = self.new_slm()
+        stats = self.train_slm(model, tok)
+        self.keep_slm(state, model)
+        return {**self.evaluate_slm(model, tok, global_test), **self.info(), "train.seconds": stats.seconds,
+                "train.examples": stats.examples}
+
+    def score(self, state: RecordDict, texts: tuple[str, ...]) -> np.ndarray:
+        """The kept SLM's class probabilities of the server's texts, shape (len(texts), num_labels)."""
+        model, tok = self.kept_slm(state)
+        return predict_proba(model, tok, texts, max_length=self.cfg.slm.max_length)
+
+    def enhance(self, state: RecordDict, examples: Examples, targets: np.ndarray | None, epochs: int, weight: float,
+                with_private: bool, global_test: Examples | None, round_: int = 0) -> dict[str, float]:
+        """Fine-tune the kept SLM on the server's selected examples (hard labels, or soft ``targets`` to distil),
+        optionally with the private split again, keep it, and evaluate it."""
+        model, tok = self.kept_slm(state)
+        texts, weights = list(examples.texts), [weight] * len(examples)
+        hard = list(examples.labels)
+        soft = None if targets is None else list(targets)
+        if with_private:
+            texts, weights = list(self.data.train.texts) + texts, [1.0] * len(self.data.train) + weights
+            hard = list(self.data.train.labels) + hard
+            if soft is not None:
+                soft = list(np.eye(len(self.labels))[list(self.data.train.labels)]) + soft
+        seen = 0
+        if texts:
+            stats = train_classifier(model, tok, texts, hard if soft is None else np.array(soft),
+                                     self.cfg.slm.train_config(epochs), weights,
+                                     seed=self.cfg.seed + self.index + 1000 * round_, progress=f"{self.name} enhance")
+            seen = stats.examples
+            self.keep_slm(state, model)
+        return {**self.evaluate_slm(model, tok, global_test), **self.info(), "train.examples": seen,
+                "train.synthetic": len(examples)}
+
+    def install_slm(self, state: RecordDict, arrays: ArrayRecord, global_test: Examples | None) -> dict[str, float]:
+        """Keep SLM weights the server enhanced (score-on=server), and evaluate them."""
+        model, tok = self.slm_from_arrays(arrays)
+        self.keep_slm(state, model)
+        return {**self.evaluate_slm(model, tok, global_test), **self.info()}
+
+    # ------------------------------------------------------------ Social Learning: the silo as a teacher
+
+    def teach(self, mode: str, state: RecordDict, experiment: str = "") -> Lesson:
+        """Synthetic examples or instructions written by the teacher LM from the private training split; copies of
+        private text are filtered out unless ``social.verbatim-filter=false`` (``fedbridge.strategies.social``)."""
+        cfg = from_flat(SocialConfig, self.cfg.method_options, "social")
+        seed = self.cfg.seed * 1000 + self.index
+        if cfg.dp == "dp-fewshot":
+            return self._teach_dp(cfg, state, experiment)
+        detector = (CopyDetector([*self.data.train.texts, *self.data.test.texts], cfg.verbatim_ngram)
+                    if cfg.verbatim_filter else None)
+        model, tok = load_llm(cfg.teacher)
+        if mode == "instructions":
+            description = load_task(self.cfg.task, self.cfg.seed).description
+            return write_instruction(model, tok, description, self.labels, self.data.train, cfg, seed, detector)
+        return write_examples(model, tok, self.labels, self.data.train, cfg, seed, detector)
+
+    def _teach_dp(self, cfg: SocialConfig, state: RecordDict, experiment: str) -> Lesson:
+        """Examples by DP few-shot generation (charged to this silo's ledger), then the top-k by perplexity given the
+        data-free prompt (post-processing). No verbatim filter: reading private data to filter would not be."""
+        ledger = self.ledger(state, cfg.epsilon, cfg.delta, experiment)
+        if ledger.remaining() <= MIN_RELEASE_EPSILON:
+            raise PrivacyBudgetExceeded(f"{self.name}: privacy budget spent (epsilon {ledger.spent():.4g} of "
+                                        f"{ledger.epsilon_budget:g}, delta {ledger.delta:g}); this silo releases "
+                                        "nothing more in this run. Start a new run or raise social.epsilon.")
+        texts, labels = list(self.data.train.texts), list(self.data.train.labels)
+        model, tok = load_llm(cfg.teacher)
+        mech = DPFewShotConfig(num_groups=cfg.dp_groups, shots_per_group=cfg.dp_shots_per_group,
+                               max_tokens=cfg.max_new_tokens, public_top_k=cfg.dp_public_top_k,
+                               num_per_label=math.ceil(cfg.samples / len(self.labels)),
+                               noise_seed=None if cfg.noise_seed < 0 else cfg.noise_seed + self.index,
+                               max_text_chars=cfg.max_example_chars, sigma=0.0)
+        try:
+            sigma = sigma_for_epsilon(min(cfg.epsilon, ledger.remaining()), ledger.delta, labels, len(self.labels),
+                                      mech)
+            result = dp_fewshot_synthesize(model, tok, texts, labels, self.labels,
+                                           dataclasses.replace(mech, sigma=sigma), ledger)
+        finally:  # whatever was charged stays charged, also when generation fails half-way
+            if not experiment:
+                state[LEDGER] = ConfigRecord({"state": json.dumps(ledger.to_dict())})
+        kept, ppl = public_top_k(model, tok, self.labels, result.examples, cfg.top_k)
+        privacy = {"mechanism": result.mechanism, "epsilon": result.epsilon, "epsilon-total": result.epsilon_total,
+                   "delta": result.delta, "budget": ledger.epsilon_budget, "noise-multiplier": result.noise_multiplier,
+                   "steps": result.steps, "private": math.isfinite(result.epsilon)}
+        provenance = {"mode": "examples", "teacher": cfg.teacher, "dp": cfg.dp, "dp-groups": cfg.dp_groups,
+                      "dp-shots-per-group": cfg.dp_shots_per_group, "samples": len(result.examples),
+                      "top-k": cfg.top_k, "conditioning": "label", "selection": "lowest perplexity given the "
+                      "data-free prompt", "verbatim-filter": False, "perplexities": ppl}
+        metrics = {"teach.generated": len(result.examples), "teach.kept": len(kept),
+                   "teach.seconds": sum(result.seconds.values()),
+                   "teach.tokens-generated": result.tokens.get("generated", 0)}
+        return Lesson([result.examples[i][0] for i in kept], [result.examples[i][1] for i in kept], provenance,
+                      privacy, metrics)
+
+    def vote(self, mode: str, texts: list[str], labels: list[int] | None) -> list[float]:
+        """The teacher's length-normalised log-likelihood of each candidate against its held-out examples (a seeded
+        sample of its test split, which no teaching prompt ever showed)."""
+        cfg = from_flat(SocialConfig, self.cfg.method_options, "social")
+        if not len(self.data.test):
+            raise ConfigError(f"{self.name} has no held-out (test) examples to vote with; raise "
+                              "task.silo-test-fraction or drop the voting aggregators.")
+        rng = random.Random(f"vote/{self.cfg.seed}/{self.index}")  # a stream of its own, not the teaching draws
+        held = rng.sample(range(len(self.data.test)), min(cfg.vote_examples, len(self.data.test)))
+        model, tok = load_llm(cfg.teacher)
+        return vote_scores(model, tok, self.labels, Examples.of([self.data.test.texts[i] for i in held],
+                                                                [self.data.test.labels[i] for i in held]),
+                           mode, texts, labels, cfg.max_example_chars)
+
+    def share_raw(self, n: int) -> tuple[Examples, dict]:
+        """Social Learning's NON-PRIVATE upper bound: n raw training examples. Refused unless the run asks for the
+        'original' baseline (social.baselines), so no other configuration can make a silo send raw data."""
+        cfg = from_flat(SocialConfig, self.cfg.method_options, "social")
+        if "original" not in cfg.baseline_names:
+            raise ConfigError(f"{self.name} refuses to share raw examples: the run did not ask for the non-private "
+                              "'original' baseline (social.baselines).")
+        rng = random.Random(f"share-raw/{self.cfg.seed}/{self.index}")
+        picked = rng.sample(range(len(self.data.train)), min(n, len(self.data.train)))
+        raw = Examples.of([self.data.train.texts[i] for i in picked], [self.data.train.labels[i] for i in picked])
+        return raw, {**NON_PRIVATE, "mechanism": "raw (non-private)"}
+
     def info(self) -> dict[str, int]:
         return {"partition-id": self.index, "num-train": len(self.data.train), "num-test": len(self.data.test)}
 
 
 LEDGER = "fdkt-privacy-ledger"
+KEPT_SLM = "crosslm-slm"  # CrossLM: the silo's SLM, kept in the node state between messages
 MIN_RELEASE_EPSILON = 0.01  # a remainder this small counts as spent: see Silo.synthesize
 
 
@@ -152,15 +312,19 @@ def _silo(run_items: tuple, node_items: tuple) -> Silo:
         raise ConfigError("This SuperNode has no 'partition-id' in its node config. Start it with "
                           "--node-config \"partition-id=<k> ...\" (and data-path=<file> for its own data).")
     index = int(node["partition-id"])
-    task = load_task(cfg.task, cfg.seed)
+    if "data-path" in node and cfg.task.labels and cfg.task.name not in BUILTIN_TASKS:
+        labels = cfg.task.labels  # what the server's task file or dataset resolves to; the silo need not have it
+    else:
+        labels = load_task(cfg.task, cfg.seed).labels
     if "data-path" in node:
         file_cfg = dataclasses.replace(cfg.task, text_column=str(node.get("text-column", cfg.task.text_column)),
                                        label_column=str(node.get("label-column", cfg.task.label_column)))
-        data = silo_from_file(file_cfg, str(node["data-path"]), task.labels, cfg.seed + index)
+        data = silo_from_file(file_cfg, str(node["data-path"]), labels, cfg.seed + index)
     else:
         federation = load_federation(cfg.task, cfg.partition, cfg.seed)
         if not 0 <= index < len(federation.silos):
             raise ConfigError(f"partition-id {index} is outside 0..{len(federation.silos) - 1} "
                               f"(partition.num-silos={cfg.partition.num_silos}). Match num-supernodes to it.")
         data = federation.silos[index]
-    return Silo(index, cfg, task.labels, data)
+    data = plant_canaries(data, social_options(cfg).canary_setup, cfg.seed, index)  # social.canaries: to measure leaks
+    return Silo(index, cfg, labels, data, Path(str(node.get("state-dir", DEFAULT_SILO_STATE_DIR))).expanduser())

@@ -60,6 +60,17 @@ def toy_csv(tmp_path: Path) -> Path:
     return path
 
 
+def wire_strings(content) -> list[str]:
+    """Every string a message's RecordDict carries: record keys, values, list items (to inspect the wire)."""
+    out = []
+    for key, record in content.items():
+        out.append(key)
+        for k, v in record.items():
+            out.append(k)
+            out += [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads spin (20x slower)."""

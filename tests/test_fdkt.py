@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, wire_strings
 from flwr.app import ArrayRecord, Message, RecordDict
 
 import fedbridge.silo as silo_module
@@ -45,23 +45,16 @@ FAST = {"fdkt.generator": "tiny-llama", "fdkt.num-per-label": 2, "fdkt.max-token
         "fdkt.min-words": 1, "fdkt.max-new-tokens": 12, "fdkt.sgd-epochs": 1, "fdkt.noise-seed": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads spin (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RecordingGrid(InProcessGrid):
-    """An InProcessGrid that also keeps every reply, and times pushes and replies (perf_counter)."""
+    """An InProcessGrid that also times pushes (perf_counter) and can act on each push."""
 
     def __init__(self, *args, on_push=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.on_push = on_push
         self.pushed: list[tuple[float, str, int]] = []  # (time, message type, destination node)
-        self.replies: list[tuple[float, Message, Message]] = []  # (time the handler finished, request, reply)
 
     def push_messages(self, messages):
         messages = list(messages)
@@ -71,19 +64,6 @@ class RecordingGrid(InProcessGrid):
             if self.on_push:
                 self.on_push(msg)
         return ids
-
-    def _handle(self, msg: Message) -> Message:
-        reply = super()._handle(msg)
-        with self._lock:
-            self.replies.append((time.perf_counter(), msg, reply))
-        return reply
-
-    def sent_of(self, message_type: str) -> dict[int, Message]:
-        return {m.metadata.dst_node_id: m for m in self.sent if m.metadata.message_type == message_type}
-
-    def replies_of(self, message_type: str) -> dict[int, Message]:
-        return {req.metadata.dst_node_id: rep for _, req, rep in self.replies
-                if req.metadata.message_type == message_type}
 
 
 def start_fdkt(tmp_path, name: str, workers: int = 1, before_handle=None, on_push=None,
@@ -101,17 +81,6 @@ def start_fdkt(tmp_path, name: str, workers: int = 1, before_handle=None, on_pus
 
 def private_texts(grid: InProcessGrid, node: int) -> tuple[str, ...]:
     return Silo.from_context(grid.contexts[node]).data.train.texts
-
-
-def all_strings(content: RecordDict) -> list[str]:
-    """Every string a message carries: record keys, values, list items."""
-    out = []
-    for key, record in content.items():
-        out.append(key)
-        for k, v in record.items():
-            out.append(k)
-            out += [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
-    return out
 
 
 # ------------------------------------------------------------------ server text utilities
@@ -260,7 +229,7 @@ def test_synthesize_replies_carry_only_dp_examples_and_no_private_text(dp_run):
         assert all(k.startswith("synth.") for k in content[p.METRICS])  # no silo-local diagnostics
         assert not any(word in key for key in content[p.METRICS] for word in ("private", "loss", "train-tokens"))
         private = private_texts(grid, node)
-        strings = all_strings(content)
+        strings = wire_strings(content)
         assert verbatim_copy_rate(strings, private) == 0.0
         assert not set(map(str.strip, content[p.EXAMPLES]["texts"])) & set(map(str.strip, private))
         # and the server forwarded nothing private to any silo either
@@ -331,7 +300,7 @@ def test_per_silo_sets_go_back_as_soon_as_they_are_ready(tmp_path):
     assert record.status == "ok" and record.failures == []
     assert released.is_set()
     pushed_at = {(kind, node): t for t, kind, node in grid.pushed}
-    replied_at = {(req.metadata.message_type, req.metadata.dst_node_id): t for t, req, _ in grid.replies}
+    replied_at = {(req.metadata.message_type, req.metadata.dst_node_id): t for t, req, _ in grid.replied}
     assert pushed_at[(p.TRAIN_AUGMENTED, NODES[1])] < replied_at[(p.SYNTHESIZE, NODES[0])]
     order = [(m.metadata.message_type, m.metadata.dst_node_id) for m in grid.sent]
     assert order.index((p.TRAIN_AUGMENTED, NODES[1])) < order.index((p.TRAIN_AUGMENTED, NODES[0]))

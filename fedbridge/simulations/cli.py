@@ -153,6 +153,86 @@ def _numeric(values: list) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
+@cli.command()
+def audit(path: Annotated[Path, typer.Argument(help="a run record (.json), or a directory of them (e.g. OUT/runs)")],
+          model: Annotated[str | None, typer.Option(help="LLM that ranks the canary (default: each run's llm.model)")]
+          = None,
+          private: Annotated[list[str] | None, typer.Option(
+              help="silo-k=PATH (repeatable): audit that silo against its own data file, as a deployed silo does "
+                   "on its own host; default: the simulation partitions rebuilt from the run's config")] = None,
+          ngram: Annotated[int, typer.Option(help="words in a row that count as a copy")] = 8,
+          rank: Annotated[bool, typer.Option(help="rank planted canaries (loads the LLM)")] = True,
+          out: Annotated[Path | None, typer.Option(help="where audit.json and audit.md go (default: PATH's audit/)")]
+          = None) -> None:
+    """Audit what left the silos in finished runs: verbatim and n-gram copies of private text, edit distance to it,
+    and planted canaries' rank and exposure (FDKT, Social Learning, any method that saves its contributions)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedbridge.privacy.audit import audit_run, record_paths, tables, write_report
+
+    files = dict(pair.split("=", 1) for pair in private or [] if "=" in pair)
+    if len(files) != len(private or []):
+        raise FedbridgeError("--private expects silo-k=PATH, e.g. --private silo-0=/data/silo0.csv.")
+    audits = [audit_run(p, model, files or None, ngram, rank) for p in record_paths(path)]
+    console = Console()
+    for title, header, rows in tables(audits):
+        tab = Table(title=title, title_justify="left")
+        for i, h in enumerate(header):
+            tab.add_column(h, justify="left" if i < 2 else "right")
+        for cells in rows:
+            tab.add_row(*cells)
+        console.print(tab)
+    report = write_report(audits, out or (path if path.is_dir() else path.parent) / "audit")
+    typer.echo(f"audit: {report} and {report.with_suffix('.json')}")
+
+
+deploy_cli = typer.Typer(no_args_is_help=True, help="Run on a real Flower deployment: one SuperLink, one SuperNode "
+                                                    "per silo, TLS and SuperNode authentication (docs/deployment.md).")
+cli.add_typer(deploy_cli, name="deploy")
+
+
+@deploy_cli.command("run")
+def deploy_run(connection: Annotated[str, typer.Argument(help="a SuperLink connection in $FLWR_HOME/config.toml")],
+               method: str = "local", task: str = "drug-reviews", seed: int = 0,
+               results_dir: Annotated[Path, typer.Option(help="where the ServerApp writes the record: on the "
+                                                              "SuperLink's host")] = Path("results"),
+               set_: SetOpt = None) -> None:
+    """Run one experiment on a deployed federation (flwr run <app> CONNECTION --stream) and check its record.
+    Run it on the SuperLink's host, or with results-dir on a filesystem both hosts share."""
+    from fedbridge.simulations.compare import group, print_table
+    from fedbridge.simulations.runner import run_flwr
+
+    cfg = build_config({"method": method, "task.name": task, "seed": seed, "results-dir": str(results_dir),
+                        **parse_sets(set_)})
+    record = run_flwr(cfg, connection)
+    print_table(group([record]), title=record.run_name)
+    typer.echo(f"record: {record.path(results_dir)}")
+
+
+@deploy_cli.command("loopback")
+def deploy_loopback(
+        data: Annotated[list[Path] | None, typer.Option(help="one silo's data file (repeatable); its SuperNode "
+                                                             "alone reads it")] = None,
+        text_column: str = "", label_column: str = "",
+        silos: Annotated[int, typer.Option(help="without --data: SuperNodes on the task's partitions")] = 2,
+        method: str = "local", task: str = "drug-reviews", seed: int = 0, results_dir: Path = Path("results"),
+        workdir: Annotated[Path | None, typer.Option(help="certificates, keys, logs and Flower homes (default: a "
+                                                          "temporary dir, removed afterwards)")] = None,
+        set_: SetOpt = None) -> None:
+    """Bring up a whole deployment on this machine (private CA, TLS, registered SuperNodes, one process per silo),
+    run one experiment on it, and stop every process again."""
+    from fedbridge.deploy import partition_node_configs, run_loopback, silo_node_configs
+    from fedbridge.simulations.compare import group, print_table
+
+    nodes = silo_node_configs(data, text_column, label_column) if data else partition_node_configs(silos)
+    cfg = build_config({"method": method, "task.name": task, "seed": seed, "results-dir": str(results_dir),
+                        "partition.num-silos": len(nodes), **parse_sets(set_)})
+    record = run_loopback(cfg, nodes, workdir)
+    print_table(group([record]), title=record.run_name)
+    typer.echo(f"record: {record.path(results_dir)}")
+
+
 @cli.command("list")
 def list_() -> None:
     """The available methods, tasks, models, partitionings and engines."""

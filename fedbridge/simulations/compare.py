@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ METRICS = (  # (record path, column title)
     ("global_metrics.silo_test_accuracy", "silo-test acc"),
     ("global_metrics.silo_test_macro_f1", "silo-test F1"),
 )
+CANARY_RANK, CANARY_EXPOSURE = "server_metrics.canary-rank", "server_metrics.canary-exposure"
+VARIANT_PREFIX = "variant."  # server_metrics["variant.<name>.<metric>"]: one run, several evaluated variants
 
 
 @dataclass
@@ -65,9 +68,29 @@ class Row:
         return float(np.mean([r.tokens.get("generated", 0) + r.tokens.get("silo-generated", 0) for r in self.records]))
 
 
+def variant_records(record: RunRecord) -> list[RunRecord]:
+    """One record per variant a run evaluated (e.g. Social Learning's aggregators and baselines on the same teacher
+    contributions), named '<method> <variant>', with that variant's metrics, canary figures and ε; a run without
+    variants is itself."""
+    metrics: dict[str, dict[str, float]] = {}
+    for key, value in record.server_metrics.items():
+        if key.startswith(VARIANT_PREFIX):
+            name, _, metric = key[len(VARIANT_PREFIX):].rpartition(".")
+            metrics.setdefault(name, {})[metric] = value
+    out = []
+    for name, values in metrics.items():
+        epsilon = values.pop("epsilon", math.nan)
+        out.append(dataclasses.replace(
+            record, method=f"{record.method} {name}",
+            global_metrics={k: v for k, v in values.items() if k in ("accuracy", "macro_f1", "n")},
+            server_metrics={k: v for k, v in values.items() if k.startswith("canary-")},
+            privacy=None if math.isnan(epsilon) else {"shared": {"epsilon": epsilon}}))
+    return out or [record]
+
+
 def group(records: Sequence[RunRecord], sweep_keys: Sequence[str] = ()) -> list[Row]:
     rows: dict[tuple, Row] = {}
-    for rec in records:
+    for rec in (variant for record in records for variant in variant_records(record)):
         sweep = tuple((k, str(rec.config.get(k, ""))) for k in sweep_keys)
         rows.setdefault((rec.method, sweep), Row(rec.method, sweep)).records.append(rec)
     return list(rows.values())
@@ -79,9 +102,28 @@ def _fmt(mean: float, std: float, n: int) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
 
+def _canary_cells(row: Row) -> list[str]:
+    """Mean canary rank, runs where it was 0 (of the runs that ranked one), mean exposure."""
+    ranks = row.values(CANARY_RANK)
+    if not ranks:
+        return ["—", "—", "—"]
+    mean, std = row.stat(CANARY_RANK)
+    exposure = row.stat(CANARY_EXPOSURE)[0]
+    return [f"{mean:.0f} ± {std:.0f}" if len(ranks) > 1 else f"{mean:.0f}",
+            f"{sum(r == 0 for r in ranks)}/{len(ranks)}", f"{exposure:.2f}"]
+
+
+def _has_canaries(rows: Sequence[Row]) -> bool:
+    return any(row.values(CANARY_RANK) for row in rows)
+
+
 def table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "seeds", *(title for _, title in METRICS), "ε", "MB moved", "tokens gen.", "wall s"]
+    canaries = _has_canaries(rows)
+    header = ["method", "seeds", *(title for _, title in METRICS), *(["canary rank", "rank 0", "exposure"] if canaries
+                                                                    else []),
+              "ε", "MB moved", "tokens gen.", "wall s"]
     body = [[row.label, str(len(row.records)), *(_fmt(*row.stat(path), len(row.values(path))) for path, _ in METRICS),
+             *(_canary_cells(row) if canaries else []),
              row.epsilon, f"{row.megabytes:.2f}", f"{row.tokens:.0f}", f"{row.wall:.1f}"] for row in rows]
     return header, body
 
@@ -99,6 +141,11 @@ def to_markdown(rows: Sequence[Row]) -> str:
     lines.append("Accuracy and macro-F1 in %, mean ± std over seeds. 'global' = the server's held-out test set "
                  "(methods with one model per silo: mean over silo models); 'silo-test' = mean over silos of "
                  "each silo's own test split.")
+    if _has_canaries(rows):
+        lines.append("Canary rank: how many comparison secrets (999 by default) the student prompt makes likelier "
+                     "than the planted one (0 = memorised, about half = nothing leaked), mean ± std over seeds; "
+                     "rank 0: runs where it was 0; exposure = log2(candidates + 1) − log2(rank + 1), mean. Variants of one "
+                     "run share its MB, tokens and wall s.")
     lines += [f"- {n}" for n in notes(rows)]
     phases = sorted({k for row in rows for r in row.records for k in r.seconds})
     if phases:

@@ -7,6 +7,7 @@ that carry errors when a handler raises, TTL, and asynchronous delivery (handler
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -29,6 +30,7 @@ class InProcessGrid(Grid):
         self.contexts = {1000 + i: Context(run_id=run_id, node_id=1000 + i, node_config=dict(nc), state=RecordDict(),
                                            run_config=dict(run_config)) for i, nc in enumerate(node_configs)}
         self.sent: list[Message] = []  # every message pushed, for tests that inspect the wire
+        self.replied: list[tuple[float, Message, Message]] = []  # (when the handler finished, request, reply)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="silo")
         self._futures: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -56,7 +58,16 @@ class InProcessGrid(Grid):
         except Exception as err:  # the runtime turns a raising ClientApp into an error reply
             reply = Message(Error(CLIENT_APP_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=msg)
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        with self._lock:
+            self.replied.append((time.perf_counter(), msg, reply))
         return reply
+
+    def sent_of(self, message_type: str) -> dict[int, Message]:
+        return {m.metadata.dst_node_id: m for m in self.sent if m.metadata.message_type == message_type}
+
+    def replies_of(self, message_type: str) -> dict[int, Message]:
+        return {req.metadata.dst_node_id: rep for _, req, rep in self.replied
+                if req.metadata.message_type == message_type}
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []

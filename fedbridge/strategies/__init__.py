@@ -3,12 +3,15 @@
 from fedbridge.errors import ConfigError
 from fedbridge.strategies.base import Method, Session
 from fedbridge.strategies.centralized import Centralized
+from fedbridge.strategies.crosslm import CrossLM
 from fedbridge.strategies.fdkt import FDKT
 from fedbridge.strategies.fedavg import FedAvg
 from fedbridge.strategies.local import Local
+from fedbridge.strategies.social import SocialLearning
 from fedbridge.strategies.zero_shot import LLMZeroShot
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, FedAvg, Centralized, LLMZeroShot, FDKT)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, FedAvg, Centralized, LLMZeroShot, FDKT, CrossLM,
+                                                        SocialLearning)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -11,9 +11,8 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,8 +20,9 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedbridge import protocol as p
+from fedbridge.checkpoint import Checkpoint
 from fedbridge.config import ExperimentConfig
-from fedbridge.results import RunRecord
+from fedbridge.results import RunRecord, contributions_path
 from fedbridge.tasks import Examples, Task, load_federation, load_task
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class MeteredGrid(Grid):
 
     def __init__(self, inner: Grid, record: RunRecord) -> None:
         self.inner, self.record = inner, record
+        self.received_bytes: dict[str, int] = {}  # message id -> size of each received message, until a reader takes it
 
     def _meter(self, messages: Iterable[Message], direction: str) -> list[Message]:
         messages = list(messages)
@@ -42,6 +43,8 @@ class MeteredGrid(Grid):
             if not msg.has_content():
                 continue
             n = p.payload_bytes(msg.content)
+            if direction == "received":
+                self.received_bytes[msg.metadata.message_id] = n
             comm[f"bytes_{direction}"] += n
             rnd = comm["by_round"].setdefault(msg.metadata.group_id or "0", {"sent": 0, "received": 0})
             rnd[direction] += n
@@ -75,11 +78,30 @@ class MeteredGrid(Grid):
 
 @dataclass
 class Session:
+    """One run on the server: the silos, the global test set, metered messaging, phase timing, the record it
+    fills in, and the checkpoint a restarted run resumes from.
+
+    Every reply is validated before a method sees it. ``replies``, ``iter_replies``, ``exchange`` and ``broadcast``
+    take ``parse``, a function of the reply content that returns what the method needs or raises
+    ``ProtocolError`` (default ``p.read_reply``: the content, once its metrics record is valid), and ``max_bytes``
+    (default ``p.MAX_REPLY_BYTES``). A reply over the size cap or failing ``parse`` is recorded as a failure of
+    its silo (reason ``rejected: ...``, logged and kept in ``record.failures``) and skipped, like an error reply or
+    a timeout, so one broken or hostile silo neither aborts the run nor reaches the other silos' results::
+
+        parse = lambda c: (p.read_examples(c, p.EXAMPLES, len(labels)), p.read_privacy(c))
+        for node, (examples, privacy) in session.iter_replies(p.SYNTHESIZE, requests, round_=1, parse=parse):
+            ...
+
+    ``checkpoint`` (``fedbridge.checkpoint.Checkpoint``) keeps completed steps for ``resume=true``; every request
+    carries its experiment id as ``config["experiment"]``, which silos key their persistent state on.
+    """
+
     grid: MeteredGrid
     cfg: ExperimentConfig
     record: RunRecord
     task: Task
     global_test: Examples
+    checkpoint: Checkpoint
     silos: dict[int, str] = field(default_factory=dict)  # node id -> silo name
     started: float = field(default_factory=time.monotonic)
 
@@ -111,7 +133,7 @@ class Session:
                           **extra: Any) -> None:
         """Keep what a silo sent (synthetic examples, instructions, ...) beside the run record, one JSON line each,
         written as it arrives so a crash loses nothing; ``fedbridge audit`` reads it back."""
-        path = Path(self.cfg.results_dir) / f"{self.record.run_name}.contributions.jsonl"
+        path = contributions_path(self.cfg.results_dir, self.record.run_name)
         path.parent.mkdir(parents=True, exist_ok=True)
         line = {"silo": self.silo_name(node_id), "kind": kind, "round": round_, **extra}
         if examples is not None:
@@ -131,11 +153,18 @@ class Session:
             raise RuntimeError("No silo connected before the timeout. Start the SuperNodes, or raise 'timeout'.")
         if len(nodes) < want:
             self.record.notes.append(f"only {len(nodes)} of {want} silos connected")
-        replies = self.exchange(p.INFO, {n: p.request() for n in nodes}, by_node=True)
-        self.silos = {n: f"silo-{int(r[p.METRICS]['partition-id'])}" for n, r in replies.items()}
-        for node, reply in replies.items():
-            self.record.silo_metrics.setdefault(self.silos[node], {}).update(
-                {k: v for k, v in reply[p.METRICS].items() if k.startswith("num-")})
+        replies = self.exchange(p.INFO, {n: p.request() for n in nodes}, by_node=True, parse=p.read_info)
+        self.silos = {}
+        for node, info in replies.items():
+            name = f"silo-{info['partition-id']}"
+            if name in self.silos.values():  # two nodes cannot hold one partition: keep the first to answer
+                self.fail(node, p.INFO, 0, f"rejected: partition-id {info['partition-id']} is another node's")
+                continue
+            self.silos[node] = name
+            self.record.silo_metrics.setdefault(name, {}).update(
+                {k: v for k, v in info.items() if k.startswith("num-")})
+            # its info exchange was logged under the node id: it belongs at the end of the silo's timeline
+            self.record.timelines.setdefault(name, []).extend(self.record.timelines.pop(f"node-{node}", []))
         if not self.silos:
             raise RuntimeError("Every silo failed its info query; see the failures in the run record.")
         return self.silos
@@ -144,6 +173,9 @@ class Session:
              timeout: float | None = None) -> dict[str, int]:
         """Send one message per node without waiting; returns {message id: node id} for ``replies``."""
         ttl = self.cfg.timeout if timeout is None else timeout
+        for content in contents.values():
+            if p.CONFIG in content:
+                content[p.CONFIG][p.EXPERIMENT] = self.checkpoint.experiment
         msgs = [Message(content, dst_node_id=node, message_type=message_type, group_id=str(round_), ttl=ttl)
                 for node, content in contents.items()]
         ids = dict(zip(self.grid.push_messages(msgs), contents))
@@ -151,11 +183,13 @@ class Session:
             self.event(node, "sent", message_type, round_)
         return ids
 
-    def replies(self, pending: dict[str, int], message_type: str, round_: int = 0,
-                timeout: float | None = None) -> Iterator[tuple[int, RecordDict]]:
-        """Yield (node id, reply content) as replies arrive, in arrival order.
+    def replies(self, pending: dict[str, int], message_type: str, round_: int = 0, timeout: float | None = None,
+                parse: Callable[[RecordDict], Any] = p.read_reply,
+                max_bytes: int = p.MAX_REPLY_BYTES) -> Iterator[tuple[int, Any]]:
+        """Yield (node id, ``parse(reply content)``) as replies arrive, in arrival order.
 
-        Error replies and silos that do not answer within the timeout are recorded as failures and skipped.
+        Error replies, silos that do not answer within the timeout, and replies over ``max_bytes`` or that ``parse``
+        rejects (ProtocolError) are recorded as failures and skipped.
         """
         pending, timeout = dict(pending), self.cfg.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -164,28 +198,39 @@ class Session:
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is None:
                     continue
+                size = self.grid.received_bytes.pop(reply.metadata.message_id, None)
                 if reply.has_error():
                     self.fail(node, message_type, round_, reply.error.reason)
-                else:
-                    self.event(node, "received", message_type, round_)
-                    yield node, reply.content
+                    continue
+                try:
+                    p.check_size(reply.content, max_bytes, size)
+                    parsed = parse(reply.content)
+                except p.ProtocolError as err:
+                    self.fail(node, message_type, round_, f"rejected: {err}")
+                    continue
+                self.event(node, "received", message_type, round_)
+                yield node, parsed
             if pending:
                 time.sleep(POLL_SECONDS)
         for node in pending.values():
             self.fail(node, message_type, round_, f"no reply within {timeout:.0f} s")
 
     def iter_replies(self, message_type: str, contents: Mapping[int, RecordDict], round_: int = 0,
-                     timeout: float | None = None) -> Iterator[tuple[int, RecordDict]]:
-        return self.replies(self.push(message_type, contents, round_, timeout), message_type, round_, timeout)
+                     timeout: float | None = None, parse: Callable[[RecordDict], Any] = p.read_reply,
+                     max_bytes: int = p.MAX_REPLY_BYTES) -> Iterator[tuple[int, Any]]:
+        return self.replies(self.push(message_type, contents, round_, timeout), message_type, round_, timeout,
+                            parse, max_bytes)
 
     def exchange(self, message_type: str, contents: Mapping[int, RecordDict], round_: int = 0,
-                 by_node: bool = False) -> dict:
-        """Send and wait for every reply; keyed by silo name (or node id with ``by_node``)."""
-        replies = dict(self.iter_replies(message_type, contents, round_))
+                 by_node: bool = False, parse: Callable[[RecordDict], Any] = p.read_reply,
+                 max_bytes: int = p.MAX_REPLY_BYTES) -> dict:
+        """Send and wait for every (valid) reply; keyed by silo name (or node id with ``by_node``)."""
+        replies = dict(self.iter_replies(message_type, contents, round_, parse=parse, max_bytes=max_bytes))
         return replies if by_node else {self.silos[n]: r for n, r in replies.items()}
 
-    def broadcast(self, message_type: str, content: RecordDict, round_: int = 0) -> dict[str, RecordDict]:
-        return self.exchange(message_type, {n: content for n in self.silos}, round_)
+    def broadcast(self, message_type: str, content: RecordDict, round_: int = 0,
+                  parse: Callable[[RecordDict], Any] = p.read_reply, max_bytes: int = p.MAX_REPLY_BYTES) -> dict:
+        return self.exchange(message_type, {n: content for n in self.silos}, round_, parse=parse, max_bytes=max_bytes)
 
     def record_silo_metrics(self, replies: Mapping[str, RecordDict]) -> None:
         """Store each silo's reported metrics; a step that no silo completed fails the run (never an empty 'ok')."""
