@@ -89,9 +89,15 @@ def variant_records(record: RunRecord) -> list[RunRecord]:
 
 
 def group(records: Sequence[RunRecord], sweep_keys: Sequence[str] = ()) -> list[Row]:
+    from fedbridge.strategies import METHODS
+
+    def applies(key: str, method: str) -> bool:  # fdkt.* says nothing about a local run, even if its config has it
+        section = key.split(".")[0]
+        return section not in METHODS or section == method.split()[0]
+
     rows: dict[tuple, Row] = {}
     for rec in (variant for record in records for variant in variant_records(record)):
-        sweep = tuple((k, str(rec.config.get(k, ""))) for k in sweep_keys)
+        sweep = tuple((k, str(rec.config.get(k, "")) if applies(k, rec.method) else "") for k in sweep_keys)
         rows.setdefault((rec.method, sweep), Row(rec.method, sweep)).records.append(rec)
     return list(rows.values())
 
