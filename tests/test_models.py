@@ -360,3 +360,29 @@ def test_one_token_labels_take_the_single_pass_path_with_the_same_scores(monkeyp
     manual = np.exp(manual - manual.max(1, keepdims=True))
     assert np.allclose(fast, manual / manual.sum(1, keepdims=True), atol=1e-5)
     assert slow.shape == (3, 3)
+
+
+def test_models_built_while_another_thread_loads_one_come_out_whole(tmp_path):
+    # transformers' from_pretrained patches torch.nn.init process-wide; without fedbridge's build lock a model
+    # built meanwhile in another thread (silo threads vs the server in an in-process run) kept uninitialised weights
+    import threading
+
+    model, tok = tiny_slm(2)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    reference = {k: v.clone() for k, v in tiny_llm(seed=3)[0].state_dict().items()}
+    stop = threading.Event()
+
+    def keep_loading() -> None:
+        while not stop.is_set():
+            load_slm(str(tmp_path), 2, seed=1)
+
+    loader = threading.Thread(target=keep_loading)
+    loader.start()
+    try:
+        built = [tiny_llm(seed=3)[0].state_dict() for _ in range(20)]
+    finally:
+        stop.set()
+        loader.join()
+    for state in built:
+        assert all(torch.equal(state[k], v) for k, v in reference.items())

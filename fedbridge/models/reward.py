@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedbridge.errors import ConfigError, DataError
 from fedbridge.models.generation import Prompt, continuation_logprobs, render_prompt
 from fedbridge.models.llm_classifier import classification_prompt
+from fedbridge.models.loading import MODEL_BUILD_LOCK
 
 log = logging.getLogger(__name__)
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
@@ -132,7 +133,8 @@ def attach_lora(model: PreTrainedModel, cfg: LLMUpdateConfig) -> PeftModel:
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for users to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         try:
-            return get_peft_model(model, lora)
+            with MODEL_BUILD_LOCK:  # LoRA's init must not run under another thread's from_pretrained patches
+                return get_peft_model(model, lora)
         except ValueError as err:
             raise ConfigError(f"LoRA target modules {cfg.targets} do not fit this LLM: {err}. "
                               "Name its attention projections, or use 'all-linear'.") from err

@@ -33,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.errors import ConfigError, DataError
 from fedbridge.models.generation import GenerationStats, SamplingConfig, generate
+from fedbridge.models.loading import MODEL_BUILD_LOCK
 from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, compute_epsilon, noise_for_epsilon
 from fedbridge.privacy.synthesis import SynthesisResult, privacy_generator
 
@@ -127,7 +128,8 @@ def _with_lora(model: PreTrainedModel, cfg: DPSGDConfig) -> torch.nn.Module:
         p.requires_grad_(False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=list(cfg.lora_target_modules) or None)
-    return get_peft_model(model, lora)
+    with MODEL_BUILD_LOCK:  # LoRA's init must not run under another thread's from_pretrained patches
+        return get_peft_model(model, lora)
 
 
 def _noise_only_step(optimizer: DPOptimizer) -> None:
