@@ -220,16 +220,22 @@ def read_floats(content: RecordDict, key: str, field: str, length: int | None = 
     return [float(_number(v, f"'{key}.{field}' item", low, high)) for v in values]
 
 
+def _reply_record(content: RecordDict, key: str, kind: type, required: Iterable[str] = ()):
+    """The reply's ``key`` record, of type ``kind`` and holding every ``required`` key."""
+    record = content.get(key)
+    if not isinstance(record, kind):
+        raise ProtocolError(f"Reply has no '{key}' record.")
+    missing = [k for k in required if k not in record]
+    if missing:
+        raise ProtocolError(f"'{key}' record lacks {', '.join(missing)}.")
+    return record
+
+
 def read_metrics(content: RecordDict, required: Iterable[str] = ()) -> dict[str, float | int | list]:
     """A reply's metrics: every value a finite number (or a list of them), every score ``<split>.accuracy`` /
     ``<split>.macro_f1`` in [0, 1], every count (``num-*``, ``<split>.n``) >= 0, and the ``required`` keys there.
     NaN passes only as the score of an empty split (``<split>.n == 0``), which has none."""
-    record = content.get(METRICS)
-    if not isinstance(record, MetricRecord):
-        raise ProtocolError(f"Reply has no '{METRICS}' record.")
-    missing = [k for k in required if k not in record]
-    if missing:
-        raise ProtocolError(f"'{METRICS}' record lacks {', '.join(missing)}.")
+    record = _reply_record(content, METRICS, MetricRecord, required)
     out: dict[str, float | int | list] = {}
     for key, value in record.items():
         split, _, name = key.rpartition(".")
@@ -266,12 +272,7 @@ def read_privacy(content: RecordDict) -> dict[str, Any]:
     """A silo's report of what its release cost (the documented fields only): ε's >= 0 (inf = non-private),
     this release within the silo's total, the total within the budget, δ in [0, 1), σ >= 0, whole steps, and
     ``private`` true exactly when ε is finite."""
-    record = content.get(PRIVACY)
-    if not isinstance(record, ConfigRecord):
-        raise ProtocolError(f"Reply has no '{PRIVACY}' record.")
-    missing = [k for k in PRIVACY_FIELDS if k not in record]
-    if missing:
-        raise ProtocolError(f"'{PRIVACY}' record lacks {', '.join(missing)}.")
+    record = _reply_record(content, PRIVACY, ConfigRecord, PRIVACY_FIELDS)
     mechanism, private = record["mechanism"], record["private"]
     if not isinstance(mechanism, str) or not 0 < len(mechanism) <= 100:
         raise ProtocolError("privacy 'mechanism' must be a name of 1-100 characters.")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_config
+from test_crosslm import FAST
 
 from fedbridge import protocol as p
 from fedbridge.results import RunRecord
@@ -19,15 +20,9 @@ from fedbridge.simulations.runner import run_simulation
 
 pytestmark = pytest.mark.slow
 
-OPTIONS = {"crosslm.per-label": 3, "crosslm.max-new-tokens": 12, "crosslm.min-words": 1, "crosslm.min-reward": -1.0,
-           "crosslm.llm-eval-examples": 8, "crosslm.ppl-passages": 2, "crosslm.ppl-max-tokens": 32,
-           "crosslm.diversity": 0.0, "crosslm.lora-max-length": 96, "crosslm.select-max": 6,
-           "crosslm.enhance-epochs": 1}
-
-
 def test_crosslm_on_the_simulation_engine(tmp_path):
     cfg = tiny_config(tmp_path, method="crosslm", run_name="sim-crosslm")
-    cfg = dataclasses.replace(cfg, method_options=dict(OPTIONS))
+    cfg = dataclasses.replace(cfg, method_options=dict(FAST))
     record = run_simulation(cfg, quiet=True)
     on_disk = RunRecord.read(tmp_path / "sim-crosslm.json")
     assert record.status == on_disk.status == "ok" and on_disk.method == "crosslm" and on_disk.failures == []
