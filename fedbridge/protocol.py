@@ -261,7 +261,7 @@ def read_info(content: RecordDict) -> dict[str, float | int | list]:
     """A ``query.info`` reply: its metrics, with whole non-negative partition-id, num-train and num-test."""
     metrics = read_metrics(content, required=("partition-id", "num-train", "num-test"))
     for key in ("partition-id", "num-train", "num-test"):
-        read_number(metrics, key, low=0, integer=True)
+        metrics[key] = read_number(metrics, key, low=0, integer=True)
     return metrics
 
 

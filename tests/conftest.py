@@ -14,8 +14,15 @@ from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from fedbridge.config import ExperimentConfig  # noqa: E402
+
+# Property tests: a fixed example sequence by default, so a fresh clone's `make test` is reproducible;
+# HYPOTHESIS_PROFILE=explore searches 20x further with fresh randomness (run it after changing a parser).
+settings.register_profile("default", max_examples=150, deadline=None, derandomize=True)
+settings.register_profile("explore", max_examples=3000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
 SMS_SPAM = REPO.parent / "shared" / "data" / "sms_spam" / "SMSSpamCollection.tsv"

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fedbridge.errors import ConfigError
@@ -40,7 +40,6 @@ def test_levenshtein_known_pairs(a, b, d):
     assert levenshtein(a, b) == levenshtein(b, a) == d
 
 
-@settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="abcé\n ", max_size=80), st.text(alphabet="abdé\n ", max_size=80))
 def test_levenshtein_matches_the_textbook_dp(a, b):
     assert levenshtein(a, b) == reference_levenshtein(a, b)

@@ -237,7 +237,7 @@ def test_the_valid_message_parses(name):
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(content=CONTENTS)
 def test_parser_returns_a_valid_value_or_raises_protocol_error(name, content):
     parse, check = PARSERS[name]
@@ -248,7 +248,7 @@ def test_parser_returns_a_valid_value_or_raises_protocol_error(name, content):
     assert check(value, content) is not False, f"{name} returned an invalid value: {value!r:.200}"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(texts=nonempty_lists(st.text(max_size=20)), labels=nonempty_lists(st.integers(-1, NUM_LABELS)))
 def test_examples_parse_exactly_when_they_are_valid(texts, labels):
     content = RecordDict({p.EXAMPLES: ConfigRecord({"texts": texts, "labels": labels})})
@@ -260,7 +260,6 @@ def test_examples_parse_exactly_when_they_are_valid(texts, labels):
             p.read_examples(content, p.EXAMPLES, NUM_LABELS)
 
 
-@settings(max_examples=150, deadline=None)
 @given(value=st.one_of(INTS, FLOATS))
 def test_a_score_parses_exactly_when_it_is_a_finite_number_in_the_unit_interval(value):
     content = RecordDict({p.METRICS: MetricRecord({"silo-test.accuracy": value, "silo-test.n": 5})})
