@@ -163,6 +163,18 @@ def test_the_task_term_raises_the_label_of_an_approved_example():
     assert t.sequences([ScoredExample(PROMPT, TEXT, 2, -1.0)]) == []  # a rejected example teaches no label
 
 
+def test_lora_initialisation_is_seeded_not_drawn_from_the_global_rng():
+    def a_matrices(seed: int, global_seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(global_seed)
+        model, _ = tiny_llm()
+        trainer = RewardTrainer(model, byte_tokenizer(), LLMUpdateConfig(), LABELS, "Classify.", seed=seed)
+        return [p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n]
+
+    same = a_matrices(seed=1, global_seed=10)
+    assert same and all(torch.equal(x, y) for x, y in zip(same, a_matrices(seed=1, global_seed=20)))
+    assert not all(torch.equal(x, y) for x, y in zip(same, a_matrices(seed=2, global_seed=10)))
+
+
 def test_kl_is_zero_at_initialisation_and_grows_as_adapters_move():
     t = trainer(kl_weight=0.0)
     examples = [ScoredExample(PROMPT, TEXT, 2, 1.0), ScoredExample(PROMPT, "it made me feel sick", 2, -1.0)]

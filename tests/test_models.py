@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,31 @@ def test_greedy_is_deterministic_and_sampling_is_seeded(llm):
     b, _ = generate(model, tok, prompts, sampling, seed=3)
     c, _ = generate(model, tok, prompts, sampling, seed=4)
     assert a == b and a != c
+
+
+def test_seeded_sampling_ignores_what_other_threads_do_with_the_global_rng(llm):
+    """In process, silo threads train with dropout (torch's global RNG) while the server samples: a seed must still
+    give the same text. Also the sampler keeps to top-k: with top_k=1 sampling is greedy decoding."""
+    model, tok = llm
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.95)
+    alone, _ = generate(model, tok, ["one", "two"], sampling, seed=3)
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            torch.manual_seed(int(torch.randint(1000, ())))
+            torch.rand(64)
+
+    other = threading.Thread(target=draw)
+    other.start()
+    try:
+        busy, _ = generate(model, tok, ["one", "two"], sampling, seed=3)
+    finally:
+        stop.set()
+        other.join()
+    assert busy == alone
+    top1 = SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=1)
+    assert generate(model, tok, ["one", "two"], top1, seed=5)[0] == generate(model, tok, ["one", "two"], GREEDY)[0]
 
 
 def test_stop_string_cuts_the_text(llm):

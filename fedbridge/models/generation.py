@@ -7,6 +7,7 @@ HF ``generate`` in one place; HF ``generate`` is overhead-bound on GPU (~30 ms a
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
@@ -80,6 +89,24 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+class SeededSampler(LogitsProcessor):
+    """Temperature, top-k and top-p sampling of the next token from a private ``torch.Generator``; returns scores
+    that are -inf except at the sampled token, so greedy decoding takes it."""
+
+    def __init__(self, sampling: SamplingConfig, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
+        if sampling.top_k:
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1)
+        choice = torch.multinomial(probs, 1, generator=self.generator)
+        return torch.full_like(scores, -math.inf).scatter_(1, choice, 0.0)
+
+
 @torch.no_grad()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
              sampling: SamplingConfig = SamplingConfig(), seed: int | None = None,
@@ -89,8 +116,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     Returns the texts (cut at the first stop string, special tokens removed) and the token/time counts.
     ``generated_tokens`` counts tokens up to and including the end-of-sequence or stop point of each row.
     """
-    if seed is not None:
-        torch.manual_seed(seed)
+    rng = torch.Generator(device=model.device)
+    rng.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
     texts = [render_prompt(tokenizer, p) for p in prompts]
     stats, outputs = GenerationStats(), []
     greedy = sampling.temperature <= 0
@@ -100,10 +127,12 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         t0 = time.perf_counter()
         batch = _encode_left_padded(tokenizer, texts[start:start + sampling.batch_size],
                                     sampling.max_prompt_tokens, model.device)
-        kwargs = dict(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        # sampling is done by SeededSampler and handed to greedy decoding: transformers would draw from torch's
+        # global RNG, which other threads (silos training in process) draw from too, and a seed would mean nothing
+        kwargs = dict(do_sample=False, max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
         if not greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+            kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(sampling, rng)])
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
         out = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:]

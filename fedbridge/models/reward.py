@@ -125,7 +125,7 @@ class _Sequence:
     weight: float  # the reward (signed)
 
 
-def attach_lora(model: PreTrainedModel, cfg: LLMUpdateConfig) -> PeftModel:
+def attach_lora(model: PreTrainedModel, cfg: LLMUpdateConfig, seed: int = 0) -> PeftModel:
     """Wrap ``model`` (modified in place) with fresh LoRA adapters; B = 0, so it starts equal to the original."""
     targets = "all-linear" if cfg.targets == ("all-linear",) else list(cfg.targets)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
@@ -134,10 +134,17 @@ def attach_lora(model: PreTrainedModel, cfg: LLMUpdateConfig) -> PeftModel:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         try:
             with MODEL_BUILD_LOCK:  # LoRA's init must not run under another thread's from_pretrained patches
-                return get_peft_model(model, lora)
+                peft_model = get_peft_model(model, lora)
         except ValueError as err:
             raise ConfigError(f"LoRA target modules {cfg.targets} do not fit this LLM: {err}. "
                               "Name its attention projections, or use 'all-linear'.") from err
+    # A's init again, as peft does it but from a private generator: torch's global RNG is shared with other threads
+    rng = torch.Generator().manual_seed(seed)
+    for name, param in peft_model.named_parameters():
+        if "lora_A" in name:
+            with torch.no_grad():
+                param.copy_(torch.nn.init.kaiming_uniform_(torch.empty(param.shape), a=math.sqrt(5), generator=rng))
+    return peft_model
 
 
 def _encode(tok: PreTrainedTokenizerBase, prompt: Prompt, target: str, max_length: int) -> tuple[list[int], int] | None:
@@ -155,7 +162,7 @@ class RewardTrainer:
 
     def __init__(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: LLMUpdateConfig,
                  labels: Sequence[str], instruction: str, seed: int = 0) -> None:
-        self.model, self.tok, self.cfg = attach_lora(model, cfg), tok, cfg
+        self.model, self.tok, self.cfg = attach_lora(model, cfg, seed), tok, cfg
         self.labels, self.instruction = tuple(labels), instruction
         self.optim = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
                                        weight_decay=0.0)
