@@ -15,6 +15,7 @@ Flower run, with fresh Flower node state; the file is what makes it unable to sp
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -65,6 +66,14 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         os.fsync(directory)  # the rename itself survives a power cut
     finally:
         os.close(directory)
+
+
+def save_tensors(path: Path, arrays: ArrayRecord | Mapping[str, torch.Tensor]) -> None:
+    """A state dict (or Flower ArrayRecord) as a safetensors file, written atomically; tied weights are stored
+    once per name."""
+    tensors = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, safetensors.torch.save(tensors))
 
 
 def checkpoint_dir(results_dir: str | Path, run_name: str) -> Path:
@@ -177,10 +186,7 @@ class Checkpoint:
         return Examples.of(data["texts"], data["labels"])
 
     def save_arrays(self, name: str, arrays: ArrayRecord | Mapping[str, torch.Tensor]) -> None:
-        """A state dict (or Flower ArrayRecord) as safetensors; tied weights are stored once per name."""
-        tensors = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        atomic_write(self._path(name, ".safetensors"), safetensors.torch.save(tensors))
+        save_tensors(self._path(name, ".safetensors"), arrays)
 
     def load_arrays(self, name: str) -> dict[str, torch.Tensor] | None:
         path = self._path(name, ".safetensors")
@@ -205,9 +211,22 @@ class Checkpoint:
                               f"{sorted(result.unexpected_keys)[:3]}. Resume with the same LoRA settings.")
         return True
 
+    def save_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer's state (e.g. AdamW's moments), so a resumed run takes the same next step."""
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        atomic_write(self._path(name, ".optim.pt"), buffer.getvalue())
+
+    def load_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> bool:
+        path = self._path(name, ".optim.pt")
+        if not path.exists():
+            return False
+        optimizer.load_state_dict(torch.load(path, weights_only=True))
+        return True
+
     def delete(self, name: str) -> None:
         """Drop data saved under ``name`` (e.g. the previous round's weights once the next round is complete)."""
-        for suffix in (".examples.json", ".safetensors"):
+        for suffix in (".examples.json", ".safetensors", ".optim.pt"):
             self._path(name, suffix).unlink(missing_ok=True)
 
     def remove(self) -> None:

@@ -90,21 +90,30 @@ def evaluate_llm(msg: Message, context: Context) -> Message:
     return Message(p.metrics_reply({**silo.evaluate_llm(), **silo.info()}), reply_to=msg)
 
 
+def _crosslm_round(config: dict) -> tuple[int, str, bool]:
+    """A CrossLM request's round, experiment id and whether it is the silo's final round."""
+    return (int(p.read_number(config, "round", 0, low=0, integer=True)), p.read_experiment(config),
+            config.get("final", False) is True)
+
+
 @app.train("private")
 def train_private(msg: Message, context: Context) -> Message:
-    """CrossLM: train a fresh SLM on private data and keep it in the node state for scoring and enhancement."""
-    silo, _ = _silo(msg, context)
-    metrics = silo.train_private(context.state, p.read_global_test(msg.content, len(silo.labels)))
+    """CrossLM: train a fresh SLM on private data and keep it for scoring and enhancement."""
+    silo, config = _silo(msg, context)
+    global_test = p.read_global_test(msg.content, len(silo.labels))
+    metrics = silo.train_private(context.state, global_test, experiment=p.read_experiment(config))
     return Message(p.metrics_reply(metrics), reply_to=msg)
 
 
 @app.query("score")
 def score(msg: Message, context: Context) -> Message:
-    """CrossLM: the kept SLM's class probabilities of the server's examples; only these probabilities leave."""
-    silo, _ = _silo(msg, context)
+    """CrossLM: class probabilities of the server's batch ``round`` by the SLM of the round before; only these
+    probabilities leave."""
+    silo, config = _silo(msg, context)
+    round_, experiment, _ = _crosslm_round(config)
     examples = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
     t0 = time.perf_counter()
-    probs = silo.score(context.state, examples.texts)
+    probs = silo.score(context.state, examples.texts, max(round_ - 1, 0), experiment)
     agreement = float((probs.argmax(axis=1) == np.array(examples.labels)).mean()) if len(examples) else 0.0
     metrics = {"score.examples": len(examples), "score.seconds": time.perf_counter() - t0, "score.agreement": agreement}
     return Message(p.metrics_reply(metrics, scores=p.probabilities_record(probs)), reply_to=msg)
@@ -112,21 +121,25 @@ def score(msg: Message, context: Context) -> Message:
 
 @app.query("upload")
 def upload(msg: Message, context: Context) -> Message:
-    """CrossLM with score-on=server (opt-in, weaker privacy): the kept SLM's weights and spec go to the server."""
-    silo, _ = _silo(msg, context)
-    model, _ = silo.kept_slm(context.state)
+    """CrossLM with score-on=server (opt-in, weaker privacy): the weights and spec of the SLM after ``round``."""
+    silo, config = _silo(msg, context)
+    round_, experiment, _ = _crosslm_round(config)
+    model, _ = silo.kept_slm(context.state, round_, experiment)
     return Message(p.metrics_reply(silo.info(), arrays=ArrayRecord(model.state_dict()),
                                    slm=ConfigRecord({"spec": silo.cfg.slm.spec_for(silo.index)})), reply_to=msg)
 
 
 @app.train("enhance")
 def enhance(msg: Message, context: Context) -> Message:
-    """CrossLM: fine-tune the kept SLM on the server's selected examples, or keep the weights the server enhanced."""
+    """CrossLM round ``round``: fine-tune the SLM on the server's selected examples, or keep the weights the server
+    enhanced."""
     silo, config = _silo(msg, context)
+    round_, experiment, final = _crosslm_round(config)
     global_test = p.read_global_test(msg.content, len(silo.labels))
     if p.ARRAYS in msg.content:
         arrays = p.read_arrays(msg.content, like=context.state.get(KEPT_SLM))
-        return Message(p.metrics_reply(silo.install_slm(context.state, arrays, global_test)), reply_to=msg)
+        return Message(p.metrics_reply(silo.install_slm(context.state, arrays, global_test, round_, experiment,
+                                                        final)), reply_to=msg)
     examples = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
     targets = (p.read_probabilities(msg.content, p.TARGETS, len(examples), len(silo.labels))
                if p.TARGETS in msg.content else None)
@@ -134,7 +147,7 @@ def enhance(msg: Message, context: Context) -> Message:
                            epochs=int(p.read_number(config, "epochs", 1, low=0, high=100, integer=True)),
                            weight=float(p.read_number(config, "synthetic-weight", 1.0, low=0.0)),
                            with_private=config.get("with-private", False) is True, global_test=global_test,
-                           round_=int(p.read_number(config, "round", 0, low=0, integer=True)))
+                           round_=max(round_, 1), experiment=experiment, final=final)
     return Message(p.metrics_reply(metrics), reply_to=msg)
 
 

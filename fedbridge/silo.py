@@ -3,7 +3,8 @@
 Where the data comes from:
   simulation  ``node_config["partition-id"]`` selects one partition of the configured task;
   deployment  ``node_config["data-path"]`` (plus optional ``text-column``/``label-column``) is the silo's own file.
-State that must outlive a run (the privacy ledger of each experiment) lives in ``node_config["state-dir"]``
+State that must outlive a run (the privacy ledger of each experiment, CrossLM's latest SLM) lives in
+``node_config["state-dir"]``
 (default ``~/.cache/fedbridge/silo-state``), on the silo's own disk.
 """
 
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR, PersistentLedger
+from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR, PersistentLedger, atomic_write, save_tensors
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
 from fedbridge.models.loading import load_llm, load_slm
@@ -54,7 +56,7 @@ class Silo:
     cfg: ExperimentConfig
     labels: tuple[str, ...]
     data: SiloData
-    state_dir: Path = DEFAULT_SILO_STATE_DIR  # node config 'state-dir': state that outlives a run (privacy ledgers)
+    state_dir: Path = DEFAULT_SILO_STATE_DIR  # node config 'state-dir': state that outlives a run
 
     @property
     def name(self) -> str:
@@ -163,34 +165,79 @@ class Silo:
         return Examples.of([t for t, _ in result.examples], [y for _, y in result.examples]), privacy, metrics
 
     # ------------------------------------------------------------ CrossLM: one SLM kept across messages
+    # The SLM after round r (0 = trained on private data) lives in the node's Flower state and, under the server's
+    # experiment id, on the silo's disk too: a restarted server is a new Flower run with empty node state, and its
+    # resumed run asks for the SLM of the round it had reached. The disk also remembers each finished round's
+    # metrics, so a request the earlier run already completed is answered again, never trained twice.
 
-    def kept_slm(self, state: RecordDict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """The SLM this silo trained (and enhanced) earlier in the run, from the node's Flower state."""
-        if KEPT_SLM not in state:
-            raise ProtocolError(f"{self.name} has no trained SLM yet: the server must send train.private first.")
-        return self.slm_from_arrays(state[KEPT_SLM])
+    def _crosslm_paths(self, experiment: str) -> tuple[Path, Path]:
+        base = self.state_dir / experiment / f"{self.name}-crosslm"
+        return base.with_name(base.name + ".json"), base.with_name(base.name + "-slm.safetensors")
 
-    def keep_slm(self, state: RecordDict, model: PreTrainedModel) -> None:
+    def crosslm_done(self, experiment: str, round_: int) -> dict[str, float] | None:
+        """The metrics of ``round_`` if this silo finished it for this experiment already (a resumed server)."""
+        if not experiment:
+            return None
+        meta, _ = self._crosslm_paths(experiment)
+        rounds = json.loads(meta.read_text()).get("metrics", {}) if meta.exists() else {}
+        return rounds.get(str(round_))
+
+    def kept_slm(self, state: RecordDict, round_: int | None = None,
+                 experiment: str = "") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The SLM as it was after ``round_`` (None: the latest), from the node state or the silo's disk."""
+        if KEPT_SLM in state and round_ in (None, state[KEPT_ROUND]["round"]):
+            return self.slm_from_arrays(state[KEPT_SLM])
+        if experiment:
+            meta, weights = self._crosslm_paths(experiment)
+            if weights.exists() and round_ in (None, json.loads(meta.read_text())["round"]):
+                model, tok = self.new_slm()
+                model.load_state_dict(safetensors.torch.load_file(weights))
+                return model, tok
+        wanted = "a trained SLM" if round_ is None else f"its SLM after round {round_}"
+        raise ProtocolError(f"{self.name} does not have {wanted}: the server must send train.private first, or "
+                            "resume with the same experiment and the silo's same state-dir.")
+
+    def keep_slm(self, state: RecordDict, model: PreTrainedModel, round_: int = 0, experiment: str = "",
+                 metrics: dict[str, float] | None = None, final: bool = False) -> None:
+        """Keep the SLM after ``round_`` for later messages; with an experiment id also on disk, with the round's
+        metrics. After the ``final`` round only the metrics stay on disk (the weights are the run's result)."""
         state[KEPT_SLM] = ArrayRecord(model.state_dict())
+        state[KEPT_ROUND] = ConfigRecord({"round": round_})
+        if not experiment:
+            return
+        meta, weights = self._crosslm_paths(experiment)
+        done = json.loads(meta.read_text()).get("metrics", {}) if meta.exists() else {}
+        if final:
+            weights.unlink(missing_ok=True)
+        else:
+            save_tensors(weights, model.state_dict())
+        atomic_write(meta, json.dumps({"round": round_, "metrics": {**done, str(round_): metrics or {}}}))
 
-    def train_private(self, state: RecordDict, global_test: Examples | None) -> dict[str, float]:
+    def train_private(self, state: RecordDict, global_test: Examples | None, experiment: str = "") -> dict[str, float]:
         """Train a fresh SLM on the private split, keep it for later messages, and evaluate it."""
+        if (done := self.crosslm_done(experiment, 0)) is not None:
+            return done
         model, tok = self.new_slm()
         stats = self.train_slm(model, tok)
-        self.keep_slm(state, model)
-        return {**self.evaluate_slm(model, tok, global_test), **self.info(), "train.seconds": stats.seconds,
-                "train.examples": stats.examples}
+        metrics = {**self.evaluate_slm(model, tok, global_test), **self.info(), "train.seconds": stats.seconds,
+                   "train.examples": stats.examples}
+        self.keep_slm(state, model, 0, experiment, metrics)
+        return metrics
 
-    def score(self, state: RecordDict, texts: tuple[str, ...]) -> np.ndarray:
-        """The kept SLM's class probabilities of the server's texts, shape (len(texts), num_labels)."""
-        model, tok = self.kept_slm(state)
+    def score(self, state: RecordDict, texts: tuple[str, ...], round_: int | None = None,
+              experiment: str = "") -> np.ndarray:
+        """Class probabilities of the server's texts, shape (len(texts), num_labels), by the SLM after ``round_``."""
+        model, tok = self.kept_slm(state, round_, experiment)
         return predict_proba(model, tok, texts, max_length=self.cfg.slm.max_length)
 
     def enhance(self, state: RecordDict, examples: Examples, targets: np.ndarray | None, epochs: int, weight: float,
-                with_private: bool, global_test: Examples | None, round_: int = 0) -> dict[str, float]:
-        """Fine-tune the kept SLM on the server's selected examples (hard labels, or soft ``targets`` to distil),
-        optionally with the private split again, keep it, and evaluate it."""
-        model, tok = self.kept_slm(state)
+                with_private: bool, global_test: Examples | None, round_: int = 1, experiment: str = "",
+                final: bool = False) -> dict[str, float]:
+        """Round ``round_``: fine-tune the SLM of the round before on the server's selected examples (hard labels,
+        or soft ``targets`` to distil), optionally with the private split again, keep it, and evaluate it."""
+        if (done := self.crosslm_done(experiment, round_)) is not None:
+            return done
+        model, tok = self.kept_slm(state, round_ - 1, experiment)
         texts, weights = list(examples.texts), [weight] * len(examples)
         hard = list(examples.labels)
         soft = None if targets is None else list(targets)
@@ -205,15 +252,20 @@ class Silo:
                                      self.cfg.slm.train_config(epochs), weights,
                                      seed=self.cfg.seed + self.index + 1000 * round_, progress=f"{self.name} enhance")
             seen = stats.examples
-            self.keep_slm(state, model)
-        return {**self.evaluate_slm(model, tok, global_test), **self.info(), "train.examples": seen,
-                "train.synthetic": len(examples)}
+        metrics = {**self.evaluate_slm(model, tok, global_test), **self.info(), "train.examples": seen,
+                   "train.synthetic": len(examples)}
+        self.keep_slm(state, model, round_, experiment, metrics, final)
+        return metrics
 
-    def install_slm(self, state: RecordDict, arrays: ArrayRecord, global_test: Examples | None) -> dict[str, float]:
-        """Keep SLM weights the server enhanced (score-on=server), and evaluate them."""
+    def install_slm(self, state: RecordDict, arrays: ArrayRecord, global_test: Examples | None, round_: int = 1,
+                    experiment: str = "", final: bool = False) -> dict[str, float]:
+        """Keep SLM weights the server enhanced in round ``round_`` (score-on=server), and evaluate them."""
+        if (done := self.crosslm_done(experiment, round_)) is not None:
+            return done
         model, tok = self.slm_from_arrays(arrays)
-        self.keep_slm(state, model)
-        return {**self.evaluate_slm(model, tok, global_test), **self.info()}
+        metrics = {**self.evaluate_slm(model, tok, global_test), **self.info()}
+        self.keep_slm(state, model, round_, experiment, metrics, final)
+        return metrics
 
     # ------------------------------------------------------------ Social Learning: the silo as a teacher
 
@@ -301,6 +353,7 @@ class Silo:
 
 LEDGER = "fdkt-privacy-ledger"
 KEPT_SLM = "crosslm-slm"  # CrossLM: the silo's SLM, kept in the node state between messages
+KEPT_ROUND = "crosslm-slm-round"  # ... and the round it is the result of
 MIN_RELEASE_EPSILON = 0.01  # a remainder this small counts as spent: see Silo.synthesize
 
 

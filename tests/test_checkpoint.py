@@ -1,17 +1,20 @@
 """Checkpoint and resume: a ServerApp that dies mid-run resumes without losing or redoing finished work (FDKT's
-demonstrations and augmented sets, FedAvg's rounds and weights, the run record), and a silo's spent privacy
-budget survives the restart: a resumed run cannot spend it again."""
+demonstrations and augmented sets, FedAvg's rounds and weights, CrossLM's LLM adapter, batches, scores and per-silo
+rounds, the run record), and a silo's spent privacy budget survives the restart: a resumed run cannot spend it
+again."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_config
-from flwr.app import Message
+from test_crosslm import FAST as FAST_CROSSLM
+from flwr.app import Message, RecordDict
 from peft import LoraConfig, get_peft_model
 
 import fedbridge.strategies.fdkt as fdkt
@@ -25,6 +28,7 @@ from fedbridge.privacy import PrivacyEvent, PrivacyLedger
 from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
 from fedbridge.simulations.inprocess import InProcessGrid
+from fedbridge.silo import Silo
 from fedbridge.simulations.runner import prepare
 from fedbridge.tasks import Examples
 
@@ -68,11 +72,13 @@ def is_(message_type: str, node: int | None = None, round_: str | None = None):
     return match
 
 
-def attempt(tmp_path: Path, name: str, resume: bool = False, **grid_kwargs) -> tuple[RunRecord | None, CrashingGrid]:
+def attempt(tmp_path: Path, name: str, resume: bool = False, crosslm_options: dict | None = None,
+            **grid_kwargs) -> tuple[RunRecord | None, CrashingGrid]:
     """One attempt of run ``name`` on silos whose state lives in tmp_path/silos (their own disks, across attempts);
     each attempt is a new Flower run: fresh node contexts, fresh node ids seen by the server."""
-    method = "fedavg" if name.startswith("fedavg") else "fdkt"
-    options = FAST_FDKT if method == "fdkt" else {"rounds": 3, "task.max-examples": 60}
+    method = name.split("-")[0]
+    options = {"fdkt": FAST_FDKT, "fedavg": {"rounds": 3, "task.max-examples": 60}, "crosslm": FAST_CROSSLM}[method]
+    options = {**options, **(crosslm_options or {})}
     cfg = prepare(tiny_config(tmp_path, method=method, run_name=name, resume=resume, **options))
     silos = [{"partition-id": i, "num-partitions": 2, "state-dir": str(tmp_path / "silos")} for i in range(2)]
     grid = CrashingGrid(client_app, cfg.to_run_config(), silos, **grid_kwargs)
@@ -303,3 +309,95 @@ def test_fedavg_resumes_at_the_round_it_lost(tmp_path):
     times = [e["t"] for e in resumed.timelines["silo-0"]]
     assert times == sorted(times)  # the timeline goes on where the first attempt's stopped
     assert not math.isnan(resumed.wall_seconds) and resumed.wall_seconds > 0
+
+
+# ------------------------------------------------------------------ CrossLM: kill the server, resume
+
+
+def crosslm_state(tmp_path: Path, name: str) -> dict:
+    return json.loads((checkpoint_dir(tmp_path, name) / STATE_FILE).read_text())
+
+
+def assert_same_results(got: RunRecord, want: RunRecord) -> None:
+    """The same metrics and counters as a run that was never interrupted: counts exactly, floats up to the noise of
+    one process (a silo thread's dropout and the server's model loading share torch's global RNG, so two
+    uninterrupted in-process runs differ in the 4th digit too)."""
+    def flat(record: RunRecord) -> dict[str, float]:
+        silos = {f"{s}/{k}": v for s, m in record.silo_metrics.items() for k, v in m.items()}
+        return {k: v for k, v in {**record.global_metrics, **silos, **record.server_metrics,
+                                  **{f"tokens/{k}": v for k, v in record.tokens.items()}}.items()
+                if "seconds" not in k}
+
+    a, b = flat(got), flat(want)
+    assert a.keys() == b.keys()
+    counts = {k for k, v in b.items() if isinstance(v, int) and not k.startswith("tokens/")}
+    assert {k: a[k] for k in counts} == {k: b[k] for k in counts}
+    assert {k: a[k] for k in a.keys() - counts} == pytest.approx({k: b[k] for k in b.keys() - counts}, rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def crosslm_uninterrupted(tmp_path_factory) -> dict[str, RunRecord]:
+    out = {}
+    for mode, score_on in CROSSLM_VARIANTS:
+        record, _ = attempt(tmp_path_factory.mktemp(f"reference-{mode}"), f"crosslm-{mode}-{score_on}",
+                            crosslm_options={"crosslm.mode": mode, "crosslm.score-on": score_on})
+        assert record.status == "ok" and record.failures == []
+        out[mode, score_on] = record
+    return out
+
+
+CROSSLM_VARIANTS = [("async", "silo"), ("sync", "silo"), ("async", "server")]
+
+
+@pytest.mark.parametrize("mode,score_on", CROSSLM_VARIANTS)
+def test_crosslm_resumes_with_its_llm_adapter_batches_and_silo_rounds(tmp_path, mode, score_on,
+                                                                      crosslm_uninterrupted):
+    """Attempt 1 dies when silo 1's round-1 enhancement reply arrives: silo 1 has trained round 1, the server never
+    saw it; the LLM has been updated on batch 1. The resumed run reloads the adapter, its optimizer and batch 1,
+    writes batch 2 only, asks silo 1 for round 1 again (answered from its disk, not retrained), and ends with exactly
+    the numbers of an uninterrupted run."""
+    name, options = f"crosslm-{mode}-{score_on}", {"crosslm.mode": mode, "crosslm.score-on": score_on}
+    first, _ = attempt(tmp_path, name, crosslm_options=options, die_on_reply=is_(p.ENHANCE, NODES[1], "1"))
+    assert first is None
+    state = crosslm_state(tmp_path, name)["steps"]["crosslm"]
+    assert state["version"] >= 1 and len(state["batches"]) >= 1 and state["progress"]["silo-1"] == {"scored": 1, "enhanced": 0}
+    assert (checkpoint_dir(tmp_path, name) / f"llm-v{state['version']}.safetensors").exists()
+    assert (checkpoint_dir(tmp_path, name) / f"llm-v{state['version']}.optim.pt").exists()
+    experiment = crosslm_state(tmp_path, name)["experiment"]
+    silo_meta = tmp_path / "silos" / experiment / "silo-1-crosslm.json"
+    assert json.loads(silo_meta.read_text())["round"] == 1  # the silo finished round 1 before the server died
+
+    resumed, grid = attempt(tmp_path, name, resume=True, crosslm_options=options)
+    assert resumed.status == "ok" and resumed.failures == []
+    assert sent(grid, p.TRAIN_PRIVATE) == []  # both silos' private training is kept
+    assert (NODES[1], "1") not in sent(grid, p.SCORE)  # its batch-1 scores are in the checkpoint
+    assert sent(grid, p.UPLOAD) == []  # score-on=server: the server's copies of the SLMs are in its checkpoint
+    assert (NODES[1], "1") in sent(grid, p.ENHANCE)  # asked again; the silo answers from its disk
+    assert resumed.server_metrics["crosslm.batches"] == 2
+    assert_same_results(resumed, crosslm_uninterrupted[mode, score_on])  # nothing lost, nothing done twice
+    steps = [json.loads(line) for line in Path(resumed.artifacts["crosslm-steps"]).read_text().splitlines()]
+    assert [e["step"] for e in steps] == list(range(1, resumed.server_metrics["crosslm.llm-steps"] + 1))
+    assert not checkpoint_dir(tmp_path, name).exists()
+    assert not list((tmp_path / "silos" / experiment).glob("*-slm.safetensors"))  # final round: weights not kept
+
+
+def test_a_silo_answers_a_finished_crosslm_round_again_and_refuses_one_it_cannot_have(tmp_path):
+    cfg = tiny_config(tmp_path, method="crosslm")
+    silo = Silo.from_context(SimpleNamespace(run_config=cfg.to_run_config(),
+                                             node_config={"partition-id": 0, "state-dir": str(tmp_path)}))
+    before = silo.train_private(RecordDict(), None, experiment="exp1")
+    assert silo.train_private(RecordDict(), None, experiment="exp1") == before  # stored, not retrained
+    examples = Examples.of(["good stuff here", "bad stuff there"], [2, 0])
+
+    def enhance(round_: int, final: bool = False) -> dict:
+        return silo.enhance(RecordDict(), examples, None, 1, 1.0, False, None, round_, "exp1", final)
+
+    with pytest.raises(p.ProtocolError, match="after round 1"):
+        enhance(2)  # it has round 0 only
+    first = enhance(1)  # from the round-0 SLM on its disk (fresh node state, as in a new Flower run)
+    assert first["train.synthetic"] == 2 and enhance(1) == first
+    assert silo.score(RecordDict(), ("fine",), 1, "exp1").shape == (1, 3)
+    with pytest.raises(p.ProtocolError, match="after round 0"):
+        silo.score(RecordDict(), ("fine",), 0, "exp1")  # only the latest round is kept
+    last = enhance(2, final=True)
+    assert enhance(2, final=True) == last and not list(tmp_path.glob("exp1/*.safetensors"))

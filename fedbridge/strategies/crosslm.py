@@ -19,10 +19,17 @@ Per silo, asynchronously by default (Flower has no asynchronous strategy: this i
   5. When the silo's enhanced metrics arrive, its next round starts (step 3 with batch b+1), whatever the others do.
 Every message has a TTL (``crosslm.ttl``); an error reply or a silo that stays silent is logged as a failure and
 dropped, never waited for. ``crosslm.mode=sync`` runs each step for all silos and waits for all, for comparison.
+
+Checkpoint (``resume=true``): after every step above the server saves the LLM adapter and its optimizer state (per LLM
+version), the batches with the scores received, each silo's progress (trained / scored round / enhanced round), the
+counters and the LoRA step log. A restarted server reloads them and sends each silo its next request; silos keep
+their SLM of the latest round on their own disk (``Silo.keep_slm``) and answer a request they already finished with
+its stored metrics, so no round is trained twice and no LLM update is lost or repeated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -61,6 +68,7 @@ from fedbridge.tasks import Examples, Task, classification_metrics
 
 log = logging.getLogger(__name__)
 MODES, SCORE_ON, TARGETS = ("async", "sync"), ("silo", "server"), ("hard", "soft")
+CHECKPOINT_STEP = "crosslm"  # the one checkpoint step, rewritten after every silo's step
 
 
 @dataclass(frozen=True)
@@ -200,7 +208,8 @@ class Batch:
     index: int
     version: int  # LLM updates done before it was written
     examples: list[Generated]
-    scores: dict[int, np.ndarray] = field(default_factory=dict)  # node id -> (n, num_labels)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # silo name -> (n, num_labels)
+    learned: bool = False  # sync: the LLM has been updated on it
     embeddings: np.ndarray | None = None
 
     @property
@@ -216,6 +225,25 @@ class Batch:
         if not self.examples:
             return np.zeros(0)
         return aggregate([rewards_from_probabilities(s, self.labels) for s in self.scores.values()], rule, trim)
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "learned": self.learned,
+                "examples": [[g.prompt, g.text, g.label] for g in self.examples],
+                "scores": {silo: probs.tolist() for silo, probs in self.scores.items()}}
+
+    @classmethod
+    def from_json(cls, index: int, data: dict) -> Batch:
+        return cls(index, data["version"], [Generated(prompt, text, label) for prompt, text, label in data["examples"]],
+                   {silo: np.array(probs, dtype=np.float64) for silo, probs in data["scores"].items()},
+                   data["learned"])
+
+
+@dataclass
+class Progress:
+    """How far one silo has got: its SLM trained, the last batch it scored and the last round it was enhanced in."""
+
+    scored: int = 0
+    enhanced: int = 0
 
 
 @dataclass(frozen=True)
@@ -255,10 +283,16 @@ class _Run:
         self.history: list[str] = []
         self.version = 0  # LLM updates so far
         self.server_slms: dict[int, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+        self.slm_specs: dict[str, str] = {}  # score-on=server: silo name -> the spec of the SLM it uploaded
         self.counts: Counter = Counter()
+        self.selected: dict[str, int] = {}  # "silo/round" -> examples sent for that round's enhancement
         self.stats = GenerationStats()
         self.trainer: RewardTrainer | None = None
         self.steps_path = Path(cfg.results_dir) / f"{self.record.run_name}.crosslm-steps.jsonl"
+        self.progress: dict[str, Progress] = {}  # silo name -> progress; absent = not trained yet
+        self.before: dict[str, float] = {}  # the LLM's metrics before any update
+        self.saved = session.checkpoint.done(CHECKPOINT_STEP)  # the earlier attempt's state, when resuming
+        self.saved_version: int | None = None  # the LLM version whose adapter the checkpoint holds
 
     # -------------------------------------------------------------- run
 
@@ -267,17 +301,26 @@ class _Run:
         if opts.score_on == "server":
             self.record.notes.append("crosslm: score-on=server: silos uploaded their SLM weights to the server "
                                      "(weaker privacy than score-on=silo, where only probabilities leave a silo)")
+        if self.saved is not None:
+            self.progress = {silo: Progress(**prog) for silo, prog in self.saved["progress"].items()}
+        else:
+            self.steps_path.unlink(missing_ok=True)  # an earlier attempt's steps are not this run's
         # silos train while the server loads and evaluates its LLM
-        self.push_all(p.TRAIN_PRIVATE, 0, lambda node: p.request({"round": 0}, global_test=session.global_test))
+        for node in sorted(self.live):
+            if self.session.silo_name(node) not in self.progress:
+                self.push(node, p.TRAIN_PRIVATE, 0, p.request({"round": 0}, global_test=session.global_test))
         with session.phase("server-llm-load"):
             model, tok = load_llm(self.cfg.llm.model, trainable=True)
             eval_set = _subsample(session.global_test, opts.llm_eval_examples, self.cfg.seed)
             passages = general_text(opts.general_text)
             passages = passages[:opts.ppl_passages] if opts.ppl_passages > 0 else passages
-        with session.phase("llm-eval-before"):
-            before = self.evaluate_llm(model, tok, eval_set, passages)
+        if self.saved is None:
+            with session.phase("llm-eval-before"):
+                self.before = self.evaluate_llm(model, tok, eval_set, passages)
         self.trainer = RewardTrainer(model, tok, opts.update_config(), self.task.labels, self.task.instruction,
                                      seed=self.cfg.seed)
+        if self.saved is not None:
+            self.restore(self.saved)
         with session.phase("crosslm-rounds"):
             self.run_async() if opts.mode == "async" else self.run_sync()
         if not any("global-test.accuracy" in m for m in self.record.silo_metrics.values()):
@@ -285,54 +328,77 @@ class _Run:
                                "failures).")
         with session.phase("llm-eval-after"):
             after = self.evaluate_llm(self.trainer.model, tok, eval_set, passages)
-        self.finish(before, after)
+        self.finish(self.before, after)
 
     def run_async(self) -> None:
+        for node in sorted(self.live):  # a resumed run: trained silos go on where they were
+            if self.session.silo_name(node) in self.progress:
+                self.advance(node, "resume")
         for pend, content in self.replies():
             node, r = pend.node, pend.round
             if pend.message_type == p.TRAIN_PRIVATE:
                 self.on_trained(node, content)
-                if self.opts.score_on == "server":
-                    self.push(node, p.UPLOAD, 0, p.request({"round": 0}))
-                else:
-                    self.request_scores(node, 1)
+                self.advance(node, p.TRAIN_PRIVATE)
             elif pend.message_type == p.UPLOAD:
                 if self.on_uploaded(pend, content):
-                    self.process(node, 1, self.server_scores(node, 1), p.UPLOAD)
+                    self.advance(node, p.UPLOAD)
             elif pend.message_type == p.SCORE:
                 if (probs := self.read_scores(pend, content)) is not None:
                     self.process(node, r, probs, p.SCORE)
             elif pend.message_type == p.ENHANCE:
                 self.on_enhanced(node, r, content)
-                if r < self.opts.rounds and self.opts.score_on == "server":
-                    self.process(node, r + 1, self.server_scores(node, r + 1), p.ENHANCE)
-                elif r < self.opts.rounds:
-                    self.request_scores(node, r + 1)
+                self.advance(node, p.ENHANCE)
+
+    def advance(self, node: int, trigger: str) -> None:
+        """Async: send a silo its next request, from its progress (fresh, or restored from the checkpoint)."""
+        prog = self.progress[self.session.silo_name(node)]
+        if self.opts.score_on == "server" and node not in self.server_slms:
+            self.push(node, p.UPLOAD, prog.enhanced, p.request({"round": prog.enhanced}))
+        elif prog.scored > prog.enhanced:  # resumed after its scores were used, before its enhancement came back
+            batch = self.batch(prog.scored)
+            self.send_enhancement(node, batch, batch.rewards(self.opts.aggregate, self.opts.trim))
+        elif prog.enhanced < self.opts.rounds and self.opts.score_on == "server":
+            self.process(node, prog.enhanced + 1, self.server_scores(node, prog.enhanced + 1), trigger)
+        elif prog.enhanced < self.opts.rounds:
+            self.request_scores(node, prog.enhanced + 1)
 
     def run_sync(self) -> None:
         for pend, content in self.replies():
             self.on_trained(pend.node, content)
         if self.opts.score_on == "server":
-            self.push_all(p.UPLOAD, 0, lambda node: p.request({"round": 0}))
+            for node in sorted(self.live):
+                enhanced = self.progress[self.session.silo_name(node)].enhanced
+                self.push(node, p.UPLOAD, enhanced, p.request({"round": enhanced}))
             for pend, content in self.replies():
                 self.on_uploaded(pend, content)
         for r in range(1, self.opts.rounds + 1):
+            todo = [node for node in sorted(self.live) if self.progress[self.session.silo_name(node)].enhanced < r]
+            if not todo:
+                continue  # a resumed run: every silo finished this round before the restart
             batch = self.batch(r)
+            unscored = [node for node in todo if self.session.silo_name(node) not in batch.scores]
             if self.opts.score_on == "server":
-                for node in sorted(self.live):
+                for node in unscored:
                     self.take_scores(node, batch, self.server_scores(node, r))
             else:
-                self.push_all(p.SCORE, r, lambda node: self.score_request(batch))
+                for node in unscored:
+                    self.request_scores(node, r)
                 for pend, content in self.replies():
                     if (probs := self.read_scores(pend, content)) is not None:
                         self.take_scores(pend.node, batch, probs)
             if not batch.scores:
                 break
             rewards = batch.rewards(self.opts.aggregate, self.opts.trim)
-            # as many steps as async spends on a batch: one update per arrival from the min-scorers-th on
-            contributions = len(batch.scores) - min(self.opts.min_scorers, len(self.live)) + 1
-            self.learn(batch, rewards, "all", self.opts.lora_steps * max(1, contributions))
-            for node in sorted(self.live & set(batch.scores)):
+            if not batch.learned:
+                # as many steps as async spends on a batch: one update per arrival from the min-scorers-th on
+                contributions = len(batch.scores) - min(self.opts.min_scorers, len(self.live)) + 1
+                self.learn(batch, rewards, "all", self.opts.lora_steps * max(1, contributions))
+                batch.learned = True
+            ready = [node for node in todo if node in self.live and self.session.silo_name(node) in batch.scores]
+            for node in ready:
+                self.progress[self.session.silo_name(node)].scored = r
+            self.save()
+            for node in ready:
                 self.session.event(node, "processed", p.SCORE, r)
                 self.send_enhancement(node, batch, rewards)
             for pend, content in self.replies():
@@ -394,7 +460,9 @@ class _Run:
         for key, value in p.read_metrics(content).items():
             if key != "partition-id":
                 metrics[key if key.startswith("num-") else f"before.{key}"] = value
+        self.progress[self.session.silo_name(node)] = Progress()
         self.session.event(node, "processed", p.TRAIN_PRIVATE, 0)
+        self.save()
 
     def on_uploaded(self, pend: _Pending, content: RecordDict) -> bool:
         """Load the SLM a silo uploaded (score-on=server); a malformed upload drops the silo."""
@@ -410,6 +478,8 @@ class _Run:
             self.drop(pend, f"rejected: unusable SLM upload: {err}")
             return False
         self.server_slms[pend.node] = (model, tok)
+        self.slm_specs[self.session.silo_name(pend.node)] = spec
+        self.session.checkpoint.save_arrays(f"slm/{self.session.silo_name(pend.node)}", model.state_dict())
         self.session.save_contribution(pend.node, "slm-upload", 0, spec=spec, bytes=p.payload_bytes(content))
         self.session.event(pend.node, "processed", p.UPLOAD, 0)
         return True
@@ -432,7 +502,7 @@ class _Run:
         self.push(node, p.SCORE, round_, self.score_request(self.batch(round_)))
 
     def take_scores(self, node: int, batch: Batch, probs: np.ndarray) -> None:
-        batch.scores[node] = probs
+        batch.scores[self.session.silo_name(node)] = probs
         self.session.save_contribution(node, "scores", batch.index, Examples.of(batch.texts, batch.labels),
                                        probs=np.round(probs, 4).tolist())
 
@@ -442,6 +512,8 @@ class _Run:
         self.take_scores(node, batch, probs)
         rewards = batch.rewards(self.opts.aggregate, self.opts.trim)
         self.learn(batch, rewards, self.session.silo_name(node), self.opts.lora_steps)
+        self.progress[self.session.silo_name(node)].scored = round_
+        self.save()  # before the enhancement goes out: a restart then resends it, and the silo's answer is idempotent
         self.send_enhancement(node, batch, rewards)
         self.session.event(node, "processed", trigger, round_)
 
@@ -453,7 +525,12 @@ class _Run:
             metrics[key] = value
             if key.endswith((".accuracy", ".macro_f1")):
                 metrics[f"round-{round_}.{key}"] = value
+        self.progress[self.session.silo_name(node)].enhanced = round_
+        if node in self.server_slms:  # score-on=server: the server's copy, as of the round the silo confirmed
+            self.session.checkpoint.save_arrays(f"slm/{self.session.silo_name(node)}",
+                                                self.server_slms[node][0].state_dict())
         self.session.event(node, "processed", p.ENHANCE, round_)
+        self.save()
 
     # -------------------------------------------------------------- server work
 
@@ -495,16 +572,18 @@ class _Run:
             self.record.artifacts["crosslm-steps"] = str(self.steps_path)
 
     def send_enhancement(self, node: int, batch: Batch, rewards: np.ndarray) -> None:
+        """Select this silo's examples from the batch and send them (or, score-on=server, the weights enhanced on
+        them). A resumed run may send a silo's round again: counted once, by (silo, round)."""
         opts = self.opts
         if opts.diversity and batch.embeddings is None and batch.examples:
             batch.embeddings = embed(batch.texts)
         chosen = select_examples(batch.labels, rewards, opts.select_max, opts.min_reward, batch.embeddings,
                                  opts.diversity)
-        self.counts["selected"] += len(chosen)
+        self.selected[f"{self.session.silo_name(node)}/{batch.index}"] = len(chosen)
         examples = Examples.of([batch.texts[i] for i in chosen], [batch.labels[i] for i in chosen])
         targets = (aggregate_probabilities([s[chosen] for s in batch.scores.values()], opts.aggregate, opts.trim)
                    if opts.targets == "soft" and chosen else None)
-        config = {"round": batch.index}
+        config = {"round": batch.index, "final": batch.index == opts.rounds}
         if opts.score_on == "server":
             model, tok = self.server_slms[node]
             if chosen:
@@ -520,6 +599,49 @@ class _Run:
             content = p.request(config, global_test=self.session.global_test, examples=p.examples_record(examples),
                                 **extra)
         self.push(node, p.ENHANCE, batch.index, content)
+
+    # -------------------------------------------------------------- checkpoint
+
+    def save(self) -> None:
+        """Checkpoint the run: the adapter and optimizer of the current LLM version (once per version; the
+        previous one is dropped after), then the rest as the step's JSON state."""
+        ckpt, trainer = self.session.checkpoint, self.trainer
+        if self.saved_version != self.version:
+            ckpt.save_adapter(f"llm-v{self.version}", trainer.model)
+            ckpt.save_optimizer(f"llm-v{self.version}", trainer.optim)
+        rng = trainer.rng.getstate()
+        ckpt.complete(CHECKPOINT_STEP, version=self.version, before=self.before, counts=dict(self.counts),
+                      stats=dataclasses.asdict(self.stats), log=trainer.log, rng=[rng[0], list(rng[1])],
+                      selected=self.selected, slm_specs=self.slm_specs,
+                      progress={silo: dataclasses.asdict(prog) for silo, prog in self.progress.items()},
+                      batches=[batch.to_json() for batch in self.batches])
+        if self.saved_version not in (None, self.version):
+            ckpt.delete(f"llm-v{self.saved_version}")
+        self.saved_version = self.version
+
+    def restore(self, saved: dict) -> None:
+        """Go on from the earlier attempt's checkpoint: the LLM as it was, and everything written and scored."""
+        ckpt, trainer, name = self.session.checkpoint, self.trainer, f"llm-v{saved['version']}"
+        if not (ckpt.load_adapter(name, trainer.model) and ckpt.load_optimizer(name, trainer.optim)):
+            raise ConfigError(f"The CrossLM checkpoint in {ckpt.directory} lacks the LLM adapter '{name}'. Delete "
+                              "the directory to start over.")
+        self.version = self.saved_version = saved["version"]
+        self.before, self.counts, self.selected = saved["before"], Counter(saved["counts"]), saved["selected"]
+        self.stats = GenerationStats(**saved["stats"])
+        trainer.log = list(saved["log"])
+        trainer.rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), None))
+        self.batches = [Batch.from_json(i + 1, data) for i, data in enumerate(saved["batches"])]
+        self.history = [text for batch in self.batches for text in batch.texts]
+        self.slm_specs = saved["slm_specs"]
+        for node, silo in self.session.silos.items():  # score-on=server: the copies as of each silo's last round
+            if silo in self.slm_specs and (arrays := ckpt.load_arrays(f"slm/{silo}")) is not None:
+                model, tok = load_slm(self.slm_specs[silo], self.num_labels, seed=self.cfg.seed)
+                model.load_state_dict(arrays)
+                self.server_slms[node] = (model, tok)
+        with self.steps_path.open("w", encoding="utf-8") as f:  # the steps the checkpoint covers, not any after it
+            f.writelines(json.dumps(entry) + "\n" for entry in trainer.log)
+        log.info("crosslm: resumed at LLM version %d with %d batches; silo progress %s", self.version,
+                 len(self.batches), {silo: dataclasses.asdict(prog) for silo, prog in self.progress.items()})
 
     def evaluate_llm(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, eval_set: Examples,
                      passages: list[str]) -> dict[str, float]:
@@ -539,6 +661,7 @@ class _Run:
         server.update({f"crosslm.llm-before.{k}": v for k, v in before.items()})
         server.update({f"crosslm.llm-after.{k}": v for k, v in after.items()})
         server.update({f"crosslm.{k}": v for k, v in sorted(self.counts.items())})
+        server["crosslm.selected"] = sum(self.selected.values())
         server["crosslm.llm-version"] = self.version
         server["crosslm.llm-steps"] = len(self.trainer.log)
         server["crosslm.batches"] = len(self.batches)
