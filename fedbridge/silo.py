@@ -185,11 +185,11 @@ class Silo:
     def kept_slm(self, state: RecordDict, round_: int | None = None,
                  experiment: str = "") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """The SLM as it was after ``round_`` (None: the latest), from the node state or the silo's disk."""
-        if KEPT_SLM in state and round_ in (None, state[KEPT_ROUND]["round"]):
+        if KEPT_SLM in state and (round_ is None or state[KEPT_ROUND]["round"] == round_):
             return self.slm_from_arrays(state[KEPT_SLM])
         if experiment:
             meta, weights = self._crosslm_paths(experiment)
-            if weights.exists() and round_ in (None, json.loads(meta.read_text())["round"]):
+            if weights.exists() and (round_ is None or json.loads(meta.read_text())["round"] == round_):
                 model, tok = self.new_slm()
                 model.load_state_dict(safetensors.torch.load_file(weights))
                 return model, tok
