@@ -346,7 +346,7 @@ def crosslm_uninterrupted(tmp_path_factory) -> dict[str, RunRecord]:
     return out
 
 
-CROSSLM_VARIANTS = [("async", "silo"), ("sync", "silo"), ("async", "server")]
+CROSSLM_VARIANTS = [("async", "silo"), ("sync", "silo"), ("async", "server"), ("sync", "server")]
 
 
 @pytest.mark.parametrize("mode,score_on", CROSSLM_VARIANTS)

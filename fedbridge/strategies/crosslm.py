@@ -366,7 +366,7 @@ class _Run:
         for pend, content in self.replies():
             self.on_trained(pend.node, content)
         if self.opts.score_on == "server":
-            for node in sorted(self.live):
+            for node in sorted(self.live - set(self.server_slms)):  # a resumed run restored the others' copies
                 enhanced = self.progress[self.session.silo_name(node)].enhanced
                 self.push(node, p.UPLOAD, enhanced, p.request({"round": enhanced}))
             for pend, content in self.replies():
