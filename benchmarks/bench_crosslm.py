@@ -209,9 +209,9 @@ def report(dirs: list[Path]) -> str:
         key = (Path(str(c.get("task.name"))).stem, r.method, f"{c.get('slm.model')}; {setting}".strip("; "),
                f"silo {c['faults.slow-silos']} x{c.get('faults.slow-factor')}" if c.get("faults.slow-silos") else "")
         groups.setdefault(key, []).append(r)
-    lines = ["| task | method | setting | faults | seeds | SLM global acc before → after | SLM silo-test acc before → "
-             "after | LLM acc before → after | LLM F1 before → after | perplexity before → after | wall s |",
-             "|" + "---|" * 11]
+    lines = ["| task | method | setting | faults | seeds | SLM global acc before → after | SLM global F1 before → after "
+             "| SLM silo-test acc before → after | LLM acc before → after | LLM F1 before → after | perplexity "
+             "before → after | wall s |", "|" + "---|" * 12]
     for (task, method, setting, faults), rs in sorted(groups.items()):
         g = [r.global_metrics for r in rs]
         s = [r.server_metrics for r in rs]
@@ -222,6 +222,7 @@ def report(dirs: list[Path]) -> str:
         lines.append("| " + " | ".join([
             task, method, setting or "—", faults or "—", str(len(rs)),
             before_after("before_accuracy", "accuracy") if method == "crosslm" else _fmt([x.get("accuracy") for x in g]),
+            before_after("before_macro_f1", "macro_f1") if method == "crosslm" else _fmt([x.get("macro_f1") for x in g]),
             before_after("before_silo_test_accuracy", "silo_test_accuracy") if method == "crosslm"
             else _fmt([x.get("silo_test_accuracy") for x in g]),
             before_after("crosslm.llm-before.accuracy", "crosslm.llm-after.accuracy", s) if method == "crosslm" else "—",
@@ -232,8 +233,8 @@ def report(dirs: list[Path]) -> str:
     lines += ["", "Accuracy and macro-F1 in %, mean ± std over seeds. SLM: mean over silos (global = the server's "
               "held-out set). LLM: label scoring on `crosslm.llm-eval-examples` global-test examples. Perplexity: "
               "the held-out general text (`crosslm.general-text`).", "", "Per silo (crosslm runs, mean over seeds):",
-              "", "| task | setting | faults | silo | SLM | global acc before → after | silo-test acc before → after |",
-              "|" + "---|" * 7]
+              "", "| task | setting | faults | silo | SLM | global acc before → after | global F1 before → after | "
+              "silo-test acc before → after |", "|" + "---|" * 8]
     for (task, method, setting, faults), rs in sorted(groups.items()):
         if method != "crosslm":
             continue
@@ -243,6 +244,8 @@ def report(dirs: list[Path]) -> str:
             lines.append(f"| {task} | {setting} | {faults or '—'} | {silo} | {spec} | "
                          f"{_fmt([x.get('before.global-test.accuracy') for x in m])} → "
                          f"{_fmt([x.get('global-test.accuracy') for x in m])} | "
+                         f"{_fmt([x.get('before.global-test.macro_f1') for x in m])} → "
+                         f"{_fmt([x.get('global-test.macro_f1') for x in m])} | "
                          f"{_fmt([x.get('before.silo-test.accuracy') for x in m])} → "
                          f"{_fmt([x.get('silo-test.accuracy') for x in m])} |")
     return "\n".join(lines) + "\n"

@@ -19,16 +19,23 @@ it answers the global test set in context. One run:
   5. with planted canaries (``social.canaries``), each student prompt's canary rank among 999 comparison secrets.
 Each variant's metrics go to ``server_metrics["variant.<name>.<metric>"]`` (``fedbridge compare`` shows one row
 each); ``global_metrics`` holds the first aggregator's.
+
+Checkpoint (``resume=true``): each teacher's lesson (``lesson/<silo>``), each teacher's votes on the candidate list
+they were cast on (``vote/<silo>``), and each variant's student metrics (``eval/<variant>``, ``canary/<variant>``) are
+steps: a restarted server asks no teacher to teach again (a DP teacher could not: its budget is spent), and re-votes
+only if the candidate list changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,7 +345,7 @@ class SocialLearning(Method):
 
     def run(self, session: Session) -> None:
         opts, record = self.options, session.record
-        record.privacy = {}
+        record.privacy = record.privacy or {}  # a resumed run's record holds its teachers' already
         test = session.global_test
         if opts.max_test and len(test) > opts.max_test:
             test = Examples.of(test.texts[:opts.max_test], test.labels[:opts.max_test])
@@ -353,23 +360,37 @@ class SocialLearning(Method):
                 scores = self._vote(session, candidates)
         variants = self._variants(session, candidates, aggregators, scores)
         with session.phase("student-eval"):
-            results = {v.name: self._evaluate(student, tok, session, test, v.context) for v in variants}
+            results = {v.name: _once(session, f"eval/{v.name}",
+                                     lambda v=v: self._evaluate(student, tok, session, test, v.context))
+                       for v in variants}
             if "raw" in opts.baseline_names:
-                results[f"{opts.mode}:raw"] = self._evaluate_raw(student, tok, session, test, candidates)
+                results[f"{opts.mode}:raw"] = _once(session, f"eval/{opts.mode}:raw", lambda: self._evaluate_raw(
+                    student, tok, session, test, candidates))
         if opts.canary_setup is not None:
             canary = opts.canary_setup.canary(self.cfg.seed)
             with session.phase("canary"):
                 for v in variants:
                     if v.context:  # the student prompt of this variant, as the canary's context
-                        results[v.name] |= canary_report(student, tok, v.context + "\n\n", *canary)
+                        results[v.name] |= _once(session, f"canary/{v.name}", lambda v=v: canary_report(
+                            student, tok, v.context + "\n\n", *canary))
         self._record(session, variants, results, aggregators[0].name)
         self._save_prompts(session, variants)
 
     # -------------------------------------------------------------- rounds
 
     def _teach(self, session: Session) -> list[Candidate]:
-        opts, record, task = self.options, session.record, session.task
+        opts, record, task, ckpt = self.options, session.record, session.task, session.checkpoint
         candidates, seen = [], set()
+
+        def take(silo: str, lesson: Lesson) -> None:
+            for text, label in zip(lesson.texts, lesson.labels or [None] * len(lesson.texts)):
+                key = (" ".join(text.lower().split()), label)
+                if key not in seen:  # two teachers may write the same text: the student needs it once
+                    seen.add(key)
+                    candidates.append(Candidate(text, label, silo))
+
+        for step, state in ckpt.steps("lesson/").items():  # a resumed run: lessons received before the restart
+            take(step.removeprefix("lesson/"), Lesson(**state))
 
         def parse(content) -> Lesson:
             metrics, privacy, provenance = p.read_metrics(content), p.read_privacy(content), p.read_provenance(content)
@@ -378,7 +399,8 @@ class SocialLearning(Method):
             examples = p.read_examples(content, p.EXAMPLES, len(task.labels))
             return Lesson(list(examples.texts), list(examples.labels), provenance, privacy, metrics)
 
-        request = {n: p.request({"mode": opts.mode}) for n in session.silos}
+        request = {n: p.request({"mode": opts.mode}) for n, silo in session.silos.items()
+                   if not ckpt.done(f"lesson/{silo}")}
         for node, lesson in session.iter_replies(p.TEACH, request, round_=1, parse=parse,
                                                  max_bytes=p.MAX_EXAMPLES_REPLY_BYTES):
             silo = session.silos[node]
@@ -389,15 +411,12 @@ class SocialLearning(Method):
             else:
                 session.save_contribution(node, "social-examples", 1, Examples.of(lesson.texts, lesson.labels),
                                           provenance=lesson.provenance, privacy=lesson.privacy)
-            for text, label in zip(lesson.texts, lesson.labels or [None] * len(lesson.texts)):
-                key = (" ".join(text.lower().split()), label)
-                if key not in seen:  # two teachers may write the same text: the student needs it once
-                    seen.add(key)
-                    candidates.append(Candidate(text, label, silo))
+            take(silo, lesson)
             record.silo_metrics.setdefault(silo, {}).update(lesson.metrics)
             record.tokens["silo-generated"] = (record.tokens.get("silo-generated", 0)
                                                + int(lesson.metrics.get("teach.tokens-generated", 0)))
             session.event(node, "processed", p.TEACH, 1)
+            ckpt.complete(f"lesson/{silo}", **dataclasses.asdict(lesson))
         if not candidates:
             raise RuntimeError("No teacher sent a usable example or instruction (see the record's failures and the "
                                "silos' teach.* metrics).")
@@ -411,12 +430,17 @@ class SocialLearning(Method):
             payload = {p.EXAMPLES: p.examples_record(Examples.of(texts, [c.label for c in candidates]))}
         else:
             payload = {p.INSTRUCTIONS: p.texts_record(texts)}
-        request = {n: p.request({"mode": opts.mode}, **payload) for n in session.silos}
-        rows = {}
+        ckpt = session.checkpoint
+        voted_on = hashlib.sha256(json.dumps([dataclasses.astuple(c) for c in candidates]).encode()).hexdigest()
+        rows = {step.removeprefix("vote/"): state["scores"] for step, state in ckpt.steps("vote/").items()
+                if state["candidates"] == voted_on}  # a resumed run: votes on this same candidate list
+        request = {n: p.request({"mode": opts.mode}, **payload) for n, silo in session.silos.items()
+                   if silo not in rows}
         parse = functools.partial(p.read_floats, key=p.VOTES, field="scores", length=len(candidates))
         for node, scores in session.iter_replies(p.VOTE, request, round_=2, parse=parse):
             rows[session.silos[node]] = scores
             session.event(node, "processed", p.VOTE, 2)
+            ckpt.complete(f"vote/{session.silos[node]}", candidates=voted_on, scores=scores)
         if not rows:
             raise RuntimeError("No teacher answered the vote (see the record's failures).")
         session.record.server_metrics["social.voters"] = len(rows)
@@ -514,6 +538,16 @@ class SocialLearning(Method):
         path.write_text("".join(json.dumps({"variant": v.name, "prompt": v.context}, ensure_ascii=False) + "\n"
                                 for v in variants if v.context), encoding="utf-8")
         session.record.artifacts["student-prompts"] = str(path)
+
+
+def _once(session: Session, step: str, compute: Callable[[], dict]) -> dict:
+    """``compute()``, or its result from the checkpoint when a resumed run did it already."""
+    step = re.sub(r"[^A-Za-z0-9_./-]", "_", step)  # variant names: 'examples:voting', 'original(non-private)'
+    if (done := session.checkpoint.done(step)) is not None:
+        return done
+    result = compute()
+    session.checkpoint.complete(step, **result)
+    return result
 
 
 def _shared_epsilon(session: Session) -> float:
