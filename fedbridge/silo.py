@@ -170,17 +170,17 @@ class Silo:
     # resumed run asks for the SLM of the round it had reached. The disk also remembers each finished round's
     # metrics, so a request the earlier run already completed is answered again, never trained twice.
 
-    def _crosslm_paths(self, experiment: str) -> tuple[Path, Path]:
-        base = self.state_dir / experiment / f"{self.name}-crosslm"
-        return base.with_name(base.name + ".json"), base.with_name(base.name + "-slm.safetensors")
+    def _crosslm_meta(self, experiment: str) -> tuple[Path, dict]:
+        """The silo's CrossLM file for this experiment and its content: the latest round and each round's metrics."""
+        path = self.state_dir / experiment / f"{self.name}-crosslm.json"
+        return path, json.loads(path.read_text()) if path.exists() else {"round": None, "metrics": {}}
+
+    def _crosslm_weights(self, experiment: str, round_: int) -> Path:
+        return self.state_dir / experiment / f"{self.name}-crosslm-slm-round-{round_}.safetensors"
 
     def crosslm_done(self, experiment: str, round_: int) -> dict[str, float] | None:
         """The metrics of ``round_`` if this silo finished it for this experiment already (a resumed server)."""
-        if not experiment:
-            return None
-        meta, _ = self._crosslm_paths(experiment)
-        rounds = json.loads(meta.read_text()).get("metrics", {}) if meta.exists() else {}
-        return rounds.get(str(round_))
+        return self._crosslm_meta(experiment)[1]["metrics"].get(str(round_)) if experiment else None
 
     def kept_slm(self, state: RecordDict, round_: int | None = None,
                  experiment: str = "") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -188,8 +188,9 @@ class Silo:
         if KEPT_SLM in state and (round_ is None or state[KEPT_ROUND]["round"] == round_):
             return self.slm_from_arrays(state[KEPT_SLM])
         if experiment:
-            meta, weights = self._crosslm_paths(experiment)
-            if weights.exists() and (round_ is None or json.loads(meta.read_text())["round"] == round_):
+            latest = self._crosslm_meta(experiment)[1]["round"]
+            weights = self._crosslm_weights(experiment, latest)
+            if latest is not None and round_ in (None, latest) and weights.exists():
                 model, tok = self.new_slm()
                 model.load_state_dict(safetensors.torch.load_file(weights))
                 return model, tok
@@ -200,18 +201,19 @@ class Silo:
     def keep_slm(self, state: RecordDict, model: PreTrainedModel, round_: int = 0, experiment: str = "",
                  metrics: dict[str, float] | None = None, final: bool = False) -> None:
         """Keep the SLM after ``round_`` for later messages; with an experiment id also on disk, with the round's
-        metrics. After the ``final`` round only the metrics stay on disk (the weights are the run's result)."""
+        metrics. The weights file is written before the JSON that points to it, and the previous round's removed
+        after, so a crash at any point leaves a consistent pair. After the ``final`` round only the metrics stay."""
         state[KEPT_SLM] = ArrayRecord(model.state_dict())
         state[KEPT_ROUND] = ConfigRecord({"round": round_})
         if not experiment:
             return
-        meta, weights = self._crosslm_paths(experiment)
-        done = json.loads(meta.read_text()).get("metrics", {}) if meta.exists() else {}
-        if final:
-            weights.unlink(missing_ok=True)
-        else:
-            save_tensors(weights, model.state_dict())
-        atomic_write(meta, json.dumps({"round": round_, "metrics": {**done, str(round_): metrics or {}}}))
+        path, stored = self._crosslm_meta(experiment)
+        if not final:
+            save_tensors(self._crosslm_weights(experiment, round_), model.state_dict())
+        atomic_write(path, json.dumps({"round": round_, "metrics": {**stored["metrics"], str(round_): metrics or {}}}))
+        stale = [stored["round"]] if stored["round"] not in (None, round_) else []
+        for old in stale + ([round_] if final else []):
+            self._crosslm_weights(experiment, old).unlink(missing_ok=True)
 
     def train_private(self, state: RecordDict, global_test: Examples | None, experiment: str = "") -> dict[str, float]:
         """Train a fresh SLM on the private split, keep it for later messages, and evaluate it."""

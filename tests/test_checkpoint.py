@@ -406,6 +406,27 @@ def test_a_silo_answers_a_finished_crosslm_round_again_and_refuses_one_it_cannot
     assert enhance(2, final=True) == last and not list(tmp_path.glob("exp1/*.safetensors"))
 
 
+def test_a_silo_killed_while_keeping_its_crosslm_slm_still_has_the_round_before(tmp_path, monkeypatch):
+    import fedbridge.silo as silo_module
+
+    cfg = tiny_config(tmp_path, method="crosslm")
+    silo = Silo.from_context(SimpleNamespace(run_config=cfg.to_run_config(),
+                                             node_config={"partition-id": 1, "state-dir": str(tmp_path)}))
+    silo.train_private(RecordDict(), None, experiment="exp2")
+    round0 = silo.kept_slm(RecordDict(), 0, "exp2")[0].state_dict()
+
+    def killed(path, data):
+        raise ServerKilled("silo killed before its round-1 JSON was written")
+
+    monkeypatch.setattr(silo_module, "atomic_write", killed)
+    with pytest.raises(ServerKilled):
+        silo.enhance(RecordDict(), Examples.of(["a new text to learn"], [1]), None, 3, 1.0, False, None, 1, "exp2")
+    monkeypatch.undo()
+    again = silo.kept_slm(RecordDict(), 0, "exp2")[0].state_dict()  # round 0, not the half-kept round 1
+    assert all(torch.equal(again[k], v) for k, v in round0.items())
+    assert silo.crosslm_done("exp2", 1) is None
+
+
 # ------------------------------------------------------------------ Social Learning: kill the server, resume
 
 # DP teachers (a teacher asked again could not teach: its budget is spent), every round on the wire, canaries
