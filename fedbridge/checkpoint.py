@@ -47,7 +47,9 @@ RESUMABLE_CHANGES = ("resume", "run-name", "results-dir", "timeout")
 # the record fields a step's snapshot carries (the rest describe the attempt: status, versions, start time, ...)
 RESTORED_FIELDS = ("global_metrics", "silo_metrics", "server_metrics", "communication", "tokens", "seconds",
                    "privacy", "failures", "timelines", "artifacts", "notes")
-DEFAULT_SILO_STATE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedbridge" / "silo-state"
+# node config 'state-dir' overrides it per silo
+DEFAULT_SILO_STATE_DIR = Path(os.environ.get("FEDBRIDGE_SILO_STATE_DIR") or Path(
+    os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedbridge" / "silo-state")
 _NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 

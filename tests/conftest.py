@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
+# Silo state a test run leaves (privacy ledgers, CrossLM SLM snapshots of silos a test drops) goes to a temporary
+# directory, never the user's cache; the simulation engine's processes inherit it.
+os.environ["FEDBRIDGE_SILO_STATE_DIR"] = tempfile.mkdtemp(prefix="fedbridge-tests-silo-state-")
 # Never reach a model hub from tests; keep Flower from building a runtime env or checking for updates.
 for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                      "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
