@@ -205,7 +205,8 @@ def report(dirs: list[Path]) -> str:
     for r in records:
         c = r.config
         o = from_flat(CrossLMConfig, {k: v for k, v in c.items() if k.startswith("crosslm.")}, "crosslm")
-        setting = f"{o.mode}, kl-weight={o.kl_weight:g}, score-on={o.score_on}" if r.method == "crosslm" else ""
+        setting = (f"{o.mode}, kl-weight={o.kl_weight:g}, score-on={o.score_on}"
+                   + (", with-private" if o.with_private else "")) if r.method == "crosslm" else ""
         key = (Path(str(c.get("task.name"))).stem, r.method, f"{c.get('slm.model')}; {setting}".strip("; "),
                f"silo {c['faults.slow-silos']} x{c.get('faults.slow-factor')}" if c.get("faults.slow-silos") else "")
         groups.setdefault(key, []).append(r)
