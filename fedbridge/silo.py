@@ -16,11 +16,13 @@ import json
 import math
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import safetensors.torch
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -68,13 +70,13 @@ class Silo:
 
     # ------------------------------------------------------------ SLM
 
-    def new_slm(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        return load_slm(self.cfg.slm.spec_for(self.index), len(self.labels), seed=self.cfg.seed + self.index)
+    def new_slm(self, weights: Mapping[str, torch.Tensor] | None = None
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """This silo's SLM: fresh for training, or with ``weights`` (a state dict of it)."""
+        return load_slm(self.cfg.slm.spec_for(self.index), len(self.labels), self.cfg.seed + self.index, weights)
 
     def slm_from_arrays(self, arrays: ArrayRecord) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        model, tok = self.new_slm()
-        model.load_state_dict(arrays.to_torch_state_dict())
-        return model, tok
+        return self.new_slm(arrays.to_torch_state_dict())
 
     def train_slm(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, epochs: int | None = None,
                   extra: Examples | None = None, extra_weight: float = 1.0) -> TrainStats:
@@ -191,9 +193,7 @@ class Silo:
             latest = self._crosslm_meta(experiment)[1]["round"]
             weights = self._crosslm_weights(experiment, latest)
             if latest is not None and round_ in (None, latest) and weights.exists():
-                model, tok = self.new_slm()
-                model.load_state_dict(safetensors.torch.load_file(weights))
-                return model, tok
+                return self.new_slm(safetensors.torch.load_file(weights))
         wanted = "a trained SLM" if round_ is None else f"its SLM after round {round_}"
         raise ProtocolError(f"{self.name} does not have {wanted}: the server must send train.private first, or "
                             "resume with the same experiment and the silo's same state-dir.")

@@ -302,6 +302,10 @@ def test_tiny_models_are_seeded():
     assert torch.equal(a.classifier.weight, b.classifier.weight)
     assert not torch.equal(a.classifier.weight, c.classifier.weight)
     assert load_slm("tiny-bert", 5)[0].config.num_labels == 5
+    restored, _ = load_slm("tiny-bert", 3, seed=1, weights=a.state_dict())  # given weights win over the seed
+    assert torch.equal(restored.classifier.weight, a.classifier.weight)
+    with pytest.raises(RuntimeError):
+        load_slm("tiny-bert", 3, weights=load_slm("tiny-bert", 5)[0].state_dict())  # another head: refused
 
 
 def test_load_llm_shares_the_frozen_model_and_copies_trainable():

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -178,8 +179,17 @@ _LAYERS = re.compile(r"^minilm-l(\d+)$")
 
 
 @_serialized
-def load_slm(spec: str, num_labels: int, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load a fresh sequence classifier (new head with ``num_labels`` outputs) for training."""
+def load_slm(spec: str, num_labels: int, seed: int = 0,
+             weights: Mapping[str, torch.Tensor] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a fresh sequence classifier (new head with ``num_labels`` outputs) for training; with ``weights`` (a
+    state dict of the same architecture, e.g. a silo's trained SLM) those instead of the pretrained ones."""
+    model, tok = _fresh_slm(spec, num_labels, seed)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model, tok
+
+
+def _fresh_slm(spec: str, num_labels: int, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     if spec == "tiny-bert":
         return tiny_slm(num_labels, seed)
     layers = None

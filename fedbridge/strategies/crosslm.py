@@ -472,8 +472,7 @@ class _Run:
             spec = slm.get("spec") if isinstance(slm, ConfigRecord) else None
             if not isinstance(spec, str) or not spec:
                 raise p.ProtocolError("upload has no 'slm' record with the model's 'spec'.")
-            model, tok = load_slm(spec, self.num_labels, seed=self.cfg.seed)
-            model.load_state_dict(arrays.to_torch_state_dict())
+            model, tok = load_slm(spec, self.num_labels, seed=self.cfg.seed, weights=arrays.to_torch_state_dict())
         except (p.ProtocolError, ModelSpecError, RuntimeError) as err:
             self.drop(pend, f"rejected: unusable SLM upload: {err}")
             return False
@@ -635,9 +634,7 @@ class _Run:
         self.slm_specs = saved["slm_specs"]
         for node, silo in self.session.silos.items():  # score-on=server: the copies as of each silo's last round
             if silo in self.slm_specs and (arrays := ckpt.load_arrays(f"slm/{silo}")) is not None:
-                model, tok = load_slm(self.slm_specs[silo], self.num_labels, seed=self.cfg.seed)
-                model.load_state_dict(arrays)
-                self.server_slms[node] = (model, tok)
+                self.server_slms[node] = load_slm(self.slm_specs[silo], self.num_labels, self.cfg.seed, arrays)
         with self.steps_path.open("w", encoding="utf-8") as f:  # the steps the checkpoint covers, not any after it
             f.writelines(json.dumps(entry) + "\n" for entry in trainer.log)
         log.info("crosslm: resumed at LLM version %d with %d batches; silo progress %s", self.version,

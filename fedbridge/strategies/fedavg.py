@@ -34,8 +34,7 @@ class FedAvgConfig:
 def evaluate_shared_model(session: Session, arrays: ArrayRecord, round_: int) -> None:
     """One model for everyone: score it on the global test set here, and on each silo's test split there."""
     spec = session.cfg.slm.spec_for(0)
-    model, tok = load_slm(spec, len(session.task.labels), seed=session.cfg.seed)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model, tok = load_slm(spec, len(session.task.labels), seed=session.cfg.seed, weights=arrays.to_torch_state_dict())
     with session.phase("server-eval"):
         probs = predict_proba(model, tok, session.global_test.texts, max_length=session.cfg.slm.max_length)
         session.record.global_metrics.update(classification_metrics(session.global_test.labels, probs))
