@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -21,6 +22,7 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from fedbridge.config import ExperimentConfig  # noqa: E402
+from fedbridge.results import RunRecord  # noqa: E402
 
 # Property tests: a fixed example sequence by default, so a fresh clone's `make test` is reproducible;
 # HYPOTHESIS_PROFILE=explore searches 20x further with fresh randomness (run it after changing a parser).
@@ -51,6 +53,21 @@ def tiny_config(results_dir: Path | str, **overrides) -> ExperimentConfig:
     flat = {**ExperimentConfig().to_run_config(), **TINY, "results-dir": str(results_dir)}
     flat.update({k.replace("_", "-"): v for k, v in overrides.items()})
     return ExperimentConfig.from_run_config(flat)
+
+
+def simulate(tmp_path: Path, method: str, options: dict, **overrides) -> RunRecord:
+    """One ``method`` run with tiny models and exactly these ``<method>.*`` options on Flower's simulation engine
+    (``flwr run``); returns the record it wrote, checked: every option in the run config, ok on both sides, this
+    method, no failures."""
+    from fedbridge.simulations.runner import run_simulation
+
+    cfg = dataclasses.replace(tiny_config(tmp_path, method=method, run_name=f"sim-{method}", **overrides),
+                              method_options=dict(options))
+    assert all(cfg.to_run_config()[k] == v for k, v in options.items())  # what the runner writes for flwr run
+    record = run_simulation(cfg, quiet=True)
+    on_disk = RunRecord.read(Path(tmp_path) / f"sim-{method}.json")
+    assert record.status == on_disk.status == "ok" and on_disk.method == method and on_disk.failures == []
+    return on_disk
 
 
 def toy_frame(n: int = 120, labels: tuple[str, ...] = ("neg", "pos"), groups: int = 6) -> pd.DataFrame:

@@ -6,26 +6,19 @@ lives in its node's context state between messages, as in a deployment.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import simulate
 from test_crosslm import FAST
 
 from fedbridge import protocol as p
-from fedbridge.results import RunRecord
-from fedbridge.simulations.runner import run_simulation
 
 pytestmark = pytest.mark.slow
 
 def test_crosslm_on_the_simulation_engine(tmp_path):
-    cfg = tiny_config(tmp_path, method="crosslm", run_name="sim-crosslm")
-    cfg = dataclasses.replace(cfg, method_options=dict(FAST))
-    record = run_simulation(cfg, quiet=True)
-    on_disk = RunRecord.read(tmp_path / "sim-crosslm.json")
-    assert record.status == on_disk.status == "ok" and on_disk.method == "crosslm" and on_disk.failures == []
+    on_disk = simulate(tmp_path, "crosslm", FAST)
     assert on_disk.config["crosslm.per-label"] == 3
     for silo in ("silo-0", "silo-1"):
         metrics = on_disk.silo_metrics[silo]

@@ -6,15 +6,12 @@ refuses the override. The silos' privacy ledgers live in their nodes' context st
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
-from conftest import tiny_config
+from conftest import simulate
 
 from fedbridge import protocol as p
-from fedbridge.results import RunRecord
-from fedbridge.simulations.runner import run_simulation
 
 pytestmark = pytest.mark.slow
 
@@ -24,13 +21,8 @@ OPTIONS = {"fdkt.mechanism": "dp-fewshot", "fdkt.epsilon": 2.0, "fdkt.generator"
 
 
 def test_fdkt_on_the_simulation_engine(tmp_path):
-    cfg = tiny_config(tmp_path, method="fdkt", run_name="sim-fdkt",
-                      **{"task.max-examples": 200, "partition.num-silos": 2, "partition.kind": "iid"})
-    cfg = dataclasses.replace(cfg, method_options=dict(OPTIONS))
-    assert cfg.to_run_config()["fdkt.max-tokens"] == 6  # the options reach the run config the runner writes
-    record = run_simulation(cfg, quiet=True)
-    on_disk = RunRecord.read(tmp_path / "sim-fdkt.json")
-    assert record.status == on_disk.status == "ok" and on_disk.method == "fdkt" and on_disk.failures == []
+    on_disk = simulate(tmp_path, "fdkt", OPTIONS,
+                       **{"task.max-examples": 200, "partition.num-silos": 2, "partition.kind": "iid"})
     assert on_disk.config["fdkt.max-tokens"] == 6 and on_disk.config["fdkt.generator"] == "tiny-llama"
     assert set(on_disk.privacy) == {"silo-0", "silo-1"}
     for silo, privacy in on_disk.privacy.items():

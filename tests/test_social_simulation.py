@@ -6,16 +6,13 @@ teachers answer ``query.teach``/``query.vote`` from their own SuperNodes, and pl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
 import pytest
-from conftest import tiny_config
+from conftest import simulate
 
 from fedbridge import protocol as p
-from fedbridge.results import RunRecord
-from fedbridge.simulations.runner import run_simulation
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +23,7 @@ OPTIONS = {"social.teacher": "tiny-llama", "social.shots": 2, "social.samples": 
 
 
 def test_social_on_the_simulation_engine(tmp_path):
-    cfg = tiny_config(tmp_path, method="social", run_name="sim-social")
-    cfg = dataclasses.replace(cfg, method_options=dict(OPTIONS))
-    record = run_simulation(cfg, quiet=True)
-    on_disk = RunRecord.read(tmp_path / "sim-social.json")
-    assert record.status == on_disk.status == "ok" and on_disk.method == "social" and on_disk.failures == []
+    on_disk = simulate(tmp_path, "social", OPTIONS)
     assert on_disk.config["social.samples"] == 4 and on_disk.config["social.canaries"] is True
     for variant in ("0-shot", "examples:balanced", "examples:voting", "examples:random", "original(non-private)"):
         assert 0 <= on_disk.server_metrics[f"variant.{variant}.accuracy"] <= 1
