@@ -66,6 +66,7 @@ class LLMConfig:
     model: str = "embedded"
     batch_size: int = 8
     max_length: int = 384  # prompt tokens kept for classification
+    calibrate: bool = False  # contextual calibration of label answers (divide by a content-free input's)
 
 
 @dataclass(frozen=True)

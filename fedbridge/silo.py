@@ -108,7 +108,7 @@ class Silo:
         t0 = time.perf_counter()
         probs = label_probabilities(model, tok, self.data.test.texts, self.labels, task.instruction,
                                     batch_size=self.cfg.llm.batch_size, max_tokens=self.cfg.llm.max_length,
-                                    progress=f"{self.name} llm")
+                                    progress=f"{self.name} llm", calibrate=self.cfg.llm.calibrate)
         metrics = {f"silo-test.{k}": v for k, v in classification_metrics(self.data.test.labels, probs).items()}
         return {**metrics, "llm.seconds": time.perf_counter() - t0}
 

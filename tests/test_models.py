@@ -376,6 +376,36 @@ def test_local_model_directories_load_like_hub_ids(tmp_path):
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, slm.bert.embeddings.word_embeddings.weight)
 
 
+@pytest.mark.parametrize("context", ["", "Text: a fine example\nAnswer: b"])
+def test_calibration_divides_out_the_content_free_prior(llm, context):
+    """Contextual calibration: the content-free inputs' mean answer becomes uniform, and every row is the raw
+    probabilities over that prior, renormalised; so a label the prompt favours for any input loses its edge."""
+    from fedbridge.models.llm_classifier import CONTENT_FREE
+
+    model, tok = llm
+    texts, labels = ["great drug", "awful side effects", "it was fine I guess"], ("a", "b", "c")
+    ask = dict(batch_size=2, context=context)
+    raw = label_probabilities(model, tok, texts, labels, "Rate it.", **ask)
+    calibrated = label_probabilities(model, tok, texts, labels, "Rate it.", calibrate=True, **ask)
+    prior = label_probabilities(model, tok, list(CONTENT_FREE), labels, "Rate it.", **ask).mean(axis=0)
+    assert not np.allclose(prior, 1 / 3, atol=1e-3)  # the random model has a bias to remove
+    expected = raw / prior
+    assert np.allclose(calibrated, expected / expected.sum(axis=1, keepdims=True), atol=1e-6)
+    assert np.allclose(calibrated.sum(axis=1), 1.0)
+
+
+def test_calibration_turns_a_prompt_that_always_answers_one_label_around(monkeypatch):
+    import fedbridge.models.llm_classifier as lc
+
+    prior, rows = [0.7, 0.15, 0.15], [[0.5, 0.3, 0.2], [0.6, 0.1, 0.3], [0.9, 0.05, 0.05]]
+    monkeypatch.setattr(lc, "_label_probabilities", lambda model, tok, texts, *a: np.array(
+        [prior] * len(texts) if tuple(texts) == lc.CONTENT_FREE else rows))
+    raw = label_probabilities(None, None, ["x", "y", "z"], ("a", "b", "c"), "Rate it.")
+    calibrated = label_probabilities(None, None, ["x", "y", "z"], ("a", "b", "c"), "Rate it.", calibrate=True)
+    assert raw.argmax(axis=1).tolist() == [0, 0, 0]
+    assert calibrated.argmax(axis=1).tolist() == [1, 2, 0]
+
+
 def test_one_token_labels_take_the_single_pass_path_with_the_same_scores(monkeypatch):
     """Labels of one token each are scored from one forward pass; the result equals per-label scoring."""
     import fedbridge.models.llm_classifier as lc

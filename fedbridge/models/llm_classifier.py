@@ -27,15 +27,36 @@ def classification_prompt(instruction: str, text: str, labels: Sequence[str], ma
     return [{"role": "user", "content": f"{instruction}\n\n{middle}\n\nAnswer with one word: {', '.join(labels)}."}]
 
 
+# Zhao et al. (2021), "Calibrate before use": inputs that carry no content, whose label probabilities are the
+# prompt's own bias.
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
 def label_probabilities(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                         labels: Sequence[str], instruction: str, batch_size: int = 8, max_tokens: int = 512,
-                        progress: str | None = None, context: str = "") -> np.ndarray:
+                        progress: str | None = None, context: str = "", calibrate: bool = False) -> np.ndarray:
     """p(label | prompt) renormalised over the label set, shape (len(texts), len(labels)).
 
     When every label is one distinct token, one forward pass per text scores them all; otherwise each label
     continuation is scored on its own. With a ``context`` (few-shot examples or instructions in every prompt),
     the prompts' common beginning runs once and its KV cache is reused (``prefix_cached_logprobs``).
+    ``calibrate`` applies contextual calibration: each row is divided by the mean probabilities of the
+    ``CONTENT_FREE`` inputs under the same instruction and context, then renormalised, so a small LM's preference
+    for one label word stops deciding the answer.
     """
+    probs = _label_probabilities(model, tokenizer, texts, labels, instruction, batch_size, max_tokens, progress,
+                                 context)
+    if not calibrate or not len(texts):
+        return probs
+    prior = _label_probabilities(model, tokenizer, CONTENT_FREE, labels, instruction, batch_size, max_tokens, None,
+                                 context).mean(axis=0)
+    calibrated = probs / prior
+    return calibrated / calibrated.sum(axis=1, keepdims=True)
+
+
+def _label_probabilities(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                         labels: Sequence[str], instruction: str, batch_size: int, max_tokens: int,
+                         progress: str | None, context: str) -> np.ndarray:
     ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
     if context and texts:
         return _softmax(_scores_in_context(model, tokenizer, texts, labels, ids, instruction, context, batch_size,

@@ -644,7 +644,7 @@ class _Run:
                      passages: list[str]) -> dict[str, float]:
         probs = label_probabilities(model, tok, eval_set.texts, self.task.labels, self.task.instruction,
                                     batch_size=self.cfg.llm.batch_size, max_tokens=self.cfg.llm.max_length,
-                                    progress="crosslm llm eval")
+                                    progress="crosslm llm eval", calibrate=self.cfg.llm.calibrate)
         return {**classification_metrics(eval_set.labels, probs),
                 "perplexity": perplexity(model, tok, passages, self.opts.ppl_max_tokens, self.cfg.llm.batch_size)}
 

@@ -493,7 +493,7 @@ class SocialLearning(Method):
         task = session.task
         probs = label_probabilities(student, tok, test.texts, task.labels, task.instruction,
                                     batch_size=self.cfg.llm.batch_size, max_tokens=self.options.max_prompt_tokens,
-                                    progress="student", context=context)
+                                    progress="student", context=context, calibrate=self.cfg.llm.calibrate)
         session.record.tokens["prompt"] += sum(
             len(prompt_ids(tok, classification_prompt(task.instruction, t, task.labels, context=context)))
             for t in test.texts)

@@ -22,7 +22,8 @@ class LLMZeroShot(Method):
         with session.phase("server-llm-eval"):
             probs = label_probabilities(model, tok, session.global_test.texts, session.task.labels,
                                         session.task.instruction, batch_size=self.cfg.llm.batch_size,
-                                        max_tokens=self.cfg.llm.max_length, progress="server llm")
+                                        max_tokens=self.cfg.llm.max_length, progress="server llm",
+                                        calibrate=self.cfg.llm.calibrate)
         session.record.global_metrics.update(classification_metrics(session.global_test.labels, probs))
         with session.phase("silo-llm-eval"):
             replies = session.broadcast(p.EVALUATE_LLM, p.request(), round_=1)
