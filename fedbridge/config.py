@@ -51,10 +51,11 @@ class SLMConfig:
     batch_size: int = 16
     lr: float = 2e-4
     max_length: int = 64
+    class_balanced: bool = False  # weight the loss so every label counts the same (see class_balanced_weights)
 
     def train_config(self, epochs: int | None = None) -> SLMTrainConfig:
         return SLMTrainConfig(epochs=self.epochs if epochs is None else epochs, batch_size=self.batch_size,
-                              lr=self.lr, max_length=self.max_length)
+                              lr=self.lr, max_length=self.max_length, class_balanced=self.class_balanced)
 
     def spec_for(self, silo: int) -> str:
         specs = [s.strip() for s in self.model.split(",") if s.strip()]

@@ -20,6 +20,7 @@ class SLMTrainConfig:
     lr: float = 5e-5
     max_length: int = 128
     weight_decay: float = 0.01
+    class_balanced: bool = False  # weight each label's examples by n / (labels present x its count)
 
 
 @dataclass
@@ -40,6 +41,16 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def class_balanced_weights(targets: np.ndarray, num_labels: int) -> np.ndarray:
+    """Per-example weights n / (K * n_k), K the labels present, so every label carries the same total weight and the
+    weights average 1: a silo with a few hundred examples of a 65 %-majority label otherwise learns to answer the
+    majority label. Soft targets count fractionally."""
+    targets = np.asarray(targets)
+    counts = targets.sum(axis=0) if targets.ndim == 2 else np.bincount(targets, minlength=num_labels)
+    per_class = len(targets) / (max(int((counts > 0).sum()), 1) * np.maximum(counts, 1e-8))
+    return targets @ per_class if targets.ndim == 2 else per_class[targets]
+
+
 def train_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                      targets: Sequence[int] | np.ndarray, cfg: SLMTrainConfig = SLMTrainConfig(),
                      sample_weights: Sequence[float] | None = None, seed: int = 0,
@@ -47,13 +58,17 @@ def train_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Fine-tune in place with AdamW.
 
     ``targets`` are label ids, or an (n, num_labels) array of soft labels for distillation.
-    ``sample_weights`` scale each example's loss (e.g. to down-weight synthetic data).
+    ``sample_weights`` scale each example's loss (e.g. to down-weight synthetic data); ``cfg.class_balanced``
+    multiplies them by ``class_balanced_weights``.
     """
     if len(texts) == 0:
         raise ValueError("No training examples: the silo's training split is empty.")
     soft = np.asarray(targets).ndim == 2
     targets_t = torch.tensor(np.asarray(targets), dtype=torch.float32 if soft else torch.long)
-    weights_t = torch.ones(len(texts)) if sample_weights is None else torch.tensor(sample_weights, dtype=torch.float32)
+    weights = np.ones(len(texts)) if sample_weights is None else np.asarray(sample_weights, dtype=np.float64)
+    if cfg.class_balanced:
+        weights = weights * class_balanced_weights(targets, model.config.num_labels)
+    weights_t = torch.tensor(weights, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
