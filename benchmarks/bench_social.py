@@ -3,7 +3,7 @@ canary rank / rank-0 frequency / exposure over seeds, and tokens and seconds per
 task) and drug reviews, with 8 teachers.
 
     python benchmarks/bench_social.py [--quick] [--tasks sms,drug-reviews] [--seeds 0,1,2] [--ns 8,16]
-                                      [--engine simulation] [--out results/social]
+                                      [--engine simulation] [--out results/social] [--set KEY=VALUE ...]
 
 Per task, two ``fedbridge compare`` runs: examples mode swept over n (``social.num-examples``), and instructions
 mode at the largest n (with the teachers' raw instructions as a baseline); then ``fedbridge audit`` of every run
@@ -53,10 +53,11 @@ def fedbridge(*args: str) -> None:
     subprocess.run([FEDBRIDGE, *args], check=True)
 
 
-def measure(task: str, seeds: str, ns: list[int], engine: str, out: Path, quick: bool) -> list[Path]:
+def measure(task: str, seeds: str, ns: list[int], engine: str, out: Path, quick: bool,
+            extra: dict[str, str]) -> list[Path]:
     """The two compare runs of one task and the audit of their records; returns their runs directories."""
     name, options = TASKS[task]
-    base = {**COMMON, **options, **(QUICK if quick else {})}
+    base = {**COMMON, **options, **(QUICK if quick else {}), **extra}
     examples, instructions = out / task / "examples", out / task / "instructions"
     fedbridge("compare", "--methods", "social", "--task", name, "--seeds", seeds, "--engine", engine,
               "--out", str(examples), "--sweep", f"social.num-examples={','.join(map(str, ns))}",
@@ -107,7 +108,10 @@ def main() -> None:
     parser.add_argument("--ns", default="8,16", help="n: examples in the student's prompt (comma list)")
     parser.add_argument("--engine", default="simulation", choices=("simulation", "inprocess"))
     parser.add_argument("--out", type=Path, default=Path("results/social"))
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config override for every run (repeatable), e.g. resume=true or llm.calibrate=true")
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.sets)
     seeds, engine = ("0", "inprocess") if args.quick else (args.seeds, args.engine)
     ns = [4] if args.quick else [int(n) for n in args.ns.split(",")]
     run_dirs = {}
@@ -115,7 +119,7 @@ def main() -> None:
         if task == "sms" and not SMS_SPAM.exists():
             print(f"skipping sms: {SMS_SPAM} is absent (optional data)")
             continue
-        run_dirs[task] = measure(task, seeds, ns, engine, args.out, args.quick)
+        run_dirs[task] = measure(task, seeds, ns, engine, args.out, args.quick, extra)
     table, summary = phases(run_dirs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "phases.md").write_text(table)

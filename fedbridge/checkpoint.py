@@ -251,9 +251,17 @@ def _read_state(directory: Path) -> dict[str, Any] | None:
 
 
 def _check_same_config(saved: Mapping[str, Any], now: Mapping[str, Any], directory: Path) -> None:
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    """Refuse a resume that would compute something else. A key the checkpoint lacks was added to fedbridge after
+    it was written, and new keys default to the old behaviour: at its default it changes nothing."""
+    defaults = _fingerprint(ExperimentConfig())
+    missing = object()
+
+    def before(key: str) -> Any:
+        return saved[key] if key in saved else defaults.get(key, missing)
+
+    changed = sorted(k for k in saved.keys() | now.keys() if before(k) != now.get(k, missing))
     if changed:
-        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        diff = ", ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed[:5])
         raise ConfigError(f"resume=true, but this run config differs from the checkpointed run's ({directory}): "
                           f"{diff}. Resume with the same config, or start a new run (resume=false or another "
                           "run-name).")

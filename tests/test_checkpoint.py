@@ -163,6 +163,20 @@ def test_a_new_run_replaces_an_old_checkpoint_and_resume_checks_the_config(tmp_p
         Checkpoint.for_run(tiny_config(tmp_path, run_name="again", resume=True), run_record(cfg))
 
 
+def test_a_checkpoint_older_than_a_config_key_resumes_while_the_key_is_at_its_default(tmp_path):
+    cfg = tiny_config(tmp_path, run_name="older")
+    Checkpoint.for_run(cfg, run_record(cfg)).complete("round-1")
+    state_path = checkpoint_dir(tmp_path, "older") / STATE_FILE
+    state = json.loads(state_path.read_text())
+    del state["config"]["slm.class-balanced"]  # as written by a fedbridge without the key
+    state_path.write_text(json.dumps(state))
+    resumed = Checkpoint.for_run(tiny_config(tmp_path, run_name="older", resume=True), run_record(cfg))
+    assert resumed.done("round-1") == {}
+    changed = tiny_config(tmp_path, run_name="older", resume=True, **{"slm.class-balanced": True})
+    with pytest.raises(ConfigError, match=r"slm.class-balanced: '\(absent\)' -> True"):
+        Checkpoint.for_run(changed, run_record(cfg))
+
+
 def test_names_cannot_leave_the_checkpoint_directory(tmp_path):
     cfg = tiny_config(tmp_path, run_name="names")
     ckpt = Checkpoint.for_run(cfg, run_record(cfg))
