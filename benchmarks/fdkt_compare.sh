@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/fdkt-compare}
 MIXED="--set slm.model=embedded,minilm-l3"
 FDKT="--set fdkt.num-per-label=1 --set fdkt.max-tokens=32 --set fdkt.groups=2 --set fdkt.pooled=true --set fdkt.augment-per-label=8"
-DPSGD="--set fdkt.mechanism=dp-sgd --set fdkt.sgd-epochs=1"
+DPSGD="--sweep fdkt.mechanism=dp-sgd --set fdkt.sgd-epochs=1"  # swept, so that the run names say dp-sgd
 run() {  # run SEEDS ARGS...: one fedbridge compare on drug-reviews into OUT
   local seeds=$1; shift
   .venv/bin/fedbridge compare --seeds "$seeds" --engine simulation --task drug-reviews "$@" --out "$OUT"
