@@ -22,3 +22,8 @@ run drug-reviews --methods crosslm --sweep crosslm.kl-weight=0 $MIXED
 run drug-reviews --methods fdkt $FDKT $MIXED
 run tweets --methods crosslm --sweep crosslm.kl-weight=0 $MIXED
 run tweets --methods fdkt $FDKT $MIXED
+# A setting where the LLM moves: 4x the LoRA steps at 10x the learning rate (32 steps at 5e-3), with and without
+# the KL leash, seed 0 (its own directory: the run names would collide with the default-setting runs above).
+.venv/bin/fedbridge compare --seeds 0 --engine simulation --task drug-reviews --methods crosslm \
+  --sweep crosslm.kl-weight=0,1 $MIXED --set crosslm.lora-steps=8 --set crosslm.lora-lr=5e-3 \
+  --out "$(dirname "$OUT")/crosslm-kl"

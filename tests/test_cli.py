@@ -150,6 +150,16 @@ def test_compare_sweep_names_runs_by_value(tmp_path, monkeypatch):
     assert (out / "accuracy.png").is_file()
 
 
+def test_one_setting_is_one_row_whether_its_value_came_as_1_or_1_0():
+    from fedbridge.simulations.compare import group
+
+    records = [RunRecord(run_name=f"r{i}", method="crosslm", seed=i, config={"crosslm.kl-weight": value}, status="ok")
+               for i, value in enumerate([1, 1.0, 0, 0.5])]
+    rows = group(records, ["crosslm.kl-weight"])
+    assert sorted((row.label, len(row.records)) for row in rows) == [
+        ("crosslm crosslm.kl-weight=0", 1), ("crosslm crosslm.kl-weight=0.5", 1), ("crosslm crosslm.kl-weight=1", 2)]
+
+
 def test_compare_grid_sweep_runs_a_method_s_own_keys_only_for_that_method(tmp_path, monkeypatch):
     out, seen = tmp_path / "grid", []
 

@@ -97,9 +97,14 @@ def group(records: Sequence[RunRecord], sweep_keys: Sequence[str] = ()) -> list[
 
     rows: dict[tuple, Row] = {}
     for rec in (variant for record in records for variant in variant_records(record)):
-        sweep = tuple((k, str(rec.config.get(k, "")) if applies(k, rec.method) else "") for k in sweep_keys)
+        sweep = tuple((k, _value_label(rec.config.get(k, "")) if applies(k, rec.method) else "") for k in sweep_keys)
         rows.setdefault((rec.method, sweep), Row(rec.method, sweep)).records.append(rec)
     return list(rows.values())
+
+
+def _value_label(value: object) -> str:
+    """One label per setting, however the value reached the config: a swept ``1`` and a default ``1.0`` are one row."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _fmt(mean: float, std: float, n: int) -> str:
