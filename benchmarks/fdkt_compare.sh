@@ -16,9 +16,7 @@ run() {  # run SEEDS ARGS...: one fedbridge compare on drug-reviews into OUT
 }
 run 0,1,2 --methods local,fdkt $MIXED $FDKT                      # fdkt at its defaults: dp-fewshot, epsilon 4
 run 0,1,2 --methods fedavg                                        # fedavg averages one architecture: MiniLM-L6
-run 0 --methods fdkt --sweep fdkt.epsilon=1,8,inf $MIXED $FDKT
-run 0 --methods fdkt --sweep fdkt.epsilon=1,4,8,inf $MIXED $FDKT $DPSGD
-run 1,2 --methods fdkt --sweep fdkt.epsilon=1,8,inf $MIXED $FDKT
-run 1,2 --methods fdkt --sweep fdkt.epsilon=1,4,8,inf $MIXED $FDKT $DPSGD
+run 0,1,2 --methods fdkt --sweep fdkt.epsilon=1,8,inf $MIXED $FDKT          # dp-fewshot: ~5 min a run
+run 0,1,2 --methods fdkt --sweep fdkt.epsilon=1,4,8,inf $MIXED $FDKT $DPSGD   # dp-sgd: ~10-15 min a run
 # One table over all of it, rows by mechanism and epsilon; the plot is accuracy vs epsilon.
 .venv/bin/fedbridge compare --only-aggregate --sweep fdkt.epsilon=1,4,8,inf --sweep fdkt.mechanism=dp-fewshot,dp-sgd --out "$OUT"
