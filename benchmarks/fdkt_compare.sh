@@ -17,6 +17,8 @@ run() {  # run SEEDS ARGS...: one fedbridge compare on drug-reviews into OUT
 run 0,1,2 --methods local,fdkt $MIXED $FDKT                      # fdkt at its defaults: dp-fewshot, epsilon 4
 run 0,1,2 --methods fedavg                                        # fedavg averages one architecture: MiniLM-L6
 run 0,1,2 --methods fdkt --sweep fdkt.epsilon=1,8,inf $MIXED $FDKT          # dp-fewshot: ~5 min a run
-run 0,1,2 --methods fdkt --sweep fdkt.epsilon=1,4,8,inf $MIXED $FDKT $DPSGD   # dp-sgd: ~10-15 min a run
+for seed in 0 1 2; do  # dp-sgd: ~10-15 min a run; a seed at every epsilon before the next seed
+  run $seed --methods fdkt --sweep fdkt.epsilon=1,4,8,inf $MIXED $FDKT $DPSGD
+done
 # One table over all of it, rows by mechanism and epsilon; the plot is accuracy vs epsilon.
 .venv/bin/fedbridge compare --only-aggregate --sweep fdkt.epsilon=1,4,8,inf --sweep fdkt.mechanism=dp-fewshot,dp-sgd --out "$OUT"
