@@ -160,6 +160,21 @@ def test_one_setting_is_one_row_whether_its_value_came_as_1_or_1_0():
         ("crosslm crosslm.kl-weight=0", 1), ("crosslm crosslm.kl-weight=0.5", 1), ("crosslm crosslm.kl-weight=1", 2)]
 
 
+def test_runs_with_different_settings_are_never_averaged_into_one_row_even_without_a_sweep():
+    from fedbridge.simulations.compare import group
+
+    def record(i, config):
+        return RunRecord(run_name=f"r{i}", method=config.pop("method", "fdkt"), seed=i % 2, status="ok",
+                         config={"seed": i % 2, "run-name": f"r{i}", "results-dir": f"/runs{i}", **config})
+
+    records = [record(0, {"fdkt.epsilon": 1, "llm.calibrate": False}), record(1, {"fdkt.epsilon": 1.0}),
+               record(2, {"fdkt.epsilon": 8, "llm.calibrate": False}), record(3, {"fdkt.epsilon": 8}),
+               record(4, {"method": "local", "fdkt.epsilon": 4}), record(5, {"method": "local", "fdkt.epsilon": 8})]
+    rows = group(records)
+    assert sorted((row.label, len(row.records)) for row in rows) == [
+        ("fdkt fdkt.epsilon=1", 2), ("fdkt fdkt.epsilon=8", 2), ("local", 2)]
+
+
 def test_compare_grid_sweep_runs_a_method_s_own_keys_only_for_that_method(tmp_path, monkeypatch):
     out, seen = tmp_path / "grid", []
 

@@ -88,18 +88,44 @@ def variant_records(record: RunRecord) -> list[RunRecord]:
     return out or [record]
 
 
+RUN_KEYS = frozenset({"method", "seed", "run-name", "results-dir", "resume", "timeout"})  # bookkeeping, not settings
+
+
 def group(records: Sequence[RunRecord], sweep_keys: Sequence[str] = ()) -> list[Row]:
+    """Rows by method and the swept keys, and also by any other setting whose value differs between runs of one
+    method, so that a table over a directory of mixed runs never averages different settings into one row."""
     from fedbridge.strategies import METHODS
 
     def applies(key: str, method: str) -> bool:  # fdkt.* says nothing about a local run, even if its config has it
         section = key.split(".")[0]
         return section not in METHODS or section == method.split()[0]
 
+    def label(rec: RunRecord, key: str) -> str:
+        value = rec.config.get(key)
+        return _value_label(value) if value is not None and applies(key, rec.method) else ""
+
+    variants = [variant for record in records for variant in variant_records(record)]
+    keys_by_method: dict[str, list[str]] = {}
+    for method in dict.fromkeys(rec.method for rec in variants):
+        runs = [rec for rec in variants if rec.method == method]
+        differing = [k for k in dict.fromkeys(k for rec in runs for k in rec.config)
+                     if k not in RUN_KEYS and k not in sweep_keys
+                     and len({label(rec, k) for rec in runs} - {""}) > 1]  # absent from an older record: not a split
+        keys_by_method[method] = [*sweep_keys, *differing]
     rows: dict[tuple, Row] = {}
-    for rec in (variant for record in records for variant in variant_records(record)):
-        sweep = tuple((k, _value_label(rec.config.get(k, "")) if applies(k, rec.method) else "") for k in sweep_keys)
+    for rec in variants:
+        sweep = tuple((k, label(rec, k)) for k in keys_by_method[rec.method])
         rows.setdefault((rec.method, sweep), Row(rec.method, sweep)).records.append(rec)
-    return list(rows.values())
+    methods = list(keys_by_method)
+    return sorted(rows.values(), key=lambda row: (methods.index(row.method), [_sort_key(v) for _, v in row.sweep]))
+
+
+def _sort_key(value: str) -> tuple[int, float, str]:
+    """Numbers in numeric order (inf last among them), then other values alphabetically."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def _value_label(value: object) -> str:
