@@ -134,9 +134,9 @@ def parse_sweeps(specs: list[str] | None) -> dict[str, list]:
 def sweep_grid(sweeps: dict[str, list], method: str) -> list[dict]:
     """The swept values that apply to ``method``: keys of another method's section (``fdkt.*`` for ``local``)
     leave it alone, so baselines run once per seed next to a method's sweep."""
-    from fedbridge.strategies import METHODS
+    from fedbridge.strategies import option_applies
 
-    keys = [k for k in sweeps if not (k.split(".")[0] in METHODS and k.split(".")[0] != method)]
+    keys = [k for k in sweeps if option_applies(k, method)]
     return [dict(zip(keys, combo)) for combo in itertools.product(*(sweeps[k] for k in keys))]
 
 

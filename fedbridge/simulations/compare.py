@@ -94,15 +94,11 @@ RUN_KEYS = frozenset({"method", "seed", "run-name", "results-dir", "resume", "ti
 def group(records: Sequence[RunRecord], sweep_keys: Sequence[str] = ()) -> list[Row]:
     """Rows by method and the swept keys, and also by any other setting whose value differs between runs of one
     method, so that a table over a directory of mixed runs never averages different settings into one row."""
-    from fedbridge.strategies import METHODS
+    from fedbridge.strategies import option_applies
 
-    def applies(key: str, method: str) -> bool:  # fdkt.* says nothing about a local run, even if its config has it
-        section = key.split(".")[0]
-        return section not in METHODS or section == method.split()[0]
-
-    def label(rec: RunRecord, key: str) -> str:
+    def label(rec: RunRecord, key: str) -> str:  # fdkt.* says nothing about a local run, even if its config has it
         value = rec.config.get(key)
-        return _value_label(value) if value is not None and applies(key, rec.method) else ""
+        return _value_label(value) if value is not None and option_applies(key, rec.method) else ""
 
     variants = [variant for record in records for variant in variant_records(record)]
     keys_by_method: dict[str, list[str]] = {}

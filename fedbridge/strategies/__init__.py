@@ -20,4 +20,11 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "Session", "get_method"]
+def option_applies(key: str, method: str) -> bool:
+    """Whether a config key concerns ``method``: a key in another method's section (``fdkt.*`` for ``local``) says
+    nothing about it. ``method`` may carry a variant after a space ('social voting')."""
+    section = key.split(".")[0]
+    return section not in METHODS or section == method.split()[0]
+
+
+__all__ = ["METHODS", "Method", "Session", "get_method", "option_applies"]
