@@ -53,9 +53,8 @@ def fedbridge(*args: str) -> None:
     subprocess.run([FEDBRIDGE, *args], check=True)
 
 
-def measure(task: str, seeds: str, ns: list[int], engine: str, out: Path, quick: bool,
-            extra: dict[str, str]) -> list[Path]:
-    """The two compare runs of one task and the audit of their records; returns their runs directories."""
+def measure(task: str, seeds: str, ns: list[int], engine: str, out: Path, quick: bool, extra: dict[str, str]) -> None:
+    """The two compare runs of one task and the audit of their records."""
     name, options = TASKS[task]
     base = {**COMMON, **options, **(QUICK if quick else {}), **extra}
     examples, instructions = out / task / "examples", out / task / "instructions"
@@ -66,10 +65,8 @@ def measure(task: str, seeds: str, ns: list[int], engine: str, out: Path, quick:
               "--out", str(instructions),
               *sets({**base, "social.mode": "instructions", "social.num-examples": max(ns),
                      "social.baselines": "zero-shot,raw,original"}))
-    runs = [examples / "runs", instructions / "runs"]
-    for directory in runs:
+    for directory in (examples / "runs", instructions / "runs"):
         fedbridge("audit", str(directory), *(["--no-rank"] if quick else []))
-    return runs
 
 
 def phases(run_dirs: dict[str, list[Path]]) -> tuple[str, dict]:
@@ -114,13 +111,15 @@ def main() -> None:
     extra = dict(item.split("=", 1) for item in args.sets)
     seeds, engine = ("0", "inprocess") if args.quick else (args.seeds, args.engine)
     ns = [4] if args.quick else [int(n) for n in args.ns.split(",")]
-    run_dirs = {}
     for task in args.tasks.split(","):
         if task == "sms" and not SMS_SPAM.exists():
             print(f"skipping sms: {SMS_SPAM} is absent (optional data)")
             continue
-        run_dirs[task] = measure(task, seeds, ns, engine, args.out, args.quick, extra)
-    table, summary = phases(run_dirs)
+        measure(task, seeds, ns, engine, args.out, args.quick, extra)
+    # every task measured under OUT so far, so that a run of one task does not drop the others from the table
+    run_dirs = {task: [args.out / task / mode / "runs" for mode in ("examples", "instructions")
+                       if (args.out / task / mode / "runs").is_dir()] for task in TASKS}
+    table, summary = phases({task: dirs for task, dirs in run_dirs.items() if dirs})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "phases.md").write_text(table)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
