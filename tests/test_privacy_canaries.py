@@ -59,6 +59,13 @@ def test_verbatim_copy_rate_counts_whole_private_texts_inside_shared_ones():
     assert verbatim_copy_rate([], private) == 0.0
 
 
+def test_verbatim_copy_needs_the_private_text_on_word_boundaries():
+    """A short private text inside a longer word is not a copy (the SMS "Ok" in "took"); as a word, it is."""
+    assert verbatim_copy_rate(["it took you long", "bookkeeping"], ["Ok"]) == 0.0
+    assert verbatim_copy_rate(["well, ok then", "OK", "it took you long"], ["Ok"]) == 2 / 3
+    assert verbatim_copy_rate(["call 0800-123 (free)"], ["0800-123 (free)"]) == 1.0
+
+
 def test_exposure_uses_zero_based_ranks():
     assert exposure(0, 1000) == pytest.approx(math.log2(1000))  # memorised: the maximum
     assert exposure(999, 1000) == pytest.approx(0.0)

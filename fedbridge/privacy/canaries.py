@@ -110,12 +110,14 @@ def _normalise(text: str) -> str:
 def verbatim_copy_rate(shared_texts: Sequence[str], private_texts: Sequence[str]) -> float:
     """Fraction of shared texts that contain a whole private text (case and whitespace ignored).
 
-    Exact duplicates count, and so do generations that embed a private example in longer text.
+    Exact duplicates count, and so do generations that embed a private example in longer text. The private text
+    must start and end on word boundaries: a one-word private SMS "Ok" is not copied by a text that says "took".
     """
-    private = {p for p in map(_normalise, private_texts) if p}
+    private = {p: re.compile(rf"(?<!\w){re.escape(p)}(?!\w)") for p in map(_normalise, private_texts) if p}
     if not shared_texts:
         return 0.0
-    return sum(any(p in s for p in private) for s in map(_normalise, shared_texts)) / len(shared_texts)
+    return sum(any(p in s and bounded.search(s) for p, bounded in private.items())  # `in` first: it is cheap
+               for s in map(_normalise, shared_texts)) / len(shared_texts)
 
 
 def levenshtein(a: str, b: str) -> int:
