@@ -117,8 +117,8 @@ def main() -> None:
             continue
         measure(task, seeds, ns, engine, args.out, args.quick, extra)
     # every task measured under OUT so far, so that a run of one task does not drop the others from the table
-    run_dirs = {task: [args.out / task / mode / "runs" for mode in ("examples", "instructions")
-                       if (args.out / task / mode / "runs").is_dir()] for task in TASKS}
+    run_dirs = {task: [d for d in (args.out / task / mode / "runs" for mode in ("examples", "instructions"))
+                       if d.is_dir()] for task in TASKS}
     table, summary = phases({task: dirs for task, dirs in run_dirs.items() if dirs})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "phases.md").write_text(table)
