@@ -18,7 +18,7 @@ from fedbridge.privacy import (
     noisy_average,
     sigma_for_epsilon,
 )
-from fedbridge.privacy.dp_fewshot import _draw_groups
+from fedbridge.privacy.dp_fewshot import GrowingPrompts, _draw_groups, _next_token_probs
 
 LABELS = ["negative", "positive"]
 TEXTS = [f"review {i} says the film was {'great' if i % 2 else 'dull'}" for i in range(24)]
@@ -88,7 +88,7 @@ def test_groups_are_disjoint_capped_and_poisson_sized():
 def test_noiseless_aggregation_of_a_copying_lm_writes_the_private_example():
     tok = byte_tokenizer()
     cfg = DPFewShotConfig(num_groups=2, shots_per_group=1, sigma=0.0, max_tokens=60, public_top_k=0,
-                          num_per_label=1, noise_seed=0)
+                          num_per_label=1, noise_seed=0, kv_cache=False)  # the stand-in LM keeps no KV cache
     result = dp_fewshot_synthesize(CopyingLM(len(tok)), tok, ["the secret code is 4821"], [1], LABELS, cfg,
                                    PrivacyLedger(math.inf, 1e-5))
     # one example, two groups: one group holds it, the other is empty, so the average still points at it
@@ -125,3 +125,35 @@ def test_sigma_for_epsilon_calibrates_the_charge_of_all_labels():
     assert [e.sample_rate for e in events] == [0.8, 0.5] and all(e.steps == 40 for e in events)
     assert 0.98 <= compute_epsilon(events, 1e-5) <= 1.0
     assert sigma_for_epsilon(math.inf, 1e-5, [0, 1], 2, cfg) == 0.0
+
+
+def test_growing_prompts_give_the_whole_prompts_distributions():
+    """The KV-cached prompts (each prefix once, then only new tokens; cropped back between demonstrations) give the
+    next-token distribution a full forward pass of prefix + written tokens gives."""
+    model, tok = tiny_llm()
+    bos, query = tok("")["input_ids"], tok("Label: a\nText:", add_special_tokens=False)["input_ids"]
+    demos = [tok(f"Label: a\nText: {t}\n\n", add_special_tokens=False)["input_ids"] for t in TEXTS[:4]]
+    prefixes = {-1: bos + query, **{i: bos + d + query for i, d in enumerate(demos)}}
+    cached, out = GrowingPrompts(model, dict(prefixes)), []
+    for step in range(8):
+        for key in (-1, 0, 3, 1 if step % 2 else 2):  # some prefixes skip steps: they catch up in one pass
+            full = _next_token_probs(model, [prefixes[key] + out], tok.pad_token_id)[0]
+            assert torch.allclose(cached.probs(key, out), full, atol=1e-6)
+        out.append(40 + step)
+        if step == 4:  # the next demonstration starts from the prefixes again
+            cached.reset()
+            out = []
+
+
+def test_kv_cached_synthesis_releases_exactly_what_the_uncached_one_does():
+    """Same noise seed, same subsampling and noise draws: the same demonstrations and the same charge, with far
+    fewer private prompt tokens read."""
+    model, tok = tiny_llm()
+    results = {}
+    for kv in (True, False):
+        cfg = DPFewShotConfig(num_groups=4, shots_per_group=1, sigma=0.5, max_tokens=16, public_top_k=20,
+                              num_per_label=2, noise_seed=3, kv_cache=kv)
+        results[kv] = dp_fewshot_synthesize(model, tok, TEXTS, LABEL_IDS, LABELS, cfg, PrivacyLedger(100.0, 1e-5))
+    assert results[True].examples == results[False].examples and len(results[True].examples) == 4
+    assert results[True].events == results[False].events and results[True].tokens == results[False].tokens
+    assert results[True].local["private-prompt-tokens"] < results[False].local["private-prompt-tokens"] / 2

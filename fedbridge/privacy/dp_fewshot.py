@@ -48,6 +48,7 @@ class DPFewShotConfig:
     min_words: int = 1  # shorter demonstrations are dropped (after being charged)
     max_text_chars: int = 500  # private texts are cut to this in prompts
     noise_seed: int | None = None  # None = secret OS entropy for subsampling, grouping and noise
+    kv_cache: bool = True  # one shot per group: each prefix runs once, then only the new tokens (same output)
 
     def __post_init__(self) -> None:
         if self.num_groups < 1 or self.shots_per_group < 1 or self.max_tokens < 1 or self.public_top_k < 0:
@@ -124,20 +125,66 @@ def _query_head(template: str) -> str:
     return template.split("{text}")[0].rstrip(" ")
 
 
+class GrowingPrompts:
+    """Next-token distributions of prompts that all end in the tokens written so far: ``prefixes[key] + out``.
+
+    Each fixed prefix (BOS, one private demonstration, the query head) runs through the model once; after that,
+    only the tokens its KV cache does not hold yet. ``reset`` crops every cache back to its prefix for the next
+    demonstration. The distributions are those of the whole prompt (the same causal attention, computed in
+    pieces), so the mechanism's output is exactly the one the accountant charges.
+    """
+
+    def __init__(self, model: PreTrainedModel, prefixes: dict[int, list[int]]) -> None:
+        self.model, self.prefixes = model, prefixes
+        self._caches: dict[int, tuple[object, int, torch.Tensor | None]] = {}  # key -> (KV cache, tokens held, probs)
+        self.tokens_read = 0
+
+    @torch.no_grad()
+    def probs(self, key: int, out: list[int]) -> torch.Tensor:
+        cache, held, last = self._caches.get(key, (None, 0, None))
+        feed = (self.prefixes[key] + out)[held:]
+        if feed:
+            result = self.model(input_ids=torch.tensor([feed], device=self.model.device), past_key_values=cache,
+                                use_cache=True)
+            cache, last = result.past_key_values, result.logits[0, -1].double().softmax(-1).cpu()
+            self.tokens_read += len(feed)
+        self._caches[key] = (cache, len(self.prefixes[key]) + len(out), last)
+        return last
+
+    def reset(self) -> None:
+        """Back to the prefixes alone: each cache keeps all but the prefix's last token, which the next call feeds
+        again with the new tokens (so it has that position's distribution without a stored copy)."""
+        for key, (cache, _, _) in list(self._caches.items()):
+            keep = len(self.prefixes[key]) - 1
+            if hasattr(cache, "crop") and keep > 0:
+                cache.crop(keep - cache.get_seq_length())  # transformers 5: a negative count of tokens to drop
+                self._caches[key] = (cache, keep, None)
+            else:
+                del self._caches[key]
+
+
 def _write_demonstration(model: PreTrainedModel, tok: PreTrainedTokenizerBase, demos: list[list[int]],
                          query: list[int], sample_rate: float, cfg: DPFewShotConfig,
-                         rng: torch.Generator) -> tuple[str, int, int]:
-    """One demonstration, one noisy query per token; returns its text, the queries run and the prompt tokens read."""
+                         rng: torch.Generator, prompts_cache: GrowingPrompts | None = None) -> tuple[str, int, int]:
+    """One demonstration, one noisy query per token; returns its text, the queries run and the prompt tokens read.
+
+    With ``prompts_cache`` (one shot per group: every group's prompt is one demonstration's prefix + the tokens
+    written), the M + 1 distributions come from its KV caches; otherwise each token re-reads the M + 1 prompts."""
     bos = tok("")["input_ids"]  # the special tokens the tokenizer puts before any text
     stop_ids = {tok.eos_token_id, tok.pad_token_id} - {None}
     out: list[int] = []
     text, prompt_tokens = "", 0
     while len(out) < cfg.max_tokens:
         groups = _draw_groups(len(demos), sample_rate, cfg.num_groups, cfg.shots_per_group, rng)
-        prompts = [bos + query + out]  # row 0: the data-free prompt, for the public top-k
-        prompts += [bos + [t for i in g for t in demos[i]] + query + out for g in groups]
-        probs = _next_token_probs(model, prompts, tok.pad_token_id)
-        prompt_tokens += sum(len(p) for p in prompts)
+        if prompts_cache is not None:  # key -1: the data-free prompt; an empty group's prompt is that one too
+            before = prompts_cache.tokens_read
+            probs = torch.stack([prompts_cache.probs(key, out) for key in [-1, *(g[0] if g else -1 for g in groups)]])
+            prompt_tokens += prompts_cache.tokens_read - before
+        else:
+            prompts = [bos + query + out]  # row 0: the data-free prompt, for the public top-k
+            prompts += [bos + [t for i in g for t in demos[i]] + query + out for g in groups]
+            probs = _next_token_probs(model, prompts, tok.pad_token_id)
+            prompt_tokens += sum(len(p) for p in prompts)
         private = probs[1:]
         if cfg.public_top_k:  # renormalised: still probability vectors, so the sensitivity stays √2/M
             allowed = probs[0].topk(min(cfg.public_top_k, probs.shape[1])).indices
@@ -183,8 +230,15 @@ def dp_fewshot_synthesize(model: PreTrainedModel, tok: PreTrainedTokenizerBase, 
             demos = [tok(prompt_template.format(label=name_y, text=" ".join(t.split())[:cfg.max_text_chars]),
                          add_special_tokens=False)["input_ids"] for t in private]
             query = tok(head.format(label=name_y), add_special_tokens=False)["input_ids"]
+            cache = None
+            if cfg.shots_per_group == 1 and cfg.kv_cache:
+                bos = tok("")["input_ids"]
+                cache = GrowingPrompts(model, {-1: bos + query, **{i: bos + d + query for i, d in enumerate(demos)}})
             for _ in range(cfg.num_per_label):
-                text, queries, read = _write_demonstration(model, tok, demos, query, event.sample_rate, cfg, rng)
+                text, queries, read = _write_demonstration(model, tok, demos, query, event.sample_rate, cfg, rng,
+                                                           cache)
+                if cache is not None:
+                    cache.reset()
                 generated += queries
                 prompt_tokens += read
                 if len(text.split()) >= max(cfg.min_words, 1):
