@@ -15,3 +15,7 @@ class DataError(FedbridgeError, ValueError):
 
 class PrivacyBudgetExceeded(FedbridgeError):
     """A request that would spend more privacy budget than a silo has left."""
+
+
+class SiloFailure(FedbridgeError, RuntimeError):
+    """No silo completed a step; the message carries the silos' own reason when they all failed alike."""

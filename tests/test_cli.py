@@ -266,3 +266,127 @@ def test_bad_model_spec_is_a_clean_error(monkeypatch, capsys, tmp_path):
 def test_unknown_engine_is_a_clean_error(monkeypatch, capsys):
     line = _main(monkeypatch, capsys, "run", "--engine", "warp-drive", "--set", "slm.model=tiny-bert")
     assert line == "error: Unknown engine 'warp-drive'. Use one of: simulation, inprocess."
+
+
+# ---------------------------------------------------------------- bad input a new user tries (issue 13)
+
+
+def test_a_model_nobody_can_load_is_named_before_any_run_starts(monkeypatch, capsys, tmp_path):
+    """Not found locally and no hub: one line saying so, from the CLI's own check (before: every silo failed and
+    the run ended in 'No silo completed this step' with two tracebacks)."""
+    line = _main(monkeypatch, capsys, "run", "--engine", "inprocess", "--results-dir", str(tmp_path),
+                 "--set", "slm.model=nonexistent/model-xyz")
+    assert "Could not load SLM 'nonexistent/model-xyz'" in line and "not a local directory" in line
+    assert "hub is switched off" in line  # the tests run with HF_HUB_OFFLINE=1
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.parametrize("error, says", [("unreachable", "hub cannot be reached from this machine"),
+                                         ("missing", "hub has no model by that id")])
+def test_a_hub_model_id_is_checked_against_the_hub(monkeypatch, error, says):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from fedbridge.models.loading import ModelSpecError, check_model_spec
+
+    def model_info(self, spec, timeout=None):
+        if error == "missing":
+            import httpx
+
+            raise RepositoryNotFoundError("404", response=httpx.Response(404, request=httpx.Request("GET", "https://x")))
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    with pytest.raises(ModelSpecError, match=says):
+        check_model_spec("LLM", "someone/no-such-llm")
+    check_model_spec("SLM", "minilm-l3")  # built-in names never ask the hub
+
+
+def test_a_directory_without_a_model_is_named(tmp_path):
+    from fedbridge.models.loading import ModelSpecError, check_model_spec
+
+    with pytest.raises(ModelSpecError, match="holds no loadable model.*no config.json"):
+        check_model_spec("SLM", str(tmp_path))
+
+
+def test_every_silo_failing_alike_ends_the_run_with_their_reason(tmp_path):
+    """Where the CLI cannot check (a deployed silo's own model), the run's error carries the silos' shared reason."""
+    from types import SimpleNamespace
+
+    from fedbridge.errors import SiloFailure
+    from fedbridge.strategies.base import Session
+
+    reason = "ModelSpecError: Could not load SLM 'x': it is not a local directory"
+    record = SimpleNamespace(failures=[{"silo": f"silo-{i}", "reason": reason} for i in range(3)])
+    error = Session.no_silo_completed(SimpleNamespace(record=record), "this step")
+    assert isinstance(error, SiloFailure) and str(error) == f"No silo completed this step: every silo failed with {reason}"
+    record.failures.append({"silo": "silo-3", "reason": "no reply within 60 s"})
+    assert "see the record's failures" in str(Session.no_silo_completed(SimpleNamespace(record=record), "x"))
+
+
+def test_a_dirichlet_alpha_of_zero_is_a_config_error(monkeypatch, capsys):
+    line = _main(monkeypatch, capsys, "run", "--engine", "inprocess", "--set", "partition.kind=dirichlet",
+                 "--set", "partition.alpha=0")
+    assert "partition.alpha must be a finite number > 0" in line and "ValueError" not in line
+
+
+def test_a_csv_row_with_more_fields_than_its_header_is_named(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\ngreat stuff,pos\na, b,pos,extra\nbad,neg\n")
+    line = _main(monkeypatch, capsys, "run", "--engine", "inprocess", "--task", str(path))
+    assert "line 3 has 4 fields but the header has 2 (text, label)" in line and "Quote text" in line
+
+
+def _recording_run(monkeypatch) -> list:
+    import fedbridge.simulations.runner as runner_module
+
+    seen = []
+
+    def fake_run(cfg, engine):
+        seen.append(cfg)
+        rec = RunRecord(run_name=cfg.run_name, method=cfg.method, seed=cfg.seed, config=cfg.to_run_config(),
+                        status="ok", global_metrics={"accuracy": 0.5})
+        rec.write(cfg.results_dir)
+        return rec
+
+    monkeypatch.setattr(runner_module, "run", fake_run)
+    return seen
+
+
+def test_compare_and_run_take_the_task_from_set_and_refuse_a_conflict(tmp_path, monkeypatch, toy_csv):
+    """One rule for both commands: --set task.name is honoured (compare used to run drug-reviews instead), and
+    --task with a different --set task.name is an error, never a silent choice."""
+    seen = _recording_run(monkeypatch)
+    sets = ["--set", f"task.name={toy_csv}", "--set", "task.text-column=review", "--set", "task.label-column=sentiment",
+            "--set", "partition.kind=iid"]
+    result = runner.invoke(cli, ["compare", "--methods", "local", "--engine", "inprocess", "--out",
+                                 str(tmp_path / "c"), *sets], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert seen[-1].task.name == str(toy_csv) and seen[-1].run_name == "local-toy-s0"
+    result = runner.invoke(cli, ["run", "--engine", "inprocess", "--results-dir", str(tmp_path / "r"), *sets])
+    assert result.exit_code == 0, result.output
+    assert seen[-1].task.name == str(toy_csv)
+    for command in (["compare", "--out", str(tmp_path / "d")], ["run"]):
+        result = runner.invoke(cli, [*command, "--engine", "inprocess", "--task", "tweets", *sets])
+        assert isinstance(result.exception, FedbridgeError)
+        assert f"--task tweets and --set task.name={toy_csv} disagree" in str(result.exception)
+    result = runner.invoke(cli, ["compare", "--set", "seed=3"])
+    assert "use --seeds, not --set/--sweep seed" in str(result.exception)
+
+
+def test_the_table_keeps_method_names_whole_in_80_columns():
+    from rich.console import Console
+
+    from fedbridge.simulations.compare import group, print_table
+
+    records = [RunRecord(run_name=m, method=m, seed=0, config={}, status="ok",
+                         global_metrics={"accuracy": 0.6, "macro_f1": 0.4, "silo_test_accuracy": 0.6,
+                                         "silo_test_macro_f1": 0.4}) for m in ("fedavg", "llm-zero-shot", "centralized")]
+    console = Console(width=80, record=True)
+    print_table(group(records), console=console)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for name in ("fedavg", "llm-zero-shot", "centralized"):
+        assert any(name in line for line in lines), name

@@ -21,6 +21,9 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Run-config override key=value (repeatable), "
                                                   "e.g. --set slm.epochs=2 --set partition.kind=iid")]
+TaskOpt = Annotated[str | None, typer.Option(help="built-in task, data file path, or HF dataset id "
+                                             "(default drug-reviews; or --set task.name=...)")]
+ResultsOpt = Annotated[Path | None, typer.Option(help="where the run record goes (default results)")]
 EngineOpt = Annotated[str, typer.Option(help="simulation (Flower's simulation engine via flwr run) or inprocess")]
 
 
@@ -44,37 +47,61 @@ def parse_sets(pairs: list[str] | None) -> dict[str, bool | int | float | str]:
     return out
 
 
+OPTION_FLAGS = {"task.name": "--task", "partition.num-silos": "--silos/--data"}  # a key's own option, where not --key
+
+
+def merge_options(options: dict, sets: dict) -> dict:
+    """The run-config overrides from a command's own options (those the user gave, not None) and ``--set``, one rule
+    for every command: each key once; an option and a ``--set`` of the same key that disagree are an error."""
+    given = {key: value for key, value in options.items() if value is not None}
+    for key, value in given.items():
+        if key in sets and str(sets[key]) != str(value):
+            raise FedbridgeError(f"{OPTION_FLAGS.get(key, '--' + key)} {value} and --set {key}={sets[key]} disagree: "
+                                 f"give the {key} once.")
+    return {**given, **sets}
+
+
 def build_config(overrides: dict) -> ExperimentConfig:
     """Parse and check a run's config here, so bad input fails in seconds, not inside a simulation."""
+    from fedbridge.models.loading import check_model_spec
     from fedbridge.strategies import get_method
     from fedbridge.tasks import load_federation
 
     cfg = ExperimentConfig.from_run_config({**ExperimentConfig().to_run_config(), **overrides})
     get_method(cfg.method)(cfg)  # unknown method or method option
     load_federation(cfg.task, cfg.partition, cfg.seed)  # data: columns, labels, encoding, empty silos
+    for role, spec in model_specs(cfg):  # a model nobody can load: found here, not inside every silo
+        check_model_spec(role, spec)
     return cfg
 
 
+def model_specs(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """(role, spec) of every model the run loads: each silo's SLM, the LLM, and the silo LLMs of FDKT and Social."""
+    specs = [("SLM", cfg.slm.spec_for(i)) for i in range(cfg.partition.num_silos)] + [("LLM", cfg.llm.model)]
+    specs += [("LLM", str(cfg.method_options[key])) for key in (f"{cfg.method}.generator", f"{cfg.method}.teacher")
+              if key in cfg.method_options]
+    return list(dict.fromkeys(specs))
+
+
 @cli.command()
-def run(method: Annotated[str, typer.Option(help="see 'fedbridge list'")] = "local",
-        task: Annotated[str, typer.Option(help="built-in task, data file path, or HF dataset id")] = "drug-reviews",
-        seed: int = 0, engine: EngineOpt = "simulation", results_dir: Path = Path("results"),
-        set_: SetOpt = None) -> None:
+def run(method: Annotated[str | None, typer.Option(help="see 'fedbridge list' (default local)")] = None,
+        task: TaskOpt = None, seed: Annotated[int | None, typer.Option(help="default 0")] = None,
+        engine: EngineOpt = "simulation", results_dir: ResultsOpt = None, set_: SetOpt = None) -> None:
     """Run one experiment and print where its record is."""
     from fedbridge.simulations.compare import group, print_table
     from fedbridge.simulations.runner import run as run_one
 
-    cfg = build_config({"method": method, "task.name": task, "seed": seed, "results-dir": str(results_dir),
-                        **parse_sets(set_)})
+    cfg = build_config(merge_options({"method": method, "task.name": task, "seed": seed,
+                                      "results-dir": results_dir and str(results_dir)}, parse_sets(set_)))
     record = run_one(cfg, engine)
     print_table(group([record]), title=f"{record.run_name}")
-    typer.echo(f"record: {record.path(results_dir)}")
+    typer.echo(f"record: {record.path(cfg.results_dir)}")
 
 
 @cli.command()
 def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fedavg,centralized,llm-zero-shot",
             seeds: Annotated[str, typer.Option(help="comma list")] = "0",
-            task: str = "drug-reviews",
+            task: TaskOpt = None,
             sweep: Annotated[list[str] | None, typer.Option(
                 help="key=v1,v2,... (repeatable: the grid of all values), e.g. --sweep fdkt.epsilon=1,4,8,inf "
                      "--sweep fdkt.mechanism=dp-fewshot,dp-sgd. A method's own keys (fdkt.*) sweep that method only"
@@ -91,14 +118,19 @@ def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fe
 
     sweeps = parse_sweeps(sweep)
     runs_dir, base = out / "runs", parse_sets(set_)
+    for key, flag in (("method", "--methods"), ("seed", "--seeds"), ("run-name", "--out")):
+        if key in base or key in sweeps:
+            raise FedbridgeError(f"compare sets {key} itself: use {flag}, not --set/--sweep {key}.")
+    base = merge_options({"task.name": task}, base)
+    task_name = str(base.get("task.name", ExperimentConfig().task.name))
     t0 = time.perf_counter()
     if not only_aggregate:
         combos = [(method, values, int(seed)) for method in methods.split(",")
                   for values in sweep_grid(sweeps, method) for seed in seeds.split(",")]
         for i, (method, values, seed) in enumerate(combos, 1):
-            name = "-".join([method, Path(task).stem, *(f"{k}={v}" for k, v in values.items()), f"s{seed}"])
-            overrides = {**base, "method": method, "task.name": task, "seed": seed, "results-dir": str(runs_dir),
-                         "run-name": name, **values}
+            name = "-".join([method, Path(task_name).stem, *(f"{k}={v}" for k, v in values.items()), f"s{seed}"])
+            overrides = {**base, "method": method, "seed": seed, "results-dir": str(runs_dir), "run-name": name,
+                         **values}
             cfg = build_config(overrides)
             done = runs_dir / f"{name}.json"
             if done.exists() and _ok(done):
@@ -194,20 +226,21 @@ cli.add_typer(deploy_cli, name="deploy")
 
 @deploy_cli.command("run")
 def deploy_run(connection: Annotated[str, typer.Argument(help="a SuperLink connection in $FLWR_HOME/config.toml")],
-               method: str = "local", task: str = "drug-reviews", seed: int = 0,
-               results_dir: Annotated[Path, typer.Option(help="where the ServerApp writes the record: on the "
-                                                              "SuperLink's host")] = Path("results"),
+               method: Annotated[str | None, typer.Option(help="default local")] = None, task: TaskOpt = None,
+               seed: Annotated[int | None, typer.Option(help="default 0")] = None,
+               results_dir: Annotated[Path | None, typer.Option(help="where the ServerApp writes the record: on the "
+                                                              "SuperLink's host; default results")] = None,
                set_: SetOpt = None) -> None:
     """Run one experiment on a deployed federation (flwr run <app> CONNECTION --stream) and check its record.
     Run it on the SuperLink's host, or with results-dir on a filesystem both hosts share."""
     from fedbridge.simulations.compare import group, print_table
     from fedbridge.simulations.runner import run_flwr
 
-    cfg = build_config({"method": method, "task.name": task, "seed": seed, "results-dir": str(results_dir),
-                        **parse_sets(set_)})
+    cfg = build_config(merge_options({"method": method, "task.name": task, "seed": seed,
+                                      "results-dir": results_dir and str(results_dir)}, parse_sets(set_)))
     record = run_flwr(cfg, connection)
     print_table(group([record]), title=record.run_name)
-    typer.echo(f"record: {record.path(results_dir)}")
+    typer.echo(f"record: {record.path(cfg.results_dir)}")
 
 
 @deploy_cli.command("loopback")
@@ -216,7 +249,8 @@ def deploy_loopback(
                                                              "alone reads it")] = None,
         text_column: str = "", label_column: str = "",
         silos: Annotated[int, typer.Option(help="without --data: SuperNodes on the task's partitions")] = 2,
-        method: str = "local", task: str = "drug-reviews", seed: int = 0, results_dir: Path = Path("results"),
+        method: Annotated[str | None, typer.Option(help="default local")] = None, task: TaskOpt = None,
+        seed: Annotated[int | None, typer.Option(help="default 0")] = None, results_dir: ResultsOpt = None,
         workdir: Annotated[Path | None, typer.Option(help="certificates, keys, logs and Flower homes (default: a "
                                                           "temporary dir, removed afterwards)")] = None,
         set_: SetOpt = None) -> None:
@@ -226,11 +260,12 @@ def deploy_loopback(
     from fedbridge.simulations.compare import group, print_table
 
     nodes = silo_node_configs(data, text_column, label_column) if data else partition_node_configs(silos)
-    cfg = build_config({"method": method, "task.name": task, "seed": seed, "results-dir": str(results_dir),
-                        "partition.num-silos": len(nodes), **parse_sets(set_)})
+    cfg = build_config(merge_options({"method": method, "task.name": task, "seed": seed,
+                                      "results-dir": results_dir and str(results_dir), "partition.num-silos": len(nodes)},
+                                     parse_sets(set_)))
     record = run_loopback(cfg, nodes, workdir)
     print_table(group([record]), title=record.run_name)
-    typer.echo(f"record: {record.path(results_dir)}")
+    typer.echo(f"record: {record.path(cfg.results_dir)}")
 
 
 @cli.command("list")

@@ -190,17 +190,21 @@ def to_markdown(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(rows: Sequence[Row], title: str = "fedbridge comparison") -> None:
+def print_table(rows: Sequence[Row], title: str = "fedbridge comparison", console=None) -> None:  # noqa: ANN001
+    """The comparison in the terminal. Row names are never cut (a narrow terminal wraps the figures' headers
+    and cells instead, word by word), so 'fedavg' and 'llm-zero-shot' stay readable in 80 columns."""
     from rich.console import Console
     from rich.table import Table
 
     header, body = table(rows)
-    tab = Table(title=title)
-    for i, h in enumerate(header):
-        tab.add_column(h, justify="left" if i == 0 else "right")
+    tab = Table(title=title, pad_edge=False, collapse_padding=True)
+    names = [cells[0] for cells in body] + [header[0]]
+    tab.add_column(header[0], justify="left", no_wrap=True, min_width=max(len(n) for n in names))
+    for h in header[1:]:
+        tab.add_column(h, justify="right", overflow="fold")
     for cells in body:
         tab.add_row(*cells)
-    console = Console()
+    console = console or Console()
     console.print(tab)
     for n in notes(rows):
         console.print(f"[dim]- {n}[/dim]")

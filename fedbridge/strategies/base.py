@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from fedbridge import protocol as p
 from fedbridge.checkpoint import Checkpoint
 from fedbridge.config import ExperimentConfig
+from fedbridge.errors import SiloFailure
 from fedbridge.results import RunRecord, contributions_path
 from fedbridge.tasks import Examples, Task, load_federation, load_task
 
@@ -232,11 +233,18 @@ class Session:
                   parse: Callable[[RecordDict], Any] = p.read_reply, max_bytes: int = p.MAX_REPLY_BYTES) -> dict:
         return self.exchange(message_type, {n: content for n in self.silos}, round_, parse=parse, max_bytes=max_bytes)
 
+    def no_silo_completed(self, step: str) -> SiloFailure:
+        """The error that ends a run when no silo completed ``step``, with their reason when they share one (a model
+        or data file every silo fails to load), so the user reads the cause, not a count."""
+        reasons = {f["reason"] for f in self.record.failures}
+        cause = (f": every silo failed with {reasons.pop()}" if len(reasons) == 1
+                 else "; every one failed or timed out (see the record's failures)")
+        return SiloFailure(f"No silo completed {step}{cause}")
+
     def record_silo_metrics(self, replies: Mapping[str, RecordDict]) -> None:
         """Store each silo's reported metrics; a step that no silo completed fails the run (never an empty 'ok')."""
         if not replies:
-            raise RuntimeError("No silo completed this step; every one failed or timed out (see the record's "
-                               "failures).")
+            raise self.no_silo_completed("this step")
         for silo, reply in replies.items():
             metrics = {k: v for k, v in reply[p.METRICS].items() if k != "partition-id"}
             self.record.silo_metrics.setdefault(silo, {}).update(metrics)

@@ -6,6 +6,7 @@ Hugging Face dataset id. Every loader ends in ``_build``, which checks columns a
 
 from __future__ import annotations
 
+import csv
 import functools
 import html
 import io
@@ -115,12 +116,28 @@ def _read_file(path: Path, encoding: str) -> pd.DataFrame:
                         f"Re-save the file as UTF-8, or set task.encoding (e.g. latin-1) to its real encoding.") from err
     except LookupError as err:
         raise DataError(f"Unknown encoding task.encoding='{encoding}'. Use a Python codec name such as utf-8 or latin-1.") from err
+    quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+    if suffix in (".csv", ".tsv"):
+        _check_field_counts(path, text, FILE_SUFFIXES[suffix], quoting)
     try:
         if suffix in (".jsonl", ".json"):
             return pd.read_json(io.StringIO(text), lines=suffix == ".jsonl")
-        return pd.read_csv(io.StringIO(text), sep=FILE_SUFFIXES[suffix], quoting=3 if suffix == ".tsv" else 0)
+        return pd.read_csv(io.StringIO(text), sep=FILE_SUFFIXES[suffix], quoting=quoting, index_col=False)
     except ValueError as err:
         raise DataError(f"Cannot parse '{path}' as {suffix[1:].upper()}: {err}. Check the file's format.") from err
+
+
+def _check_field_counts(path: Path, text: str, sep: str, quoting: int) -> None:
+    """A row with more fields than the header would be read silently wrong (pandas turns the extra leading fields
+    into an index, so 'a, b,pos,extra' under 'text,label' gets the label 'extra'): name the first such line."""
+    reader = csv.reader(io.StringIO(text), delimiter=sep, quoting=quoting)
+    header = next(reader, [])
+    for row in reader:
+        if len(row) > len(header):
+            what = "tab" if sep == "\t" else f"'{sep}'"
+            raise DataError(f"'{path}' line {reader.line_num} has {len(row)} fields but the header has "
+                            f"{len(header)} ({', '.join(header)}). Quote text that contains a {what} "
+                            "(\"a, b\"), or fix that line.")
 
 
 def _read_hub(name: str) -> pd.DataFrame:
