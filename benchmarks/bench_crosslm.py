@@ -82,8 +82,8 @@ def bench_scoring(spec: str, texts: list[str], batch: int, cfg: ExperimentConfig
     task = load_task(cfg.task, cfg.seed)
     silo_cfg = ExperimentConfig.from_run_config({**cfg.to_run_config(), "slm.model": spec})
     silo = Silo(0, silo_cfg, task.labels, load_federation(silo_cfg.task, silo_cfg.partition, cfg.seed).silos[0])
-    model, _ = load_slm(spec, len(task.labels))
-    state = RecordDict({KEPT_SLM: ArrayRecord(model.state_dict())})
+    model = load_slm(spec, len(task.labels), options=silo_cfg.slm)
+    state = RecordDict({KEPT_SLM: ArrayRecord(model.trainable_state())})
     silo.score(state, tuple(texts[:4]))  # warm-up: file caches, first-call overheads
     per_request, restore = [], []
     for start in range(0, min(len(texts), 3 * batch), batch):
@@ -91,13 +91,13 @@ def bench_scoring(spec: str, texts: list[str], batch: int, cfg: ExperimentConfig
         silo.score(state, tuple(texts[start:start + batch]))
         per_request.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        kept, tok = silo.kept_slm(state)
+        kept = silo.kept_slm(state)
         restore.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    probs = predict_proba(kept, tok, texts, max_length=cfg.slm.max_length)
+    probs = predict_proba(kept, texts)
     seconds = time.perf_counter() - t0
     assert probs.shape == (len(texts), len(task.labels))
-    return {"spec": spec, "texts": len(texts), "max_length": cfg.slm.max_length,
+    return {"spec": spec, "texts": len(texts), "max_length": kept.max_length, "mode": silo_cfg.slm.mode,
             "inference_examples_per_s": round(len(texts) / seconds, 1),
             "restore_seconds": round(statistics.median(restore), 3), "request_examples": batch,
             "request_seconds": round(statistics.median(per_request), 3),

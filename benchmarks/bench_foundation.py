@@ -21,7 +21,7 @@ import torch
 
 from fedbridge.models.generation import SamplingConfig, generate
 from fedbridge.models.loading import load_llm, load_slm
-from fedbridge.models.slm import SLMTrainConfig, train_classifier
+from fedbridge.models.slm import SLMOptions, train_classifier
 from fedbridge.config import TaskConfig
 from fedbridge.results import package_versions
 from fedbridge.tasks import load_task
@@ -55,9 +55,9 @@ def bench_slm_training(n: int = 128) -> dict:
     task = load_task(TaskConfig())
     out = {}
     for spec in ("embedded", "minilm-l3"):
-        model, tok = load_slm(spec, len(task.labels))
-        cfg = SLMTrainConfig(epochs=1, batch_size=16, max_length=128)
-        stats = train_classifier(model, tok, task.examples.texts[:n], task.examples.labels[:n], cfg)
+        cfg = SLMOptions(mode="full", epochs=1, batch_size=16, max_length=128)
+        model = load_slm(spec, len(task.labels), options=cfg)
+        stats = train_classifier(model, task.examples.texts[:n], task.examples.labels[:n], cfg)
         out[spec] = {"examples": stats.examples, "seconds": round(stats.seconds, 2),
                      "examples_per_second": round(stats.examples_per_second, 1)}
     out["speedup_l3_vs_l6"] = round(out["minilm-l3"]["examples_per_second"] / out["embedded"]["examples_per_second"], 2)

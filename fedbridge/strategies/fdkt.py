@@ -55,6 +55,7 @@ class FDKTConfig:
     sgd_batch_size: int = 8
     sgd_lr: float = 5e-4
     clip: float = 1.0
+    sgd_max_length: int = 64  # tokens per training text of the DP-SGD generator
     # server-side augmentation
     augment_per_label: int = 12  # new examples the LLM writes per label (per silo, or once when pooled)
     demos_per_prompt: int = 2
@@ -246,8 +247,7 @@ class FDKT(Method):
                 ckpt.complete(f"trained/{silo}")
                 trained.add(silo)
         if not trained:
-            raise RuntimeError("No silo completed FDKT training; every one failed or timed out (see the record's "
-                               "failures).")
+            raise session.no_silo_completed("FDKT training")
         mean_over_silos(record)
 
     def _augmented(self, session: Session, key: str, sources: list[str], demos: Examples, model: PreTrainedModel,

@@ -1,7 +1,8 @@
 """Baseline ``fedavg``: identical SLMs averaged with Flower's own FedAvg strategy.
 
-Each round trains ``fedavg.local-epochs`` epochs per silo, so ``rounds`` x ``local-epochs`` epochs in all
-(the default, 3 x 1, equals the ``local`` baseline's 3 epochs of compute). Replies are validated before they are
+Each round trains ``fedavg.local-epochs`` epochs per silo, so ``rounds`` x ``local-epochs`` epochs in all (the
+default, 10 x 5, is about what early stopping lets ``local`` train in head mode). Only what the SLM's mode trains
+is averaged and moved: the head (head mode), the LoRA adapters and head (lora), or every weight (full). Replies are validated before they are
 averaged (a bad one is a failure of its silo, not of the round), and the global weights are checkpointed after
 every round, so a resumed run continues with the next round.
 """
@@ -28,15 +29,15 @@ from fedbridge.tasks import classification_metrics
 
 @dataclass(frozen=True)
 class FedAvgConfig:
-    local_epochs: int = 1
+    local_epochs: int = 5  # epochs each silo trains per round (on all its private data: no validation split)
 
 
 def evaluate_shared_model(session: Session, arrays: ArrayRecord, round_: int) -> None:
     """One model for everyone: score it on the global test set here, and on each silo's test split there."""
-    spec = session.cfg.slm.spec_for(0)
-    model, tok = load_slm(spec, len(session.task.labels), seed=session.cfg.seed, weights=arrays.to_torch_state_dict())
+    model = load_slm(session.cfg.slm.spec_for(0), len(session.task.labels), seed=session.cfg.seed,
+                     weights=arrays.to_torch_state_dict(), options=session.cfg.slm)
     with session.phase("server-eval"):
-        probs = predict_proba(model, tok, session.global_test.texts, max_length=session.cfg.slm.max_length)
+        probs = predict_proba(model, session.global_test.texts)
         session.record.global_metrics.update(classification_metrics(session.global_test.labels, probs))
     with session.phase("silo-eval"):
         replies = session.broadcast(p.EVALUATE, p.request(arrays=arrays), round_=round_)
@@ -61,9 +62,10 @@ class FedAvg(Method):
 
     def run(self, session: Session) -> None:
         cfg, ckpt = self.options, session.checkpoint
-        model, _ = load_slm(single_slm_spec(session, self.name), len(session.task.labels), seed=self.cfg.seed)
+        model = load_slm(single_slm_spec(session, self.name), len(session.task.labels), seed=self.cfg.seed,
+                         options=self.cfg.slm)
         done = max((int(step.removeprefix("round-")) for step in ckpt.steps("round-")), default=0)
-        arrays = ArrayRecord(ckpt.load_arrays(f"global-round-{done}") if done else model.state_dict())
+        arrays = ArrayRecord(ckpt.load_arrays(f"global-round-{done}") if done else model.trainable_state())
         if done < self.cfg.rounds:
             n = len(session.silos)
             strategy = _CheckedFedAvg(session, done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
@@ -150,8 +152,7 @@ class _CheckedFedAvg(FlowerFedAvg):
         for node in self._waiting:
             session.fail(node, p.TRAIN_FEDAVG, round_, f"no reply within {session.cfg.timeout:.0f} s")
         if not valid:
-            raise RuntimeError(f"No silo completed FedAvg round {round_}; every one failed or timed out (see the "
-                               "record's failures).")
+            raise session.no_silo_completed(f"FedAvg round {round_}")
         arrays = aggregate_arrayrecords(list(valid.values()), self.weighted_by_key)
         metrics = self.train_metrics_aggr_fn(list(valid.values()), self.weighted_by_key)
         session.record.server_metrics.update({f"round-{round_}.train-loss": float(metrics["train.loss"]),
