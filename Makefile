@@ -19,8 +19,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# The demo's own reduced sizes (README "The two commands"): FDKT writes one DP demonstration per label per silo
+# (32 tokens, 2 groups) and one pooled augmented set of 8 per label; CrossLM evaluates its LLM on 60 global-test
+# reviews and 8 general-text passages. Everything else is the default.
+DEMO_METHODS := local,fedavg,centralized,llm-zero-shot,fdkt,crosslm
+DEMO_SIZES := --set fdkt.num-per-label=1 --set fdkt.max-tokens=32 --set fdkt.groups=2 --set fdkt.pooled=true \
+	--set fdkt.augment-per-label=8 --set crosslm.llm-eval-examples=60 --set crosslm.ppl-passages=8
+
+DEMO_OUT ?= results/demo
+
 demo: install
-	$(VENV)/bin/fedbridge compare --methods local,fedavg,centralized,llm-zero-shot --seeds $(SEEDS) --out results/demo
+	$(VENV)/bin/fedbridge compare --methods $(DEMO_METHODS) --seeds $(SEEDS) $(DEMO_SIZES) --out $(DEMO_OUT)
 
 test: install
 	$(PY) -m pytest -q

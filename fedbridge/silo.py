@@ -70,9 +70,13 @@ class Silo:
     # ------------------------------------------------------------ SLM
 
     def new_slm(self, weights: Mapping[str, torch.Tensor] | None = None) -> SLM:
-        """This silo's SLM: fresh for training, or with ``weights`` (its ``trainable_state()``)."""
-        return load_slm(self.cfg.slm.spec_for(self.index), len(self.labels), self.cfg.seed + self.index, weights,
-                        self.cfg.slm)
+        """This silo's SLM: fresh for training, or with ``weights`` (its ``trainable_state()``). Its token length is
+        fitted to the silo's own training texts, so every SLM the silo builds (kept, reloaded, enhanced) reads
+        texts the same way."""
+        model = load_slm(self.cfg.slm.spec_for(self.index), len(self.labels), self.cfg.seed + self.index, weights,
+                         self.cfg.slm)
+        model.fit_max_length(self.data.train.texts)
+        return model
 
     def slm_from_arrays(self, arrays: ArrayRecord) -> SLM:
         return self.new_slm(arrays.to_torch_state_dict())

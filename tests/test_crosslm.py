@@ -336,7 +336,11 @@ def test_loss_components_per_step_go_to_a_jsonl_artifact(mixed_run):
     assert [e["step"] for e in lines] == [1, 2, 3, 4]
     assert {e["batch"] for e in lines} == {1, 2} and all(0 <= e["staleness"] <= 4 for e in lines)
     assert all({"loss", "quality", "task", "kl", "seconds"} <= set(e) for e in lines)
-    contributions = [json.loads(line) for line in Path(record.artifacts["contributions"]).read_text().splitlines()]
+    lines = [json.loads(line) for line in Path(record.artifacts["contributions"]).read_text().splitlines()]
+    contributions = [c for c in lines if c["silo"] != "server"]  # what the silos sent
+    sent = [c for c in lines if c["silo"] == "server"]  # what the server sent back: each silo's selected examples
+    assert sorted((c["to"], c["round"]) for c in sent) == [("silo-0", 1), ("silo-0", 2), ("silo-1", 1), ("silo-1", 2)]
+    assert all(c["kind"] == "selected" and len(c["texts"]) == len(c["labels"]) for c in sent)
     assert sorted((c["silo"], c["round"]) for c in contributions) == [("silo-0", 1), ("silo-0", 2), ("silo-1", 1),
                                                                      ("silo-1", 2)]
     assert all(c["kind"] == "scores" and len(c["probs"]) == len(c["texts"]) for c in contributions)
@@ -457,3 +461,18 @@ def test_score_on_server_uploads_once_and_returns_enhanced_weights(tmp_path, tin
         assert all(np.array_equal(kept[k].numpy(), arrays[k].numpy()) for k in arrays)
         assert not all(np.array_equal(uploads[node].content[p.ARRAYS][k].numpy(), arrays[k].numpy()) for k in arrays)
     assert record.server_metrics["crosslm.llm-updates"] == 2
+
+
+def test_a_silo_reads_texts_at_one_length_in_every_slm_it_builds(tmp_path):
+    """slm.max-length=0 fits the token length to the silo's own training texts, once: the SLM it keeps, reloads
+    for scoring and enhances reads every text the same way, whatever texts the server sends."""
+    from fedbridge.models.slm import FIT_MULTIPLE
+    from fedbridge.silo import Silo
+
+    cfg = tiny_config(tmp_path, method="crosslm", **{"slm.max-length": 0})
+    silo = Silo.from_context(SimpleNamespace(run_config=cfg.to_run_config(), node_config={"partition-id": 0}))
+    fresh = silo.new_slm()
+    assert fresh.max_length % FIT_MULTIPLE == 0 and fresh.max_length > FIT_MULTIPLE  # reviews: longer than 16 bytes
+    reloaded = silo.new_slm(fresh.trainable_state())
+    assert reloaded.max_length == fresh.max_length
+    assert reloaded.fit_max_length(["x"]) == fresh.max_length  # a short server batch does not refit it

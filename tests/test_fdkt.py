@@ -208,6 +208,10 @@ def test_round_trains_every_silo_on_its_augmented_set_and_records_privacy(dp_run
         assert privacy["delta"] == 1e-5 and privacy["noise-multiplier"] > 0 and privacy["steps"] > 0
         sent = p.read_examples(augmented[node].content, p.EXAMPLES, 3)  # the examples record is there and valid
         assert len(sent) > 0
+        lines = open(record.artifacts["contributions"], encoding="utf-8").read().splitlines()
+        kept = [line for line in map(json.loads, lines) if line["kind"] == "augmented" and line["set"] == silo]  # what the server sent, beside the record
+        assert len(kept) == 1 and kept[0]["silo"] == "server" and kept[0]["sources"] == [silo]
+        assert (tuple(kept[0]["texts"]), tuple(kept[0]["labels"])) == (sent.texts, sent.labels)
         assert metrics["train.synthetic"] == len(sent) > 0  # the silo trained on exactly what it was sent
         # its private split less the validation part that chose the epoch, and what it was sent, every epoch
         held_out = metrics["train.validation"]

@@ -328,3 +328,26 @@ def test_deployed_silos_read_their_own_files(tmp_path):
     assert [record.silo_metrics[f"silo-{i}"]["num-train"] + record.silo_metrics[f"silo-{i}"]["num-test"]
             for i in range(2)] == [30, 30]
     assert all("global-test.accuracy" in record.silo_metrics[f"silo-{i}"] for i in range(2))
+
+
+@pytest.mark.parametrize("mode", ["head", "lora", "full"])
+@pytest.mark.parametrize("method", ["local", "fedavg", "centralized", "fdkt", "crosslm"])
+def test_every_slm_mode_runs_every_method(tmp_path, method, mode):
+    """slm.mode is one option for every method that trains an SLM; FedAvg averages what the mode trains."""
+    options = {"fdkt": {"fdkt.num-per-label": 1, "fdkt.max-tokens": 4, "fdkt.augment-per-label": 1,
+                        "fdkt.llm-filter": False, "fdkt.noise-seed": 0},
+               "crosslm": {"crosslm.rounds": 1, "crosslm.per-label": 2, "crosslm.max-new-tokens": 8,
+                           "crosslm.lora-steps": 1, "crosslm.llm-eval-examples": 4, "crosslm.ppl-passages": 2,
+                           "crosslm.min-words": 1}}.get(method, {})
+    cfg = tiny_config(tmp_path, method=method, run_name=f"{method}-{mode}", **{"slm.mode": mode,
+                                                                            "task.max-examples": 60}, **options)
+    record = run_inprocess(cfg)
+    assert record.status == "ok" and record.failures == []
+    assert 0 <= record.global_metrics["accuracy"] <= 1 and 0 <= record.global_metrics["macro_f1"] <= 1
+    if method == "fedavg":
+        from fedbridge.models.loading import load_slm
+
+        state = load_slm("tiny-bert", 3, options=cfg.slm).trainable_state()
+        size, head = sum(v.numel() * 4 for v in state.values()), state["head.weight"].numel() * 4
+        # at most the trained weights (Flower sends identical arrays once: LoRA's zero-initialised B matrices)
+        assert 2 * head < record.communication["by_message_type"]["train"]["sent"] < 1.02 * 2 * size + 4096

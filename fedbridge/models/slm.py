@@ -50,7 +50,8 @@ class SLMOptions:
     batch_size: int = 16
     lr: float = 0.0  # encoder (its LoRA adapters, or all of it); 0 = the mode's default (lora 5e-4, full 5e-5)
     head_lr: float = 3e-3
-    warmup: float = 1.0  # epochs of linearly rising learning rate, then linear decay to 0 at the last epoch
+    warmup: float = 1.0  # lora, full: epochs of rising learning rate (it shields the pretrained encoder from the
+    # new head's first gradients), then linear decay to 0 at the last epoch; head mode, with nothing to shield: decay only
     weight_decay: float = 0.01
     max_length: int = 0  # tokens per text; 0 = fit the data (95th-percentile token count, multiple of 16, <= 256)
     class_balanced: bool = True  # weight the loss so every label present counts the same (class_balanced_weights)
@@ -265,7 +266,7 @@ def train_classifier(model: SLM, texts: Sequence[str], targets: Sequence[int] | 
                        "lr": cfg.encoder_lr})
     optim = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     n_batches, epochs = -(-len(texts) // cfg.batch_size), cfg.max_epochs
-    warmup = min(int(cfg.warmup * n_batches), epochs * n_batches - 1)
+    warmup = 0 if head_mode else min(int(cfg.warmup * n_batches), epochs * n_batches - 1)
     schedule = get_linear_schedule_with_warmup(optim, warmup, epochs * n_batches)
     generator = torch.Generator().manual_seed(seed)
     val_inputs = None

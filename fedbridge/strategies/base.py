@@ -130,13 +130,15 @@ class Session:
         self.record.failures.append({"silo": silo, "message_type": message_type, "round": round_, "reason": reason})
         self.event(node_id, "failed", message_type, round_)
 
-    def save_contribution(self, node_id: int, kind: str, round_: int, examples: Examples | None = None,
+    def save_contribution(self, node_id: int | None, kind: str, round_: int, examples: Examples | None = None,
                           **extra: Any) -> None:
         """Keep what a silo sent (synthetic examples, instructions, ...) beside the run record, one JSON line each,
-        written as it arrives so a crash loses nothing; ``fedbridge audit`` reads it back."""
+        written as it arrives so a crash loses nothing; ``fedbridge audit`` reads it back. ``node_id=None``: what
+        the server made and sent (e.g. FDKT's augmented sets), as ``"silo": "server"``, which the audit skips."""
         path = contributions_path(self.cfg.results_dir, self.record.run_name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        line = {"silo": self.silo_name(node_id), "kind": kind, "round": round_, **extra}
+        line = {"silo": "server" if node_id is None else self.silo_name(node_id), "kind": kind, "round": round_,
+                **extra}
         if examples is not None:
             line |= {"texts": list(examples.texts), "labels": list(examples.labels)}
         with path.open("a", encoding="utf-8") as f:

@@ -580,6 +580,7 @@ class _Run:
                                  opts.diversity)
         self.selected[f"{self.session.silo_name(node)}/{batch.index}"] = len(chosen)
         examples = Examples.of([batch.texts[i] for i in chosen], [batch.labels[i] for i in chosen])
+        self.session.save_contribution(None, "selected", batch.index, examples, to=self.session.silo_name(node))
         targets = (aggregate_probabilities([s[chosen] for s in batch.scores.values()], opts.aggregate, opts.trim)
                    if opts.targets == "soft" and chosen else None)
         config = {"round": batch.index, "final": batch.index == opts.rounds}

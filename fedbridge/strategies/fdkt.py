@@ -266,6 +266,7 @@ class FDKT(Method):
         record.tokens["generated"] += stats.generated_tokens
         ckpt.save_examples(step, augmented)
         ckpt.complete(step, sources=sources)
+        session.save_contribution(None, "augmented", 1, augmented, set=key, sources=sources)
         return augmented
 
     def _train_request(self, session: Session, augmented: Examples) -> RecordDict:
