@@ -273,8 +273,10 @@ def test_fdkt_resumes_without_asking_or_augmenting_again(tmp_path, monkeypatch, 
     assert set(resumed.global_metrics) == set(reference.global_metrics)
     assert any("resumed from" in n for n in resumed.notes)
     assert not directory.exists()  # done: the record is the result
-    contributions = (tmp_path / "fdkt-resume.contributions.jsonl").read_text().splitlines()
+    lines = [json.loads(x) for x in (tmp_path / "fdkt-resume.contributions.jsonl").read_text().splitlines()]
+    contributions = [line for line in lines if line["silo"] != "server"]
     assert len(contributions) == 2  # each silo's demonstrations were received once
+    assert sorted(line["set"] for line in lines if line["silo"] == "server") == ["silo-0", "silo-1"]  # made once
 
 
 def test_a_resumed_run_cannot_spend_a_silos_budget_again(tmp_path, fdkt_uninterrupted):

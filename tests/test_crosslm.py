@@ -44,7 +44,8 @@ LABELS = ("negative", "neutral", "positive")
 # Small and fast, but every stage runs: generation, scoring, LLM update with KL, selection, enhancement, evaluation.
 FAST = {"crosslm.per-label": 3, "crosslm.max-new-tokens": 12, "crosslm.min-words": 1, "crosslm.min-reward": -1.0,
         "crosslm.llm-eval-examples": 8, "crosslm.ppl-passages": 2, "crosslm.ppl-max-tokens": 32,
-        "crosslm.diversity": 0.0, "crosslm.lora-max-length": 96, "crosslm.select-max": 6, "crosslm.enhance-epochs": 1}
+        "crosslm.diversity": 0.0, "crosslm.lora-max-length": 96, "crosslm.select-max": 6, "crosslm.enhance-epochs": 1,
+        "crosslm.with-private": False}  # the paper's step: selected examples only (what the counts below check)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

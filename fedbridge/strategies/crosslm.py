@@ -109,7 +109,8 @@ class CrossLMConfig:
     targets: str = "hard"  # hard: the LLM's intended labels | soft: the silos' combined probabilities (distillation)
     enhance_epochs: int = 0  # 0 = the silo's SLM recipe (epoch chosen on its private validation split); server: 2
     synthetic_weight: float = 1.0
-    with_private: bool = False  # score-on=silo: fine-tune on private + selected examples, not selected only
+    with_private: bool = True  # score-on=silo: fine-tune on private + selected examples; false = the paper's step 5
+    # (selected examples only), which erased what a silo had learned in every measurement (README "CrossLM")
     # evaluation
     llm_eval_examples: int = 100  # global-test examples for the LLM's label-scoring accuracy (0 = all)
     ppl_passages: int = 0  # general-text passages for perplexity (0 = all)
