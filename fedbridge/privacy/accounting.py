@@ -1,10 +1,15 @@
-"""One privacy ledger per silo: every release of private data is charged here, composed in RDP.
+"""One privacy ledger per silo: every release of private data is charged here, all releases composed together.
 
 Each mechanism in ``fedbridge.privacy`` (DP-SGD, DP few-shot generation) is a Poisson-subsampled Gaussian
 mechanism run for some number of steps. The ledger records those compositions and computes the spent ε by
-composing *all* of them at once in Rényi DP (Mironov 2017; Mironov, Talwar, Zhang 2019), converted to
-(ε, δ)-DP with the conversion of Balle et al. 2020 (the one Opacus uses). A mechanism charges *before* it
-touches the data, so a request over budget is refused with nothing spent and nothing released.
+composing *all* of them at once, two ways, and takes the smaller (both are valid upper bounds):
+  - Rényi DP (Mironov 2017; Mironov, Talwar, Zhang 2019), converted to (ε, δ)-DP with the conversion of Balle et
+    al. 2020 (the one Opacus uses): ``rdp_epsilon``;
+  - numerical composition of privacy loss random variables (Gopi et al. 2021, Opacus's ``PRVAccountant``), its
+    upper bound, which includes the discretisation error: ``prv_epsilon``. Tighter for many compositions (DP-SGD,
+    q = 1/20, 20 steps, σ = 0.8135: RDP 3.99, PRV 3.26), so the same ε buys less noise.
+A mechanism charges *before* it touches the data, so a request over budget is refused with nothing spent and
+nothing released.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants import PRVAccountant
 from opacus.accountants.rdp import RDPAccountant
 
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
@@ -23,6 +29,7 @@ from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
 # Opacus's default orders (1.1 .. 63) plus larger ones, which tighten small ε (the optimal order grows as ε shrinks).
 RDP_ORDERS: tuple[float, ...] = (*RDPAccountant.DEFAULT_ALPHAS, 64, 80, 96, 128, 192, 256, 512)
 _STATE_VERSION = 1
+ACCOUNTANT = "min(rdp, prv upper bound)"
 _MAX_NOISE = 1e6
 
 
@@ -65,7 +72,45 @@ def _conversion_term(order: float, delta: float) -> float:
 
 
 def compute_epsilon(events: Iterable[PrivacyEvent], delta: float) -> float:
-    """ε at ``delta`` of all ``events`` composed together (RDP); 0 for none, ∞ if any is non-private."""
+    """ε at ``delta`` of all ``events`` composed together: the smaller of the RDP and the PRV upper bound; 0 for
+    none, ∞ if any is non-private."""
+    events = tuple(events)
+    rdp = rdp_epsilon(events, delta)
+    return rdp if rdp > PRV_MAX_RDP_EPSILON else min(rdp, prv_epsilon(events, delta))
+
+
+PRV_EPS_ERROR = 0.01  # PRV's discretisation error budget in ε; its upper bound includes it
+# where RDP's ε is above this, no budget is near and PRV's domain grows huge (minutes, or out of memory, at σ ≈ 0.1):
+# the RDP bound stands alone
+PRV_MAX_RDP_EPSILON = 30.0
+
+
+def prv_epsilon(events: Iterable[PrivacyEvent], delta: float) -> float:
+    """ε at ``delta`` of all ``events`` by PRV composition (Opacus ``PRVAccountant``): its upper bound, the estimate
+    plus the error bound, so a valid guarantee; ∞ where the PRV cannot be computed (the RDP bound then stands)."""
+    composed: dict[tuple[float, float], int] = {}
+    for e in events:
+        if e.steps > 0:
+            composed[(e.noise_multiplier, e.sample_rate)] = composed.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
+    if not composed:
+        return 0.0
+    if any(sigma == 0 for sigma, _ in composed):
+        return math.inf
+    return _prv_epsilon(tuple(sorted((s, q, n) for (s, q), n in composed.items())), delta)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    accountant = PRVAccountant()
+    accountant.history = list(history)
+    try:
+        return float(accountant.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+    except (ValueError, ArithmeticError, RuntimeError, MemoryError):  # extreme σ or q: the domain does not fit
+        return math.inf
+
+
+def rdp_epsilon(events: Iterable[PrivacyEvent], delta: float) -> float:
+    """ε at ``delta`` of all ``events`` composed together in RDP; 0 for none, ∞ if any is non-private."""
     events = [e for e in events if e.steps > 0]
     if not events:
         return 0.0
@@ -172,7 +217,8 @@ class PrivacyLedger:
 
     def report(self) -> dict[str, Any]:
         """What the run record shows: the guarantee, the budget and every charge."""
-        return {"private": self.private, "accountant": "rdp", "epsilon": self.spent(), "delta": self.delta,
+        return {"private": self.private, "accountant": ACCOUNTANT, "epsilon": self.spent(), "delta": self.delta,
+                "epsilon_rdp": rdp_epsilon(self._events, self.delta), "epsilon_prv": prv_epsilon(self._events, self.delta),
                 "epsilon_budget": self.epsilon_budget,
                 "mechanisms": sorted({e.mechanism for e in self._events}),
                 "events": [asdict(e) for e in self._events]}
