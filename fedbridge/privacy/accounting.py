@@ -83,6 +83,7 @@ PRV_EPS_ERROR = 0.01  # PRV's discretisation error budget in ε; its upper bound
 # where RDP's ε is above this, no budget is near and PRV's domain grows huge (minutes, or out of memory, at σ ≈ 0.1):
 # the RDP bound stands alone
 PRV_MAX_RDP_EPSILON = 30.0
+PRV_MAX_STEPS = 100_000
 
 
 def prv_epsilon(events: Iterable[PrivacyEvent], delta: float) -> float:
@@ -95,6 +96,8 @@ def prv_epsilon(events: Iterable[PrivacyEvent], delta: float) -> float:
     if not composed:
         return 0.0
     if any(sigma == 0 for sigma, _ in composed):
+        return math.inf
+    if sum(composed.values()) > PRV_MAX_STEPS:  # its mesh shrinks with √steps: beyond this, gigabytes
         return math.inf
     return _prv_epsilon(tuple(sorted((s, q, n) for (s, q), n in composed.items())), delta)
 
