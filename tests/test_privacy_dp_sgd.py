@@ -114,3 +114,32 @@ def test_synthesize_returns_labelled_samples_and_the_charge():
     assert result.steps == 10 and result.events == ledger.events
     assert result.tokens["generated"] > 0 and set(result.seconds) == {"train", "sample"}
     assert result.local["train-tokens"] > 0 and "local" not in result.summary()  # data-dependent: stays home
+
+
+def test_an_empty_first_poisson_batch_is_a_noise_step_not_a_crash(spies, monkeypatch):
+    """Opacus builds an empty first batch from dataset[0]'s shapes (a one-element list for 1-tuple items); before,
+    unpacking it crashed the run after the budget was charged. Forced here: the sampler's first batch is empty."""
+    inner = UniformWithReplacementSampler.__iter__  # the spies' counting iterator
+
+    def empty_first(self):  # the first draw comes out empty; every other draw as Opacus makes it
+        for step, batch in enumerate(inner(self)):
+            yield [] if step == 0 else batch
+
+    monkeypatch.setattr(UniformWithReplacementSampler, "__iter__", empty_first)
+    model, tok = tiny_llm()
+    cfg = DPSGDConfig(target_epsilon=4.0, epochs=1, batch_size=8, max_length=32, noise_seed=2)
+    ledger = PrivacyLedger(4.0, 1e-5)
+    _, report = dp_sgd_train(model, tok, TEXTS, LABEL_IDS, LABELS, cfg, ledger)
+    assert report.batch_sizes[0] == 0 and len(report.batch_sizes) == spies["dp_steps"] == report.event.steps
+    assert ledger.events == (report.event,)
+
+
+@pytest.mark.parametrize("texts", [24, 40])
+def test_a_public_size_bound_fixes_q_and_steps_whatever_the_private_count(spies, texts):
+    """With size_bound, q = 1 / ceil(bound / batch) and steps = epochs / q: the same for 24 or 40 private texts, so
+    neither the charged event nor the number of noisy steps tells the server how many there are."""
+    model, tok = tiny_llm()
+    cfg = DPSGDConfig(target_epsilon=4.0, epochs=2, batch_size=8, max_length=32, noise_seed=3, size_bound=64)
+    _, report = dp_sgd_train(model, tok, TEXTS[:texts], LABEL_IDS[:texts], LABELS, cfg, PrivacyLedger(4.0, 1e-5))
+    assert (report.event.sample_rate, report.event.steps) == (1 / 8, 16)
+    assert spies["poisson_batches"] == spies["dp_steps"] == 16

@@ -10,10 +10,13 @@ Adding or removing one private example changes one group only, so one distributi
 L2 sensitivity √2/M (two probability vectors differ by at most √2). The noise is thus σ times the
 sensitivity, and each token is one step of the Poisson-subsampled Gaussian mechanism with noise multiplier σ.
 Random group assignment matters: splitting the sample in order would let one example shift every group.
+With ``count_bound`` (a silo's public lower bound on examples per label), q = M·N / bound for every label, so
+neither q nor the calibrated σ depends on the private counts.
 
 The vocabulary may be restricted to the top-k tokens of the data-free prompt (the template with no
-demonstrations plus the tokens written so far): public, so free. Like Tang et al., |D_y| is treated as
-public when setting q, and labels are composed sequentially (not in parallel), which over-counts.
+demonstrations plus the tokens written so far): public, so free. Without a count bound, like Tang et al., |D_y|
+is treated as public when setting q (a silo's policy decides whether it may be); labels are composed sequentially
+(not in parallel), which over-counts.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class DPFewShotConfig:
     max_text_chars: int = 500  # private texts are cut to this in prompts
     noise_seed: int | None = None  # None = secret OS entropy for subsampling, grouping and noise
     kv_cache: bool = True  # one shot per group: each prefix runs once, then only the new tokens (same output)
+    count_bound: int = 0  # a public lower bound on examples per label: q = M·N / bound; 0 = the exact counts
 
     def __post_init__(self) -> None:
         if self.num_groups < 1 or self.shots_per_group < 1 or self.max_tokens < 1 or self.public_top_k < 0:
@@ -90,9 +94,12 @@ def _next_token_probs(model: PreTrainedModel, prompts: list[list[int]], pad_id: 
 
 
 def fewshot_events(label_counts: Sequence[int], cfg: DPFewShotConfig) -> tuple[PrivacyEvent, ...]:
-    """What ``dp_fewshot_synthesize`` charges: per label, (σ, q_y = min(1, M·N/|D_y|), num_per_label·T_max)."""
+    """What ``dp_fewshot_synthesize`` charges: per label, (σ, q_y = min(1, M·N/n_y), num_per_label·T_max), with
+    n_y the label's count, or the public ``count_bound`` when set (then σ and q reveal nothing about the counts:
+    each example is still sampled at exactly q, a smaller label only fills fewer groups)."""
+    counts = [cfg.count_bound] * len(label_counts) if cfg.count_bound else label_counts
     return tuple(PrivacyEvent(cfg.sigma, min(1.0, cfg.num_groups * cfg.shots_per_group / max(n, 1)),
-                              cfg.num_per_label * cfg.max_tokens, cfg.mechanism) for n in label_counts)
+                              cfg.num_per_label * cfg.max_tokens, cfg.mechanism) for n in counts)
 
 
 def sigma_for_epsilon(target_epsilon: float, delta: float, label_ids: Sequence[int], num_labels: int,

@@ -24,6 +24,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from peft import LoraConfig, get_peft_model
@@ -56,6 +57,8 @@ class DPSGDConfig:
     lora_target_modules: tuple[str, ...] = ()  # () = peft's default for the architecture
     grad_sample_mode: str = "hooks"  # Opacus per-sample gradients; "functorch" if a custom layer lacks a sampler
     noise_seed: int | None = None  # None = secret OS entropy for sampling and noise (see privacy_generator)
+    size_bound: int = 0  # a public lower bound on the training examples: q = 1 / ceil(bound / batch), steps = epochs / q;
+    # 0 = from the exact count, which q and the number of steps then reveal
     num_per_label: int = 50
     min_words: int = 10  # shorter samples are dropped
     sampling: SamplingConfig = FDKT_SAMPLING
@@ -142,10 +145,11 @@ def _noise_only_step(optimizer: DPOptimizer) -> None:
 
 def _plan(loader: DataLoader, cfg: DPSGDConfig) -> tuple[float, int]:
     """The (q, steps) that will run. DP: Opacus's rule in ``make_private``, q = 1 / len(loader) and
-    ``len(UniformWithReplacementSampler)`` Poisson batches an epoch; non-private: the plain loader."""
+    ``len(UniformWithReplacementSampler)`` Poisson batches an epoch, with ``len(loader)`` from the public size bound
+    when there is one; non-private: the plain loader."""
     if not cfg.private:
         return min(1.0, cfg.batch_size / len(loader.dataset)), cfg.epochs * len(loader)
-    sample_rate = 1 / len(loader)
+    sample_rate = 1 / (math.ceil(cfg.size_bound / cfg.batch_size) if cfg.size_bound else len(loader))
     return sample_rate, cfg.epochs * len(UniformWithReplacementSampler(num_samples=len(loader.dataset),
                                                                        sample_rate=sample_rate))
 
@@ -156,7 +160,9 @@ def _run_epochs(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
     desc = "DP-SGD generator" if cfg.private else "SGD generator"
     with tqdm(total=report.event.steps, desc=desc, unit="step") as bar:
         for _ in range(cfg.epochs):
-            for input_ids, mask in loader:
+            for batch in loader:
+                # an empty Poisson batch comes as Opacus builds it from dataset[0]'s shapes: a one-element list
+                input_ids, mask = batch if len(batch) == 2 else (batch[0], torch.zeros_like(batch[0]))
                 optimizer.zero_grad(set_to_none=True)
                 if len(input_ids) == 0:
                     _noise_only_step(optimizer)
@@ -205,9 +211,12 @@ def dp_sgd_train(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Se
         noise_rng = privacy_generator(None if cfg.noise_seed is None else cfg.noise_seed + 1,
                                       next(net.parameters()).device)
         engine = PrivacyEngine(accountant="rdp")
+        if cfg.size_bound:  # Poisson batches at the public rate, whatever the private count
+            loader = DPDataLoader(loader.dataset, sample_rate=sample_rate, collate_fn=loader.collate_fn,
+                                  generator=rng)
         module, optimizer, loader = engine.make_private(  # train on the Poisson loader it returns
             module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, loss_reduction="mean",
+            max_grad_norm=cfg.max_grad_norm, poisson_sampling=not cfg.size_bound, loss_reduction="mean",
             grad_sample_mode=cfg.grad_sample_mode, noise_generator=noise_rng)
         if (loader.sample_rate, cfg.epochs * len(loader)) != (sample_rate, steps):
             raise RuntimeError(f"Opacus plans q={loader.sample_rate}, {cfg.epochs * len(loader)} steps; "
