@@ -149,9 +149,10 @@ def config(deployment, results, **overrides):
 
 @pytest.mark.slow
 def test_a_method_runs_end_to_end_with_uploads_far_above_flowers_chunk_size(deployment, tmp_path):
-    # MiniLM with one layer: 55 MB of weights per message, sent to and uploaded by every silo over TLS
+    # MiniLM with one layer, fine-tuned whole: 55 MB of weights per message, sent to and uploaded by every silo
+    # over TLS (the default head mode moves kilobytes)
     cfg = config(deployment, tmp_path, method="fedavg", run_name="deployed-fedavg",
-                 **{"slm.model": "minilm-l1", "timeout": 300.0})
+                 **{"slm.model": "minilm-l1", "slm.mode": "full", "timeout": 300.0})
     record = deployment.run(cfg)
     assert record.status == "ok" and record.failures == [] and record.method == "fedavg"
     assert record.config["slm.model"] == "minilm-l1"

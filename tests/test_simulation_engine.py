@@ -21,7 +21,8 @@ def test_runner_disables_runtime_dependency_installation():
 
 def test_fedavg_on_the_simulation_engine(tmp_path):
     cfg = tiny_config(tmp_path, method="fedavg", run_name="sim-fedavg",
-                      **{"task.max-examples": 200, "partition.num-silos": 2, "partition.kind": "iid"})
+                      **{"task.max-examples": 200, "partition.num-silos": 2, "partition.kind": "iid",
+                         "slm.mode": "full"})
     record = run_simulation(cfg, quiet=True)
     path = tmp_path / "sim-fedavg.json"
     assert path.is_file()
