@@ -23,12 +23,13 @@ for task in drug-reviews tweets; do  # the headline: baselines, FDKT at epsilon 
   run "$task" --methods fedavg,centralized
   run "$task" --methods crosslm --sweep crosslm.with-private=false,true $MIXED
 done
-for task in drug-reviews tweets; do
-  run "$task" --methods crosslm --sweep crosslm.kl-weight=0 --sweep crosslm.with-private=true $MIXED
-  run "$task" --methods fdkt --sweep fdkt.epsilon=1,8,inf $MIXED $FDKT
+for task in drug-reviews tweets; do  # what the synthetic data can do without noise, and the other mechanism at 4
+  run "$task" --methods fdkt --sweep fdkt.epsilon=inf $MIXED $FDKT
+  run "$task" --methods fdkt --sweep fdkt.epsilon=4 $MIXED $FDKT $DPSGD
 done
 for task in drug-reviews tweets; do
-  run "$task" --methods fdkt --sweep fdkt.epsilon=4 $MIXED $FDKT $DPSGD
+  run "$task" --methods crosslm --sweep crosslm.kl-weight=0 --sweep crosslm.with-private=true $MIXED
+  run "$task" --methods fdkt --sweep fdkt.epsilon=1,8 $MIXED $FDKT
 done
 for task in drug-reviews tweets; do
   run "$task" --methods fdkt --sweep fdkt.epsilon=1,8,inf $MIXED $FDKT $DPSGD
