@@ -8,9 +8,9 @@ moment, and the experiment id. A crash at any point leaves the last complete sta
 the same run-name restores that record, and its method asks ``done(step)`` and skips what is done. A successful
 run removes its checkpoint (the record is the result); a failed one keeps it.
 
-Silo side, ``PersistentLedger``: a privacy ledger kept in a file on the silo's own disk, keyed by the server's
-experiment id (which a resumed run keeps) and rewritten atomically after every charge. A restarted server is a new
-Flower run, with fresh Flower node state; the file is what makes it unable to spend a silo's budget twice.
+Silo side, ``DEFAULT_SILO_STATE_DIR``: where a silo keeps what outlives a run (its lifetime privacy ledger,
+``fedbridge.privacy.policy``; CrossLM's latest SLM). A restarted server is a new Flower run with fresh Flower node
+state; these files are what make it unable to spend a silo's budget twice.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from flwr.app import ArrayRecord
 
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import ConfigError
-from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger
 from fedbridge.results import RunRecord, contributions_path
 from fedbridge.tasks import Examples
 
@@ -265,35 +264,3 @@ def _check_same_config(saved: Mapping[str, Any], now: Mapping[str, Any], directo
         raise ConfigError(f"resume=true, but this run config differs from the checkpointed run's ({directory}): "
                           f"{diff}. Resume with the same config, or start a new run (resume=false or another "
                           "run-name).")
-
-
-class PersistentLedger(PrivacyLedger):
-    """A silo's PrivacyLedger kept in a file on the silo's disk: loaded when a run of the same experiment starts
-    again, rewritten atomically after every charge (and a charge comes before the mechanism reads any data), so
-    no restart of the silo process, the Flower run or the server forgets spending."""
-
-    def __init__(self, path: Path, epsilon_budget: float, delta: float) -> None:
-        super().__init__(epsilon_budget, delta)
-        self.path = Path(path)
-
-    @classmethod
-    def open(cls, path: Path, epsilon_budget: float, delta: float) -> PersistentLedger:
-        """The ledger stored at ``path``, or a new one with this budget. A stored ledger keeps its own budget and
-        δ: asking again with a larger budget cannot raise it."""
-        path = Path(path)
-        if not path.exists():
-            ledger = cls(path, epsilon_budget, delta)
-            ledger.save()
-            return ledger
-        stored = PrivacyLedger.from_dict(json.loads(path.read_text()))
-        ledger = cls(path, stored.epsilon_budget, stored.delta)
-        ledger._events = list(stored.events)
-        return ledger
-
-    def charge(self, events: PrivacyEvent | Iterable[PrivacyEvent]) -> float:
-        after = super().charge(events)
-        self.save()
-        return after
-
-    def save(self) -> None:
-        atomic_write(self.path, json.dumps(self.to_dict()))

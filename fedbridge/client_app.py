@@ -16,6 +16,11 @@ from fedbridge.strategies.social import lesson_records
 app = ClientApp(mods=[fault_mod])
 
 
+def _reply(silo: Silo, msg: Message, metrics: dict, **records) -> Message:
+    """A reply with the metrics this silo's policy lets leave (``Silo.releasable``) and the given records."""
+    return Message(p.metrics_reply(silo.releasable(metrics), **records), reply_to=msg)
+
+
 def _silo(msg: Message, context: Context) -> tuple[Silo, dict]:
     config = p.check_version(msg.content)
     return Silo.from_context(context), dict(config)
@@ -24,7 +29,7 @@ def _silo(msg: Message, context: Context) -> tuple[Silo, dict]:
 @app.query("info")
 def info(msg: Message, context: Context) -> Message:
     silo, _ = _silo(msg, context)
-    return Message(p.metrics_reply(silo.info()), reply_to=msg)
+    return _reply(silo, msg, silo.info())
 
 
 def _train_fresh_and_evaluate(msg: Message, context: Context, with_examples: bool) -> Message:
@@ -35,8 +40,8 @@ def _train_fresh_and_evaluate(msg: Message, context: Context, with_examples: boo
     model = silo.new_slm()
     stats = silo.train_slm(model, extra=extra, extra_weight=weight)
     metrics = silo.evaluate_slm(model, global_test)
-    return Message(p.metrics_reply({**metrics, **silo.info(), **train_metrics(stats),
-                                    "train.synthetic": len(extra or ())}), reply_to=msg)
+    return _reply(silo, msg, {**metrics, **silo.info(), **train_metrics(stats),
+                                    "train.synthetic": len(extra or ())})
 
 
 @app.train("local")
@@ -55,9 +60,8 @@ def train_augmented(msg: Message, context: Context) -> Message:
 def synthesize(msg: Message, context: Context) -> Message:
     """FDKT: write DP synthetic demonstrations; only they and their privacy cost leave the silo."""
     silo, config = _silo(msg, context)
-    examples, privacy, metrics = silo.synthesize(context.state, experiment=p.read_experiment(config))
-    return Message(p.metrics_reply(metrics, examples=p.examples_record(examples), privacy=ConfigRecord(privacy)),
-                   reply_to=msg)
+    examples, privacy, metrics = silo.synthesize(experiment=p.read_experiment(config))
+    return _reply(silo, msg, metrics, examples=p.examples_record(examples), privacy=ConfigRecord(privacy))
 
 
 @app.train()
@@ -65,12 +69,15 @@ def train_fedavg(msg: Message, context: Context) -> Message:
     """One FedAvg round: start from the server's weights, train locally, send weights back."""
     silo, config = _silo(msg, context)
     epochs = p.read_number(config, "epochs", 1, low=0, high=1000, integer=True)
-    model = silo.slm_from_arrays(p.read_arrays(msg.content))
+    arrays = p.read_arrays(msg.content)
+    silo.non_private_release("SLM weights", p.read_experiment(config))
+    model = silo.slm_from_arrays(arrays)
     stats = silo.train_slm(model, epochs=int(epochs))
-    reply = p.metrics_reply({"num-examples": len(silo.data.train), "train.seconds": stats.seconds,
-                             "train.examples": stats.examples, "train.loss": stats.final_loss},
-                            arrays=ArrayRecord(model.trainable_state()))
-    return Message(reply, reply_to=msg)
+    # FedAvg weights each silo by num-examples: the exact count only where non-private details may leave
+    weight = len(silo.data.train) if silo.policy.allow_non_private else 1
+    return Message(p.metrics_reply({"num-examples": weight, **silo.releasable(
+        {"train.seconds": stats.seconds, "train.examples": stats.examples}), "train.loss": stats.final_loss},
+        arrays=ArrayRecord(model.trainable_state())), reply_to=msg)
 
 
 @app.evaluate()
@@ -80,13 +87,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     global_test = p.read_global_test(msg.content, len(silo.labels))
     model = silo.slm_from_arrays(p.read_arrays(msg.content))
     metrics = silo.evaluate_slm(model, global_test)
-    return Message(p.metrics_reply({**metrics, "num-examples": len(silo.data.test), **silo.info()}), reply_to=msg)
+    return _reply(silo, msg, {**metrics, "num-examples": len(silo.data.test), **silo.info()})
 
 
 @app.evaluate("llm")
 def evaluate_llm(msg: Message, context: Context) -> Message:
     silo, _ = _silo(msg, context)
-    return Message(p.metrics_reply({**silo.evaluate_llm(), **silo.info()}), reply_to=msg)
+    return _reply(silo, msg, {**silo.evaluate_llm(), **silo.info()})
 
 
 def _crosslm_round(config: dict) -> tuple[int, str, bool]:
@@ -101,7 +108,7 @@ def train_private(msg: Message, context: Context) -> Message:
     silo, config = _silo(msg, context)
     global_test = p.read_global_test(msg.content, len(silo.labels))
     metrics = silo.train_private(context.state, global_test, experiment=p.read_experiment(config))
-    return Message(p.metrics_reply(metrics), reply_to=msg)
+    return _reply(silo, msg, metrics)
 
 
 @app.query("score")
@@ -111,11 +118,12 @@ def score(msg: Message, context: Context) -> Message:
     silo, config = _silo(msg, context)
     round_, experiment, _ = _crosslm_round(config)
     examples = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
+    silo.non_private_release("SLM scores", experiment)
     t0 = time.perf_counter()
     probs = silo.score(context.state, examples.texts, max(round_ - 1, 0), experiment)
     agreement = float((probs.argmax(axis=1) == np.array(examples.labels)).mean()) if len(examples) else 0.0
     metrics = {"score.examples": len(examples), "score.seconds": time.perf_counter() - t0, "score.agreement": agreement}
-    return Message(p.metrics_reply(metrics, scores=p.probabilities_record(probs)), reply_to=msg)
+    return _reply(silo, msg, metrics, scores=p.probabilities_record(probs))
 
 
 @app.query("upload")
@@ -123,9 +131,10 @@ def upload(msg: Message, context: Context) -> Message:
     """CrossLM with score-on=server (opt-in, weaker privacy): the weights and spec of the SLM after ``round``."""
     silo, config = _silo(msg, context)
     round_, experiment, _ = _crosslm_round(config)
+    silo.non_private_release("SLM weights", experiment)
     model = silo.kept_slm(context.state, round_, experiment)
-    return Message(p.metrics_reply(silo.info(), arrays=ArrayRecord(model.trainable_state()),
-                                   slm=ConfigRecord({"spec": silo.cfg.slm.spec_for(silo.index)})), reply_to=msg)
+    return _reply(silo, msg, silo.info(), arrays=ArrayRecord(model.trainable_state()),
+                                   slm=ConfigRecord({"spec": silo.cfg.slm.spec_for(silo.index)}))
 
 
 @app.train("enhance")
@@ -137,8 +146,8 @@ def enhance(msg: Message, context: Context) -> Message:
     global_test = p.read_global_test(msg.content, len(silo.labels))
     if p.ARRAYS in msg.content:
         arrays = p.read_arrays(msg.content, like=context.state.get(KEPT_SLM))
-        return Message(p.metrics_reply(silo.install_slm(context.state, arrays, global_test, round_, experiment,
-                                                        final)), reply_to=msg)
+        return _reply(silo, msg, silo.install_slm(context.state, arrays, global_test, round_, experiment,
+                                                        final))
     examples = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
     targets = (p.read_probabilities(msg.content, p.TARGETS, len(examples), len(silo.labels))
                if p.TARGETS in msg.content else None)
@@ -147,7 +156,7 @@ def enhance(msg: Message, context: Context) -> Message:
                            weight=float(p.read_number(config, "synthetic-weight", 1.0, low=0.0)),
                            with_private=config.get("with-private", False) is True, global_test=global_test,
                            round_=max(round_, 1), experiment=experiment, final=final)
-    return Message(p.metrics_reply(metrics), reply_to=msg)
+    return _reply(silo, msg, metrics)
 
 
 @app.query("teach")
@@ -155,8 +164,8 @@ def teach(msg: Message, context: Context) -> Message:
     """Social Learning: the silo as a teacher writes synthetic examples or instructions from its private data; only
     they, how they were made and their privacy cost leave the silo."""
     silo, config = _silo(msg, context)
-    lesson = silo.teach(p.read_mode(config), context.state, experiment=p.read_experiment(config))
-    return Message(p.metrics_reply(lesson.metrics, **lesson_records(lesson)), reply_to=msg)
+    lesson = silo.teach(p.read_mode(config), experiment=p.read_experiment(config))
+    return _reply(silo, msg, lesson.metrics, **lesson_records(lesson))
 
 
 @app.query("vote")
@@ -170,15 +179,16 @@ def vote(msg: Message, context: Context) -> Message:
     else:
         texts, labels = p.read_texts(msg.content, p.INSTRUCTIONS), None
     t0 = time.perf_counter()
-    scores = silo.vote(mode, texts, labels)
-    return Message(p.metrics_reply({"vote.candidates": len(texts), "vote.seconds": time.perf_counter() - t0},
-                                   votes=ConfigRecord({"scores": scores})), reply_to=msg)
+    scores = silo.vote(mode, texts, labels, p.read_experiment(config))
+    return _reply(silo, msg, {"vote.candidates": len(texts), "vote.seconds": time.perf_counter() - t0},
+                                   votes=ConfigRecord({"scores": scores}))
 
 
 @app.query("share_raw")
 def share_raw(msg: Message, context: Context) -> Message:
     """Social Learning's NON-PRIVATE upper bound only: n raw training examples (refused unless the run asks for it)."""
     silo, config = _silo(msg, context)
-    raw, privacy = silo.share_raw(int(p.read_number(config, "n", low=1, high=p.MAX_EXAMPLES, integer=True)))
-    return Message(p.metrics_reply({"share.examples": len(raw)}, examples=p.examples_record(raw),
-                                   privacy=ConfigRecord(privacy)), reply_to=msg)
+    raw, privacy = silo.share_raw(int(p.read_number(config, "n", low=1, high=p.MAX_EXAMPLES, integer=True)),
+                                  p.read_experiment(config))
+    return _reply(silo, msg, {"share.examples": len(raw)}, examples=p.examples_record(raw),
+                                   privacy=ConfigRecord(privacy))

@@ -305,13 +305,17 @@ def _kill_and_wait(procs: list[psutil.Process]) -> None:
     psutil.wait_procs(procs, timeout=5)
 
 
-def silo_node_configs(data_paths: Sequence[str | Path], text_column: str = "", label_column: str = "") -> list[dict]:
-    """One SuperNode node config per silo data file (``partition-id`` = its position)."""
+def silo_node_configs(data_paths: Sequence[str | Path], text_column: str = "", label_column: str = "",
+                      privacy: str = "strict") -> list[dict]:
+    """One SuperNode node config per silo data file (``partition-id`` = its position), with the silos' privacy
+    policy (``fedbridge.privacy.policy``; strict: DP releases only, within a lifetime epsilon-budget of 8)."""
+    if privacy not in POLICIES:
+        raise DeploymentError(f"Silo privacy policy '{privacy}': use one of {', '.join(POLICIES)}.")
     configs = []
     for i, path in enumerate(data_paths):
         if not Path(path).is_file():
             raise DeploymentError(f"Silo data file '{path}' does not exist.")
-        nc: dict[str, int | str] = {"partition-id": i, "data-path": str(Path(path).resolve())}
+        nc: dict[str, int | str] = {"partition-id": i, "data-path": str(Path(path).resolve()), "privacy": privacy}
         nc |= {"text-column": text_column} if text_column else {}
         nc |= {"label-column": label_column} if label_column else {}
         configs.append(nc)

@@ -14,7 +14,7 @@ from fedbridge.errors import FedbridgeError
 from fedbridge.faults import FaultConfig
 from fedbridge.results import RunRecord
 from fedbridge.strategies import get_method
-from fedbridge.strategies.base import MeteredGrid, Session, default_run_name, server_task
+from fedbridge.strategies.base import MeteredGrid, Session, default_run_name, label_non_private, server_task
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -42,6 +42,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> RunRecord:
         with session.phase("discover"):
             session.discover()
         method.run(session)
+        label_non_private(record, method.non_private())
         record.status = "ok"
     except BaseException as err:
         record.status, record.error = "failed", f"{type(err).__name__}: {err}"

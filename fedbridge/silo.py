@@ -16,7 +16,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,20 +25,27 @@ import safetensors.torch
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR, PersistentLedger, atomic_write, save_tensors
+from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR, atomic_write, save_tensors
 from fedbridge.config import ExperimentConfig, from_flat
-from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
+from fedbridge.errors import ConfigError
 from fedbridge.models.loading import load_llm, load_slm
 from fedbridge.models.llm_classifier import label_probabilities
 from fedbridge.models.slm import SLM, TrainStats, predict_proba, train_classifier, validation_split
-from fedbridge.privacy import DPFewShotConfig, DPSGDConfig, PrivacyLedger, dp_fewshot_synthesize, dp_sgd_synthesize
+from fedbridge.privacy import (
+    DPFewShotConfig,
+    DPSGDConfig,
+    PrivacyEvent,
+    SynthesisResult,
+    dp_fewshot_synthesize,
+    dp_sgd_synthesize,
+)
 from fedbridge.privacy.audit import plant_canaries
 from fedbridge.privacy.canaries import CopyDetector
 from fedbridge.privacy.dp_fewshot import sigma_for_epsilon
+from fedbridge.privacy.policy import RunLedger, SiloLedger, SiloPolicy, data_identity
 from fedbridge.protocol import ProtocolError
 from fedbridge.strategies.fdkt import FDKTConfig
 from fedbridge.strategies.social import (
-    NON_PRIVATE,
     Lesson,
     SocialConfig,
     public_top_k,
@@ -58,6 +65,7 @@ class Silo:
     labels: tuple[str, ...]
     data: SiloData
     state_dir: Path = DEFAULT_SILO_STATE_DIR  # node config 'state-dir': state that outlives a run
+    policy: SiloPolicy = SiloPolicy()  # node config: what this silo lets leave (fedbridge.privacy.policy)
 
     @property
     def name(self) -> str:
@@ -131,53 +139,75 @@ class Silo:
 
     # ------------------------------------------------------------ FDKT contribution
 
-    def ledger(self, state: RecordDict, budget: float, delta: float, experiment: str = "") -> PrivacyLedger:
-        """The silo's privacy ledger. Under the server's experiment id (which a resumed run keeps) it is a file in
-        ``state_dir``, rewritten after every charge, so no restart of this process, the Flower run or the server
-        forgets spending; without one, it lives in the node's Flower state (one Flower run)."""
-        if experiment:
-            path = self.state_dir / experiment / f"{self.name}-privacy-ledger.json"
-            return PersistentLedger.open(path, budget, delta)
-        if LEDGER in state:
-            return PrivacyLedger.from_dict(json.loads(state[LEDGER]["state"]))
-        return PrivacyLedger(budget, delta)
+    @functools.cached_property
+    def data_id(self) -> str:
+        """The identity of this silo's data (a content hash): its lifetime privacy ledger's name."""
+        return data_identity([*self.data.train.texts, *self.data.test.texts],
+                             [*self.data.train.labels, *self.data.test.labels])
 
-    def synthesize(self, state: RecordDict, experiment: str = "") -> tuple[Examples, dict, dict[str, float]]:
+    def run_ledger(self, run_budget: float, experiment: str = "") -> RunLedger:
+        """This run's view of the silo's lifetime ledger (a file in ``state_dir``, per data identity): every charge
+        is composed with every earlier release of this data, whichever run, experiment or method made it."""
+        return RunLedger(SiloLedger(self.state_dir / "privacy" / f"{self.data_id}.json", self.policy), experiment,
+                         run_budget)
+
+    def dp_release(self, what: str, run_budget: float, requested_seed: int, experiment: str,
+                   release: Callable[[RunLedger, int | None], SynthesisResult]) -> tuple[SynthesisResult, dict]:
+        """Every DP release of this silo goes through here: the silo's policy decides whether a non-private (ε = ∞)
+        release or a server-chosen noise seed is allowed, the run's ledger view refuses when nothing is left, and
+        ``release(ledger, noise_seed)`` calibrates, charges and runs the mechanism. Returns its result and the
+        privacy record that leaves with it (whatever was charged stays charged, also when the mechanism fails)."""
+        if math.isinf(run_budget):
+            self.policy.require_non_private(self.name, f"{what} without DP (epsilon=inf)")
+        seed, private = self.policy.noise_seed_for(self.name, requested_seed)
+        ledger = self.run_ledger(run_budget, experiment)
+        ledger.check_can_release(self.name)
+        result = release(ledger, None if seed is None else seed + self.index)
+        mechanism = result.mechanism if private else f"{result.mechanism} with a server-chosen noise seed (non-private)"
+        return result, ledger.record(mechanism, result.epsilon, result.noise_multiplier, result.steps, private)
+
+    def non_private_release(self, what: str, experiment: str = "") -> dict:
+        """A release without DP (SLM weights, scores, votes, raw examples, non-DP teaching): allowed only by the
+        silo's policy, and recorded in its lifetime ledger (after it, no finite ε holds for this data)."""
+        self.policy.require_non_private(self.name, what)
+        ledger = self.run_ledger(math.inf, experiment)
+        if not any(e.mechanism == what for e in ledger.events):  # once per run and kind
+            ledger.charge(PrivacyEvent(0.0, 1.0, 1, what))
+        return ledger.record(f"{what} (non-private)", math.inf, 0.0, 0, private=False)
+
+    def count_bound(self, per_label: bool = True) -> int:
+        """The public bound that sets a mechanism's sampling rate: the silo's declared ``count-bound`` (per label;
+        x labels for the whole set); without one, 0 (the exact counts) if non-private details may leave, else the
+        smallest count that gives q = 1 (nothing about the counts is used)."""
+        if self.policy.count_bound:
+            return self.policy.count_bound * (1 if per_label else len(self.labels))
+        return 0 if self.policy.allow_non_private else 1
+
+    def synthesize(self, experiment: str = "") -> tuple[Examples, dict, dict[str, float]]:
         """DP synthetic demonstrations of the private training split: (examples, privacy cost, metrics)."""
         cfg = from_flat(FDKTConfig, self.cfg.method_options, "fdkt")
-        ledger = self.ledger(state, cfg.epsilon, cfg.delta, experiment)
-        noise_seed = None if cfg.noise_seed < 0 else cfg.noise_seed + self.index
-        # noise calibration stops up to 0.01 below its target, so a release leaves such a crumb unspent; at the
-        # usual delta no mechanism reaches an epsilon that small, so asking for it failed as 'out of reach'
-        # (a ConfigError) instead of as this budget refusal
-        if ledger.remaining() <= MIN_RELEASE_EPSILON:
-            raise PrivacyBudgetExceeded(f"{self.name}: privacy budget spent (epsilon {ledger.spent():.4g} of "
-                                        f"{ledger.epsilon_budget:g}, delta {ledger.delta:g}); this silo releases "
-                                        "nothing more in this run. Start a new run or raise fdkt.epsilon.")
         texts, labels = list(self.data.train.texts), list(self.data.train.labels)
-        try:
+
+        def release(ledger: RunLedger, noise_seed: int | None) -> SynthesisResult:
+            budget = min(cfg.epsilon, ledger.remaining())
             if cfg.mechanism == "dp-sgd":
                 model, tok = load_llm(cfg.generator, trainable=True)
-                mech = DPSGDConfig(target_epsilon=min(cfg.epsilon, ledger.remaining()), max_grad_norm=cfg.clip,
-                                   epochs=cfg.sgd_epochs, batch_size=cfg.sgd_batch_size, lr=cfg.sgd_lr,
+                mech = DPSGDConfig(target_epsilon=budget, max_grad_norm=cfg.clip, epochs=cfg.sgd_epochs,
+                                   batch_size=cfg.sgd_batch_size, lr=cfg.sgd_lr, num_per_label=cfg.num_per_label,
+                                   min_words=cfg.min_words, noise_seed=noise_seed, max_length=cfg.sgd_max_length,
+                                   size_bound=self.count_bound(per_label=False))
+                return dp_sgd_synthesize(model, tok, texts, labels, self.labels, mech, ledger,
+                                         self.cfg.seed + self.index)
+            model, tok = load_llm(cfg.generator)
+            mech = DPFewShotConfig(num_groups=cfg.groups, shots_per_group=cfg.shots_per_group,
+                                   max_tokens=cfg.max_tokens, public_top_k=cfg.public_top_k,
                                    num_per_label=cfg.num_per_label, min_words=cfg.min_words, noise_seed=noise_seed,
-                                   max_length=cfg.sgd_max_length)
-                result = dp_sgd_synthesize(model, tok, texts, labels, self.labels, mech, ledger, self.cfg.seed + self.index)
-            else:
-                model, tok = load_llm(cfg.generator)
-                mech = DPFewShotConfig(num_groups=cfg.groups, shots_per_group=cfg.shots_per_group,
-                                       max_tokens=cfg.max_tokens, public_top_k=cfg.public_top_k,
-                                       num_per_label=cfg.num_per_label, min_words=cfg.min_words,
-                                       noise_seed=noise_seed, sigma=0.0)
-                sigma = sigma_for_epsilon(min(cfg.epsilon, ledger.remaining()), ledger.delta, labels,
-                                          len(self.labels), mech)
-                result = dp_fewshot_synthesize(model, tok, texts, labels, self.labels,
-                                               dataclasses.replace(mech, sigma=sigma), ledger)
-        finally:  # whatever was charged stays charged, also when generation fails half-way
-            state[LEDGER] = ConfigRecord({"state": json.dumps(ledger.to_dict())})
-        privacy = {"mechanism": result.mechanism, "epsilon": result.epsilon, "epsilon-total": result.epsilon_total,
-                   "delta": result.delta, "budget": ledger.epsilon_budget, "noise-multiplier": result.noise_multiplier,
-                   "steps": result.steps, "private": math.isfinite(result.epsilon)}
+                                   sigma=0.0, count_bound=self.count_bound())
+            sigma = sigma_for_epsilon(budget, ledger.delta, labels, len(self.labels), mech)
+            return dp_fewshot_synthesize(model, tok, texts, labels, self.labels,
+                                         dataclasses.replace(mech, sigma=sigma), ledger)
+
+        result, privacy = self.dp_release("FDKT demonstrations", cfg.epsilon, cfg.noise_seed, experiment, release)
         metrics = {"synth.examples": len(result.examples),
                    **{f"synth.seconds-{k}": v for k, v in result.seconds.items()},
                    **{f"synth.tokens-{k}": v for k, v in result.tokens.items()}}
@@ -279,48 +309,44 @@ class Silo:
 
     # ------------------------------------------------------------ Social Learning: the silo as a teacher
 
-    def teach(self, mode: str, state: RecordDict, experiment: str = "") -> Lesson:
+    def teach(self, mode: str, experiment: str = "") -> Lesson:
         """Synthetic examples or instructions written by the teacher LM from the private training split; copies of
-        private text are filtered out unless ``social.verbatim-filter=false`` (``fedbridge.strategies.social``)."""
+        private text are filtered out (``SiloPolicy.verbatim``). Without DP this is a non-private release, which
+        the silo's policy must allow."""
         cfg = from_flat(SocialConfig, self.cfg.method_options, "social")
         seed = self.cfg.seed * 1000 + self.index
         if cfg.dp == "dp-fewshot":
-            return self._teach_dp(cfg, state, experiment)
+            return self._teach_dp(cfg, experiment)
+        privacy = self.non_private_release(f"Social Learning {mode}", experiment)
         detector = (CopyDetector([*self.data.train.texts, *self.data.test.texts], cfg.verbatim_ngram)
-                    if cfg.verbatim_filter else None)
+                    if self.policy.verbatim(cfg.verbatim_filter) else None)
         model, tok = load_llm(cfg.teacher)
         if mode == "instructions":
             description = load_task(self.cfg.task, self.cfg.seed).description
-            return write_instruction(model, tok, description, self.labels, self.data.train, cfg, seed, detector)
-        return write_examples(model, tok, self.labels, self.data.train, cfg, seed, detector)
+            lesson = write_instruction(model, tok, description, self.labels, self.data.train, cfg, seed, detector)
+        else:
+            lesson = write_examples(model, tok, self.labels, self.data.train, cfg, seed, detector)
+        return dataclasses.replace(lesson, privacy=privacy)
 
-    def _teach_dp(self, cfg: SocialConfig, state: RecordDict, experiment: str) -> Lesson:
+    def _teach_dp(self, cfg: SocialConfig, experiment: str) -> Lesson:
         """Examples by DP few-shot generation (charged to this silo's ledger), then the top-k by perplexity given the
         data-free prompt (post-processing). No verbatim filter: reading private data to filter would not be."""
-        ledger = self.ledger(state, cfg.epsilon, cfg.delta, experiment)
-        if ledger.remaining() <= MIN_RELEASE_EPSILON:
-            raise PrivacyBudgetExceeded(f"{self.name}: privacy budget spent (epsilon {ledger.spent():.4g} of "
-                                        f"{ledger.epsilon_budget:g}, delta {ledger.delta:g}); this silo releases "
-                                        "nothing more in this run. Start a new run or raise social.epsilon.")
         texts, labels = list(self.data.train.texts), list(self.data.train.labels)
         model, tok = load_llm(cfg.teacher)
-        mech = DPFewShotConfig(num_groups=cfg.dp_groups, shots_per_group=cfg.dp_shots_per_group,
-                               max_tokens=cfg.max_new_tokens, public_top_k=cfg.dp_public_top_k,
-                               num_per_label=math.ceil(cfg.samples / len(self.labels)),
-                               noise_seed=None if cfg.noise_seed < 0 else cfg.noise_seed + self.index,
-                               max_text_chars=cfg.max_example_chars, sigma=0.0)
-        try:
+
+        def release(ledger: RunLedger, noise_seed: int | None) -> SynthesisResult:
+            mech = DPFewShotConfig(num_groups=cfg.dp_groups, shots_per_group=cfg.dp_shots_per_group,
+                                   max_tokens=cfg.max_new_tokens, public_top_k=cfg.dp_public_top_k,
+                                   num_per_label=math.ceil(cfg.samples / len(self.labels)), noise_seed=noise_seed,
+                                   max_text_chars=cfg.max_example_chars, sigma=0.0, count_bound=self.count_bound())
             sigma = sigma_for_epsilon(min(cfg.epsilon, ledger.remaining()), ledger.delta, labels, len(self.labels),
                                       mech)
-            result = dp_fewshot_synthesize(model, tok, texts, labels, self.labels,
-                                           dataclasses.replace(mech, sigma=sigma), ledger)
-        finally:  # whatever was charged stays charged, also when generation fails half-way
-            if not experiment:
-                state[LEDGER] = ConfigRecord({"state": json.dumps(ledger.to_dict())})
+            return dp_fewshot_synthesize(model, tok, texts, labels, self.labels,
+                                         dataclasses.replace(mech, sigma=sigma), ledger)
+
+        result, privacy = self.dp_release("Social Learning examples", cfg.epsilon, cfg.noise_seed, experiment,
+                                          release)
         kept, ppl = public_top_k(model, tok, self.labels, result.examples, cfg.top_k)
-        privacy = {"mechanism": result.mechanism, "epsilon": result.epsilon, "epsilon-total": result.epsilon_total,
-                   "delta": result.delta, "budget": ledger.epsilon_budget, "noise-multiplier": result.noise_multiplier,
-                   "steps": result.steps, "private": math.isfinite(result.epsilon)}
         provenance = {"mode": "examples", "teacher": cfg.teacher, "dp": cfg.dp, "dp-groups": cfg.dp_groups,
                       "dp-shots-per-group": cfg.dp_shots_per_group, "samples": len(result.examples),
                       "top-k": cfg.top_k, "conditioning": "label", "selection": "lowest perplexity given the "
@@ -331,13 +357,14 @@ class Silo:
         return Lesson([result.examples[i][0] for i in kept], [result.examples[i][1] for i in kept], provenance,
                       privacy, metrics)
 
-    def vote(self, mode: str, texts: list[str], labels: list[int] | None) -> list[float]:
+    def vote(self, mode: str, texts: list[str], labels: list[int] | None, experiment: str = "") -> list[float]:
         """The teacher's length-normalised log-likelihood of each candidate against its held-out examples (a seeded
-        sample of its test split, which no teaching prompt ever showed)."""
+        sample of its test split, which no teaching prompt ever showed). Votes are not DP: a non-private release."""
         cfg = from_flat(SocialConfig, self.cfg.method_options, "social")
         if not len(self.data.test):
             raise ConfigError(f"{self.name} has no held-out (test) examples to vote with; raise "
                               "task.silo-test-fraction or drop the voting aggregators.")
+        self.non_private_release("Social Learning votes", experiment)
         rng = random.Random(f"vote/{self.cfg.seed}/{self.index}")  # a stream of its own, not the teaching draws
         held = rng.sample(range(len(self.data.test)), min(cfg.vote_examples, len(self.data.test)))
         model, tok = load_llm(cfg.teacher)
@@ -345,20 +372,34 @@ class Silo:
                                                                 [self.data.test.labels[i] for i in held]),
                            mode, texts, labels, cfg.max_example_chars)
 
-    def share_raw(self, n: int) -> tuple[Examples, dict]:
+    def share_raw(self, n: int, experiment: str = "") -> tuple[Examples, dict]:
         """Social Learning's NON-PRIVATE upper bound: n raw training examples. Refused unless the run asks for the
-        'original' baseline (social.baselines), so no other configuration can make a silo send raw data."""
+        'original' baseline (social.baselines) and the silo's policy allows non-private releases."""
         cfg = from_flat(SocialConfig, self.cfg.method_options, "social")
         if "original" not in cfg.baseline_names:
             raise ConfigError(f"{self.name} refuses to share raw examples: the run did not ask for the non-private "
                               "'original' baseline (social.baselines).")
+        privacy = self.non_private_release("raw examples", experiment)
         rng = random.Random(f"share-raw/{self.cfg.seed}/{self.index}")
         picked = rng.sample(range(len(self.data.train)), min(n, len(self.data.train)))
         raw = Examples.of([self.data.train.texts[i] for i in picked], [self.data.train.labels[i] for i in picked])
-        return raw, {**NON_PRIVATE, "mechanism": "raw (non-private)"}
+        return raw, privacy
 
     def info(self) -> dict[str, int]:
-        return {"partition-id": self.index, "num-train": len(self.data.train), "num-test": len(self.data.test)}
+        """Partition id and example counts; the counts are exact only where non-private details may leave (0 =
+        withheld)."""
+        shown = self.policy.allow_non_private
+        return {"partition-id": self.index, "num-train": len(self.data.train) if shown else 0,
+                "num-test": len(self.data.test) if shown else 0}
+
+    def releasable(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The metrics a reply may carry: all of them, or, where non-private details may not leave, none that grows
+        with the private data (seconds, example and token counts); scores on the silo's test split always go, and
+        every record labels them non-private; scores on the server's global test set are the server's own."""
+        if self.policy.allow_non_private:
+            return dict(metrics)
+        return {k: v for k, v in metrics.items() if k in ("partition-id", "num-train", "num-test")
+                or k.startswith("global-test.") or not any(word in k for word in COUNT_DERIVED)}
 
 
 def train_metrics(stats: TrainStats) -> dict[str, float]:
@@ -367,10 +408,9 @@ def train_metrics(stats: TrainStats) -> dict[str, float]:
             "train.best-epoch": stats.best_epoch, "train.validation": stats.validation}
 
 
-LEDGER = "fdkt-privacy-ledger"
+COUNT_DERIVED = ("seconds", "examples", "validation", "tokens", "num-", "epochs", ".n")
 KEPT_SLM = "crosslm-slm"  # CrossLM: the silo's SLM, kept in the node state between messages
 KEPT_ROUND = "crosslm-slm-round"  # ... and the round it is the result of
-MIN_RELEASE_EPSILON = 0.01  # a remainder this small counts as spent: see Silo.synthesize
 
 
 @functools.lru_cache(maxsize=16)
@@ -396,4 +436,5 @@ def _silo(run_items: tuple, node_items: tuple) -> Silo:
                               f"(partition.num-silos={cfg.partition.num_silos}). Match num-supernodes to it.")
         data = federation.silos[index]
     data = plant_canaries(data, social_options(cfg).canary_setup, cfg.seed, index)  # social.canaries: to measure leaks
-    return Silo(index, cfg, labels, data, Path(str(node.get("state-dir", DEFAULT_SILO_STATE_DIR))).expanduser())
+    return Silo(index, cfg, labels, data, Path(str(node.get("state-dir", DEFAULT_SILO_STATE_DIR))).expanduser(),
+                SiloPolicy.from_node_config(node))

@@ -20,12 +20,13 @@ from peft import LoraConfig, get_peft_model
 
 import fedbridge.strategies.fdkt as fdkt
 from fedbridge import protocol as p
-from fedbridge.checkpoint import STATE_FILE, Checkpoint, PersistentLedger, checkpoint_dir
+from fedbridge.checkpoint import STATE_FILE, Checkpoint, checkpoint_dir
 from fedbridge.client_app import app as client_app
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
 from fedbridge.models.loading import tiny_llm
-from fedbridge.privacy import PrivacyEvent, PrivacyLedger
+from fedbridge.privacy import PrivacyEvent
+from fedbridge.privacy.policy import SiloLedger, SiloPolicy
 from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
 from fedbridge.simulations.inprocess import InProcessGrid
@@ -36,7 +37,7 @@ from fedbridge.tasks import Examples
 pytestmark = pytest.mark.usefixtures("one_thread")
 NODES = (1000, 1001)
 FAST_FDKT = {"fdkt.generator": "tiny-llama", "fdkt.num-per-label": 2, "fdkt.max-tokens": 6,
-             "fdkt.augment-per-label": 2, "fdkt.min-words": 1, "fdkt.max-new-tokens": 12, "fdkt.noise-seed": 0,
+             "fdkt.augment-per-label": 2, "fdkt.min-words": 1, "fdkt.max-new-tokens": 12,
              "fdkt.llm-filter": False, "fdkt.epsilon": 1.0}
 
 
@@ -82,7 +83,8 @@ def attempt(tmp_path: Path, name: str, resume: bool = False, crosslm_options: di
                "social": SOCIAL_RESUMED}[method]
     options = {**options, **(crosslm_options or {})}
     cfg = prepare(tiny_config(tmp_path, method=method, run_name=name, resume=resume, **options))
-    silos = [{"partition-id": i, "num-partitions": 2, "state-dir": str(tmp_path / "silos")} for i in range(2)]
+    silos = [{"partition-id": i, "num-partitions": 2, "state-dir": str(tmp_path / "silos"), "noise-seed": 0}
+             for i in range(2)]
     grid = CrashingGrid(client_app, cfg.to_run_config(), silos, **grid_kwargs)
     try:
         return run_experiment(grid, cfg), grid
@@ -101,8 +103,17 @@ def without_timings(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if "seconds" not in k}
 
 
-def ledger_file(tmp_path: Path, experiment: str, silo: str) -> Path:
-    return tmp_path / "silos" / experiment / f"{silo}-privacy-ledger.json"
+def ledger_file(tmp_path: Path, silo: str) -> Path:
+    """The lifetime privacy ledger of ``silo``'s data, in its state dir (one file per data identity)."""
+    cfg = tiny_config(tmp_path, method="fdkt", **FAST_FDKT)
+    index = int(silo.removeprefix("silo-"))
+    node = {"partition-id": index, "num-partitions": 2, "state-dir": str(tmp_path / "silos")}
+    silo = Silo.from_context(SimpleNamespace(run_config=cfg.to_run_config(), node_config=node))
+    return silo.state_dir / "privacy" / f"{silo.data_id}.json"
+
+
+def run_spent(path: Path, experiment: str) -> float:
+    return SiloLedger(path, SiloPolicy()).spent(experiment)
 
 
 # ------------------------------------------------------------------ the Checkpoint itself
@@ -211,18 +222,15 @@ def test_adapter_state_round_trips_into_a_fresh_peft_model(tmp_path):
 # ------------------------------------------------------------------ the silo's persistent ledger
 
 
-def test_persistent_ledger_keeps_every_charge_and_its_budget(tmp_path):
-    path = tmp_path / "exp" / "silo-0-privacy-ledger.json"
-    event = PrivacyEvent(noise_multiplier=2.0, sample_rate=0.05, steps=100, mechanism="dp-fewshot")  # eps 1.2
-    ledger = PersistentLedger.open(path, 2.0, 1e-5)
-    assert path.exists() and PrivacyLedger.from_dict(json.loads(path.read_text())).events == ()
-    spent = ledger.charge(event)
-    assert PrivacyLedger.from_dict(json.loads(path.read_text())).events == (event,)  # written at the charge
-    again = PersistentLedger.open(path, 100.0, 1e-3)  # a restarted run asking for more cannot get it
-    assert again.epsilon_budget == 2.0 and again.delta == 1e-5 and again.spent() == pytest.approx(spent)
+def test_the_lifetime_ledger_keeps_every_charge_of_every_run(tmp_path):
+    path = tmp_path / "privacy" / "data.json"
+    event = PrivacyEvent(noise_multiplier=2.0, sample_rate=0.05, steps=100, mechanism="dp-fewshot")  # eps 1.11
+    ledger = SiloLedger(path, SiloPolicy(epsilon_budget=1.5, allow_non_private=False))  # twice: 1.57
+    one = ledger.charge([event], "run-1", run_budget=5.0)
+    assert SiloLedger(path, SiloPolicy()).spent("run-1") == pytest.approx(one)  # written at the charge
     before = path.read_text()
-    with pytest.raises(PrivacyBudgetExceeded):
-        again.charge(PrivacyEvent(0.5, 0.5, 1000, "dp-fewshot"))
+    with pytest.raises(PrivacyBudgetExceeded, match="epsilon-budget 1.5"):  # a new run cannot get more
+        SiloLedger(path, SiloPolicy(epsilon_budget=1.5, allow_non_private=False)).charge([event], "run-2", 5.0)
     assert path.read_text() == before
 
 
@@ -249,7 +257,7 @@ def test_fdkt_resumes_without_asking_or_augmenting_again(tmp_path, monkeypatch, 
     assert sorted(state["steps"]) == ["augmented/silo-0", "augmented/silo-1", "demonstrations/silo-0",
                                       "demonstrations/silo-1"]
     made = {s: json.loads((directory / "augmented" / f"{s}.examples.json").read_text()) for s in ("silo-0", "silo-1")}
-    ledgers = {s: ledger_file(tmp_path, state["experiment"], s).read_text() for s in ("silo-0", "silo-1")}
+    ledgers = {s: ledger_file(tmp_path, s).read_text() for s in ("silo-0", "silo-1")}
 
     augmented = []
     monkeypatch.setattr(fdkt, "augment", lambda *args, **kwargs: augmented.append(1))
@@ -260,7 +268,7 @@ def test_fdkt_resumes_without_asking_or_augmenting_again(tmp_path, monkeypatch, 
     for node, silo in zip(NODES, ("silo-0", "silo-1")):  # each silo trains on exactly the set attempt 1 made
         assert dict(requests[node].content[p.EXAMPLES]) == made[silo]
         assert resumed.silo_metrics[silo]["train.synthetic"] == len(made[silo]["texts"])
-    assert {s: ledger_file(tmp_path, state["experiment"], s).read_text() for s in ledgers} == ledgers  # no new spend
+    assert {s: ledger_file(tmp_path, s).read_text() for s in ledgers} == ledgers  # no new spend
     # what attempt 1 measured is carried over, not measured again; and the record is as complete as an
     # uninterrupted run's
     snapshot, reference = state["record"], fdkt_uninterrupted
@@ -286,9 +294,8 @@ def test_a_resumed_run_cannot_spend_a_silos_budget_again(tmp_path, fdkt_uninterr
     assert first is None
     state = json.loads((checkpoint_dir(tmp_path, "fdkt-resume") / STATE_FILE).read_text())
     assert "demonstrations/silo-0" in state["steps"] and "demonstrations/silo-1" not in state["steps"]
-    path = ledger_file(tmp_path, state["experiment"], "silo-1")
-    spent_before = PrivacyLedger.from_dict(json.loads(path.read_text()))
-    assert spent_before.spent() == pytest.approx(1.0, abs=0.011)
+    path = ledger_file(tmp_path, "silo-1")
+    assert run_spent(path, state["experiment"]) == pytest.approx(1.0, abs=0.011)
     on_disk = path.read_text()
 
     resumed, grid = attempt(tmp_path, "fdkt-resume", resume=True)  # a new Flower run: fresh node state
@@ -296,7 +303,7 @@ def test_a_resumed_run_cannot_spend_a_silos_budget_again(tmp_path, fdkt_uninterr
     assert sent(grid, p.SYNTHESIZE) == [(NODES[1], "1")]  # silo 0's demonstrations came from the checkpoint
     [failure] = resumed.failures
     assert failure["silo"] == "silo-1" and "PrivacyBudgetExceeded" in failure["reason"]
-    assert "privacy budget spent" in failure["reason"] and "of 1" in failure["reason"]
+    assert "is spent" in failure["reason"] and "of the 1 it asked for" in failure["reason"]
     assert path.read_text() == on_disk  # refused: nothing charged, nothing released
     assert set(resumed.privacy) == {"silo-0"} and "train.synthetic" not in resumed.silo_metrics.get("silo-1", {})
     assert resumed.privacy["silo-0"] == fdkt_uninterrupted.privacy["silo-0"]
@@ -446,7 +453,7 @@ def test_a_silo_killed_while_keeping_its_crosslm_slm_still_has_the_round_before(
 # ------------------------------------------------------------------ Social Learning: kill the server, resume
 
 # DP teachers (a teacher asked again could not teach: its budget is spent), every round on the wire, canaries
-SOCIAL_RESUMED = {**FAST_SOCIAL, "social.dp": "dp-fewshot", "social.epsilon": 8.0, "social.noise-seed": 0,
+SOCIAL_RESUMED = {**FAST_SOCIAL, "social.dp": "dp-fewshot", "social.epsilon": 8.0,
                   "social.aggregators": "voting,random", "social.baselines": "zero-shot,original",
                   "social.canaries": True}
 
@@ -472,5 +479,8 @@ def test_social_resumes_without_asking_a_teacher_again(tmp_path, die_before, soc
     assert resumed.status == "ok" and resumed.failures == []
     assert sent(grid, p.TEACH) == []
     assert len(sent(grid, p.VOTE)) == (2 if die_before == p.VOTE else 0)
-    assert resumed.privacy == social_uninterrupted.privacy and all(v["private"] for v in resumed.privacy.values())
+    assert resumed.privacy == social_uninterrupted.privacy
+    # the DP teachers' examples are accounted; the votes and raw examples beside them make the run non-private
+    assert all(v["epsilon-dp"] <= 8.0 and v["private"] is False and v["non-private"] == "votes, raw examples"
+               for v in resumed.privacy.values())
     assert_same_results(resumed, social_uninterrupted)

@@ -24,16 +24,16 @@ from fedbridge.client_app import app as client_app
 from fedbridge.models.generation import GenerationStats
 from fedbridge.models.loading import byte_tokenizer
 from fedbridge.privacy import (
-    PrivacyLedger,
     candidate_secrets,
     canary_rank,
     exposure,
     make_canary,
     verbatim_copy_rate,
 )
+from fedbridge.privacy.policy import SiloPolicy
 from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
-from fedbridge.silo import LEDGER, Silo
+from fedbridge.silo import Silo
 from fedbridge.simulations.inprocess import InProcessGrid
 from fedbridge.simulations.runner import prepare
 from fedbridge.strategies.fdkt import deduplicate, llm_filter, parse_generation, parse_kept_indices
@@ -42,7 +42,7 @@ from fedbridge.tasks import Examples, load_federation
 NODES = (1000, 1001)  # InProcessGrid's node ids for partition-id 0 and 1
 # Small and fast, but every stage runs: DP demonstrations, LLM filter, augmentation, label filter, dedup, training.
 FAST = {"fdkt.generator": "tiny-llama", "fdkt.num-per-label": 2, "fdkt.max-tokens": 6, "fdkt.augment-per-label": 2,
-        "fdkt.min-words": 1, "fdkt.max-new-tokens": 12, "fdkt.sgd-epochs": 1, "fdkt.noise-seed": 0}
+        "fdkt.min-words": 1, "fdkt.max-new-tokens": 12, "fdkt.sgd-epochs": 1}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,7 +70,8 @@ def start_fdkt(tmp_path, name: str, workers: int = 1, before_handle=None, on_pus
                **options) -> tuple[RunRecord, RecordingGrid]:
     """One in-process FDKT run with tiny models; the caller closes the grid (it still serves messages)."""
     cfg = prepare(tiny_config(tmp_path, method="fdkt", run_name=name, **{**FAST, **options}))
-    grid = RecordingGrid(client_app, cfg.to_run_config(), [{"partition-id": i, "num-partitions": 2} for i in range(2)],
+    nodes = [{"partition-id": i, "num-partitions": 2, "noise-seed": 0} for i in range(2)]  # the silos' own seed
+    grid = RecordingGrid(client_app, cfg.to_run_config(), nodes,
                          workers=workers, before_handle=before_handle, on_push=on_push)
     try:
         return run_experiment(grid, cfg), grid
@@ -246,18 +247,21 @@ def test_synthesize_replies_carry_only_dp_examples_and_no_private_text(dp_run):
 
 def test_a_spent_budget_refuses_the_next_synthesize_and_charges_nothing(dp_run):
     grid, node = dp_run.grid, NODES[0]
-    state = grid.contexts[node].state
-    before = state[LEDGER]["state"]
-    ledger = PrivacyLedger.from_dict(json.loads(before))
-    assert ledger.epsilon_budget == 1.0 and 0 < ledger.spent() <= 1.0 and ledger.events
-    assert ledger.spent() == pytest.approx(dp_run.record.privacy["silo-0"]["epsilon-total"])
-    msg = Message(p.request(), dst_node_id=node, message_type=p.SYNTHESIZE, group_id="2")
+    silo = Silo.from_context(grid.contexts[node])
+    path = silo.state_dir / "privacy" / f"{silo.data_id}.json"  # the silo's lifetime ledger, on its disk
+    before = path.read_text()
+    experiment = grid.sent_of(p.SYNTHESIZE)[node].content[p.CONFIG][p.EXPERIMENT]
+    spent = silo.run_ledger(1.0, experiment).spent()
+    assert 0 < spent <= 1.0
+    assert spent == pytest.approx(dp_run.record.privacy["silo-0"]["epsilon-total"])
+    # the same run asks again: its epsilon (1) is spent
+    msg = Message(p.request({p.EXPERIMENT: experiment}), dst_node_id=node, message_type=p.SYNTHESIZE, group_id="2")
     [reply] = grid.send_and_receive([msg], timeout=60)
     assert reply.has_error()
     reason = reply.error.reason
-    assert "PrivacyBudgetExceeded" in reason and "privacy budget" in reason
-    assert f"{ledger.spent():.4g}" in reason and "of 1" in reason  # what was spent, of which budget
-    assert state[LEDGER]["state"] == before  # nothing new charged
+    assert "PrivacyBudgetExceeded" in reason and "is spent" in reason
+    assert f"{spent:.4g} of the 1 it asked for" in reason  # what was spent, of which budget
+    assert path.read_text() == before  # nothing new charged
 
 
 def test_epsilon_inf_works_and_is_labelled_non_private(tmp_path):
@@ -373,12 +377,12 @@ def canary_silo():
 def release(canary_silo, monkeypatch, epsilon) -> tuple[list[str], dict]:
     """What silo 0 sends in reply to query.synthesize, at ``epsilon`` (dp-fewshot, fixed noise seed)."""
     monkeypatch.setattr(silo_module, "load_llm", lambda spec, trainable=False: (canary_silo.model, canary_silo.tok))
-    options = {"fdkt.mechanism": "dp-fewshot", "fdkt.epsilon": epsilon, "fdkt.noise-seed": 0, "fdkt.groups": 8,
+    options = {"fdkt.mechanism": "dp-fewshot", "fdkt.epsilon": epsilon, "fdkt.groups": 8,
                "fdkt.shots-per-group": 2, "fdkt.max-tokens": 24, "fdkt.public-top-k": 0, "fdkt.num-per-label": 2,
                "fdkt.min-words": 1}
     cfg = dataclasses.replace(canary_silo.cfg, method_options=options)
-    silo = Silo(0, cfg, ("negative", "neutral", "positive"), canary_silo.data)
-    examples, privacy, _ = silo.synthesize(RecordDict())
+    silo = Silo(0, cfg, ("negative", "neutral", "positive"), canary_silo.data, policy=SiloPolicy(noise_seed=0))
+    examples, privacy, _ = silo.synthesize()
     return list(examples.texts), privacy
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 OPTIONS = {"fdkt.mechanism": "dp-fewshot", "fdkt.epsilon": 2.0, "fdkt.generator": "tiny-llama",
            "fdkt.num-per-label": 2, "fdkt.max-tokens": 6, "fdkt.augment-per-label": 2, "fdkt.min-words": 1,
-           "fdkt.max-new-tokens": 12, "fdkt.noise-seed": 0}
+           "fdkt.max-new-tokens": 12}
 
 
 def test_fdkt_on_the_simulation_engine(tmp_path):

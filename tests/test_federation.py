@@ -19,8 +19,10 @@ from fedbridge.config import ExperimentConfig
 from fedbridge.errors import ConfigError
 from fedbridge.results import SCHEMA_VERSION, RunRecord
 from fedbridge.server_app import run_experiment
+from fedbridge.simulations.compare import group
 from fedbridge.simulations.inprocess import InProcessGrid
 from fedbridge.simulations.runner import prepare, run_inprocess
+from fedbridge.strategies.fdkt import FDKTConfig
 from fedbridge.tasks import Examples
 
 BASELINES = ("local", "fedavg", "centralized", "llm-zero-shot")
@@ -318,7 +320,8 @@ def test_deployed_silos_read_their_own_files(tmp_path):
     for i in range(2):
         path = tmp_path / f"silo{i}.csv"
         frames.iloc[i::2].rename(columns={"review": "body", "sentiment": "stars"}).to_csv(path, index=False)
-        nodes.append({"partition-id": i, "data-path": str(path), "text-column": "body", "label-column": "stars"})
+        nodes.append({"partition-id": i, "data-path": str(path), "text-column": "body", "label-column": "stars",
+                      "privacy": "permissive"})  # a strict silo (the deployed default) withholds its counts
     grid = InProcessGrid(client_app, cfg.to_run_config(), nodes)
     try:
         record = run_experiment(grid, cfg)
@@ -330,12 +333,15 @@ def test_deployed_silos_read_their_own_files(tmp_path):
     assert all("global-test.accuracy" in record.silo_metrics[f"silo-{i}"] for i in range(2))
 
 
+EPSILON_DEFAULT = FDKTConfig().epsilon
+
+
 @pytest.mark.parametrize("mode", ["head", "lora", "full"])
 @pytest.mark.parametrize("method", ["local", "fedavg", "centralized", "fdkt", "crosslm"])
 def test_every_slm_mode_runs_every_method(tmp_path, method, mode):
     """slm.mode is one option for every method that trains an SLM; FedAvg averages what the mode trains."""
     options = {"fdkt": {"fdkt.num-per-label": 1, "fdkt.max-tokens": 4, "fdkt.augment-per-label": 1,
-                        "fdkt.llm-filter": False, "fdkt.noise-seed": 0},
+                        "fdkt.llm-filter": False},
                "crosslm": {"crosslm.rounds": 1, "crosslm.per-label": 2, "crosslm.max-new-tokens": 8,
                            "crosslm.lora-steps": 1, "crosslm.llm-eval-examples": 4, "crosslm.ppl-passages": 2,
                            "crosslm.min-words": 1}}.get(method, {})
@@ -344,6 +350,15 @@ def test_every_slm_mode_runs_every_method(tmp_path, method, mode):
     record = run_inprocess(cfg)
     assert record.status == "ok" and record.failures == []
     assert 0 <= record.global_metrics["accuracy"] <= 1 and 0 <= record.global_metrics["macro_f1"] <= 1
+    # every release is accounted or labelled: weights, scores and pooled raw data are epsilon inf, in the record
+    # and in the table; only local, whose silos release nothing but their silo-test metrics, shows '—'
+    [row] = group([record])
+    if method in ("fedavg", "crosslm", "centralized"):
+        assert record.privacy and all(math.isinf(v["epsilon"]) and v["private"] is False
+                                      for v in record.privacy.values())
+        assert row.epsilon == "∞"
+    else:
+        assert row.epsilon == ("—" if method == "local" else f"{EPSILON_DEFAULT:.2f}")
     if method == "fedavg":
         from fedbridge.models.loading import load_slm
 

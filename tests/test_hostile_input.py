@@ -254,7 +254,7 @@ def test_fedavg_averages_only_valid_weights(tmp_path, fedavg_without_silo_1, tam
 
 def test_fdkt_trains_the_honest_silo_when_the_other_sends_labels_outside_the_label_set(tmp_path):
     fast = {"fdkt.generator": "tiny-llama", "fdkt.num-per-label": 2, "fdkt.max-tokens": 6,
-            "fdkt.augment-per-label": 2, "fdkt.min-words": 1, "fdkt.max-new-tokens": 12, "fdkt.noise-seed": 0,
+            "fdkt.augment-per-label": 2, "fdkt.min-words": 1, "fdkt.max-new-tokens": 12,
             "fdkt.llm-filter": False}
 
     def bad_labels(content: RecordDict) -> RecordDict:

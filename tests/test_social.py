@@ -54,7 +54,8 @@ FAST = {"social.teacher": "tiny-llama", "social.shots": 3, "social.samples": 6, 
 def run_social(tmp_path, name: str, **options) -> tuple[RunRecord, InProcessGrid]:
     """One in-process Social Learning run with tiny models; the caller closes the grid."""
     cfg = prepare(tiny_config(tmp_path, method="social", run_name=name, **{**FAST, **options}))
-    nodes = [{"partition-id": i, "num-partitions": 2, "state-dir": str(tmp_path / "silo-state")} for i in range(2)]
+    nodes = [{"partition-id": i, "num-partitions": 2, "state-dir": str(tmp_path / "silo-state"), "noise-seed": 0}
+             for i in range(2)]
     grid = InProcessGrid(client_app, cfg.to_run_config(), nodes)
     try:
         return run_experiment(grid, cfg), grid
@@ -334,7 +335,7 @@ def test_compare_shows_one_row_per_variant_with_canary_columns(examples_run):
     assert "| canary rank | rank 0 | exposure |" in table
     voting = next(line for line in table.splitlines() if line.startswith("| social examples:voting |"))
     rank = examples_run.record.server_metrics["variant.examples:voting.canary-rank"]
-    assert f"| {rank:.0f} | {int(rank == 0)}/1 |" in voting and "∞ (non-private)" in voting
+    assert f"| {rank:.0f} | {int(rank == 0)}/1 |" in voting and "| ∞ |" in voting
     zero = next(line for line in table.splitlines() if line.startswith("| social 0-shot |"))
     assert "| — | — | — | — |" in zero  # no canary, no ε: nothing was shared
 
@@ -378,17 +379,19 @@ def test_instructions_mode_runs(tmp_path, monkeypatch):
 def test_dp_examples_carry_their_epsilon(tmp_path):
     record, grid = run_social(tmp_path, "social-dp", **{"social.dp": "dp-fewshot", "social.epsilon": 2.0,
                                                         "social.samples": 3, "social.max-new-tokens": 4,
-                                                        "social.noise-seed": 0, "social.dp-groups": 2})
+                                                        "social.dp-groups": 2})
     grid.close()
-    assert len(list((tmp_path / "silo-state").rglob("*privacy-ledger*"))) == 2  # each silo's ledger, on its disk
+    assert len(list((tmp_path / "silo-state" / "privacy").glob("*.json"))) == 2  # each silo's ledger, on its disk
     assert record.status == "ok" and record.failures == []
-    for silo in ("silo-0", "silo-1"):
+    for silo in ("silo-0", "silo-1"):  # the examples are accounted; the votes beside them are not DP
         privacy = record.privacy[silo]
-        assert privacy["private"] is True and privacy["mechanism"] == "dp-fewshot"
-        assert 0 < privacy["epsilon"] <= privacy["budget"] == 2.0 and privacy["steps"] == 3 * 1 * 4
+        assert privacy["private"] is False and math.isinf(privacy["epsilon"]) and privacy["non-private"] == "votes"
+        assert privacy["mechanism"] == "dp-fewshot + votes (non-private)"
+        assert 0 < privacy["epsilon-dp"] <= 2.0 and privacy["steps"] == 3 * 1 * 4
     assert record.server_metrics["variant.examples:random.epsilon"] == pytest.approx(
-        max(record.privacy[s]["epsilon"] for s in record.privacy))
-    assert any("voting reads the teachers' held-out data" in n for n in record.notes)
+        max(record.privacy[s]["epsilon-dp"] for s in record.privacy))
+    assert math.isinf(record.server_metrics["variant.examples:voting.epsilon"])  # chosen by votes: non-private
+    assert any("voting reads the teachers' held-out data without DP" in n for n in record.notes)
     provenance = [json.loads(x)["provenance"] for x in
                   (tmp_path / "social-dp.contributions.jsonl").read_text().splitlines()]
     assert all(x["verbatim-filter"] is False and x["dp"] == "dp-fewshot" for x in provenance)

@@ -248,6 +248,9 @@ def deploy_loopback(
         data: Annotated[list[Path] | None, typer.Option(help="one silo's data file (repeatable); its SuperNode "
                                                              "alone reads it")] = None,
         text_column: str = "", label_column: str = "",
+        silo_privacy: Annotated[str, typer.Option(help="with --data: each silo's node-config privacy policy, strict "
+                                                       "(DP releases only; the deployed default) or permissive "
+                                                       "(also weights, scores, epsilon inf)")] = "strict",
         silos: Annotated[int, typer.Option(help="without --data: SuperNodes on the task's partitions")] = 2,
         method: Annotated[str | None, typer.Option(help="default local")] = None, task: TaskOpt = None,
         seed: Annotated[int | None, typer.Option(help="default 0")] = None, results_dir: ResultsOpt = None,
@@ -259,7 +262,7 @@ def deploy_loopback(
     from fedbridge.deploy import partition_node_configs, run_loopback, silo_node_configs
     from fedbridge.simulations.compare import group, print_table
 
-    nodes = silo_node_configs(data, text_column, label_column) if data else partition_node_configs(silos)
+    nodes = silo_node_configs(data, text_column, label_column, silo_privacy) if data else partition_node_configs(silos)
     cfg = build_config(merge_options({"method": method, "task.name": task, "seed": seed,
                                       "results-dir": results_dir and str(results_dir), "partition.num-silos": len(nodes)},
                                      parse_sets(set_)))

@@ -46,13 +46,14 @@ class Row:
 
     @property
     def epsilon(self) -> str:
-        """The largest ε any silo spent, averaged over seeds; '—' when no private-data-derived content was shared."""
+        """The largest ε any silo spent, averaged over seeds; ∞ where anything left a silo without DP; '—' only
+        where the method had silos release nothing but their silo-test metrics (which every method reports)."""
         spent = [max((float(s.get("epsilon", math.nan)) for s in r.privacy.values()), default=math.nan)
                  for r in self.records if r.privacy]
         if not spent:
             return "—"
         mean = float(np.mean(spent))
-        return "∞ (non-private)" if math.isinf(mean) else f"{mean:.2f}"
+        return "∞" if math.isinf(mean) else f"{mean:.2f}"
 
     @property
     def megabytes(self) -> float:
@@ -173,7 +174,8 @@ def to_markdown(rows: Sequence[Row]) -> str:
     lines.append("")
     lines.append("Accuracy and macro-F1 in %, mean ± std over seeds. 'global' = the server's held-out test set "
                  "(methods with one model per silo: mean over silo models); 'silo-test' = mean over silos of "
-                 "each silo's own test split.")
+                 "each silo's own test split. ε: the largest any silo spent on what the method had it release "
+                 "(∞ = released without DP; — = nothing released but silo-test metrics).")
     if _has_canaries(rows):
         lines.append("Canary rank: how many comparison secrets (999 by default) the student prompt makes likelier "
                      "than the planted one (0 = memorised, about half = nothing leaked), mean ± std over seeds; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -262,9 +263,32 @@ class Method(ABC):
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
 
+    def non_private(self) -> tuple[str, ...]:
+        """What this method has silos release without DP (for example its SLM weights), labelled ε = ∞ in every
+        record and table. The silo-test metrics every method reports are the harness's measurement, not counted
+        here: the comparison table's legend says so."""
+        return ()
+
     @abstractmethod
     def run(self, session: Session) -> None:
         """Run the method, filling ``session.record``'s metrics."""
+
+
+def label_non_private(record: RunRecord, kinds: tuple[str, ...]) -> None:
+    """Mark every silo's privacy entry ε = ∞ where the method released ``kinds`` without DP: a DP release beside
+    a non-private one of the same data keeps no finite guarantee, and the record says which parts were which."""
+    if not kinds:
+        return
+    record.privacy = record.privacy or {}
+    what = ", ".join(kinds)
+    for silo in sorted(set(record.silo_metrics) | set(record.privacy)) or ["every silo"]:
+        dp = record.privacy.get(silo) or {}
+        if "non-private" in dp:  # labelled already (a resumed run's record)
+            continue
+        mechanism = " + ".join(m for m in (dp.get("mechanism"), f"{what} (non-private)") if m)
+        record.privacy[silo] = {**dp, "mechanism": mechanism, "epsilon": math.inf, "epsilon-total": math.inf,
+                                "budget": math.inf, "private": False, "non-private": what,
+                                **({"epsilon-dp": dp["epsilon"]} if "epsilon" in dp else {})}
 
 
 def mean_over_silos(record: RunRecord) -> None:

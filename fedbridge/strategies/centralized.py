@@ -33,6 +33,9 @@ class Centralized(Method):
     description = "one SLM on all silos' data pooled (non-private upper bound, simulation only)"
     note = "centralized: non-private upper bound; raw data pooled on the server"
 
+    def non_private(self) -> tuple[str, ...]:
+        return ("raw examples",)
+
     def run(self, session: Session) -> None:
         federation = load_federation(self.cfg.task, self.cfg.partition, self.cfg.seed)
         with session.phase("server-train"):

@@ -268,6 +268,9 @@ class CrossLM(Method):
         super().__init__(cfg)
         self.options = from_flat(CrossLMConfig, cfg.method_options, "crosslm")  # bad crosslm.* keys fail up front
 
+    def non_private(self) -> tuple[str, ...]:
+        return ("SLM scores", *(("SLM weights",) if self.options.score_on == "server" else ()))
+
     def run(self, session: Session) -> None:
         _Run(self.cfg, self.options, session).run()
 

@@ -60,6 +60,9 @@ class FedAvg(Method):
         super().__init__(cfg)
         self.options = from_flat(FedAvgConfig, cfg.method_options, "fedavg")
 
+    def non_private(self) -> tuple[str, ...]:
+        return ("SLM weights",)
+
     def run(self, session: Session) -> None:
         cfg, ckpt = self.options, session.checkpoint
         model = load_slm(single_slm_spec(session, self.name), len(session.task.labels), seed=self.cfg.seed,

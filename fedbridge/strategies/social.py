@@ -96,8 +96,7 @@ class SocialConfig:
     diversity: float = 1.0  # balanced: weight of the similarity penalty (0 = consensus and label balance only)
     # optional DP examples (teacher side): Tang et al.'s DP few-shot generation, charged to the silo's ledger
     dp: str = "none"  # none | dp-fewshot
-    epsilon: float = 4.0
-    delta: float = 1e-5
+    epsilon: float = 4.0  # the ε asked of each teacher (at the silo's own δ, node config)
     dp_groups: int = 4
     dp_shots_per_group: int = 1
     dp_public_top_k: int = 100
@@ -130,8 +129,8 @@ class SocialConfig:
         if self.verbatim_ngram < 2 or self.max_test < 0 or self.diversity < 0 or self.max_prompt_tokens < 64:
             raise ConfigError("social.verbatim-ngram must be >= 2, max-test >= 0, diversity >= 0 and "
                               "max-prompt-tokens >= 64.")
-        if not self.epsilon > 0 or not 0 < self.delta < 1:
-            raise ConfigError("social.epsilon must be > 0 (inf = non-private) and social.delta in (0, 1).")
+        if not self.epsilon > 0:
+            raise ConfigError("social.epsilon must be > 0 (inf = non-private).")
         if self.canary_kind not in TEMPLATES or self.canary_copies < 1 or self.canary_candidates < 1:
             raise ConfigError(f"social.canary-kind must be one of {', '.join(TEMPLATES)}; social.canary-copies and "
                               "social.canary-candidates >= 1.")
@@ -343,6 +342,11 @@ class SocialLearning(Method):
         super().__init__(cfg)
         self.options = social_options(cfg)  # bad social.* keys fail before any work
 
+    def non_private(self) -> tuple[str, ...]:
+        votes = any(AGGREGATORS[a].needs_votes for a in self.options.aggregator_names)
+        return (*(("votes",) if votes else ()), *(("raw examples",) if "original" in self.options.baseline_names
+                                                  else ()))
+
     def run(self, session: Session) -> None:
         opts, record = self.options, session.record
         record.privacy = record.privacy or {}  # a resumed run's record holds its teachers' already
@@ -456,7 +460,7 @@ class SocialLearning(Method):
                                                                random.Random(self.cfg.seed))]
             session.record.server_metrics[f"social.{aggregator.name}.picked"] = len(picked)
             variants.append(Variant(f"{opts.mode}:{aggregator.name}", self._context(picked, task.labels),
-                                    _shared_epsilon(session)))
+                                    math.inf if aggregator.needs_votes else _shared_epsilon(session)))
         if "original" in opts.baseline_names:
             with session.phase("share-raw"):
                 original = self._original(session)
@@ -528,8 +532,8 @@ class SocialLearning(Method):
                                 "(social.dp=none); the verbatim filter and perplexity top-k limit copying, they "
                                 "do not bound it")
         elif any(AGGREGATORS[a].needs_votes for a in opts.aggregator_names):
-            record.notes.append("social: voting reads the teachers' held-out data; the selection it makes is not "
-                                "covered by the examples' epsilon")
+            record.notes.append("social: voting reads the teachers' held-out data without DP: the voting variants "
+                                "are non-private (epsilon inf), whatever the examples' epsilon")
 
     def _save_prompts(self, session: Session, variants: list[Variant]) -> None:
         """The student prompts beside the run record, for ``fedbridge audit``."""

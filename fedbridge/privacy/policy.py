@@ -1,0 +1,227 @@
+"""What a silo lets leave, decided by the silo: its privacy policy (node config) and its lifetime ledger (its disk).
+
+The server is the party a silo must not have to trust, so nothing here comes from the run config. A silo's node
+config holds:
+
+  ``privacy``            ``strict`` or ``permissive``; default ``strict`` for a silo that reads its own file
+                         (``data-path``: a deployment), ``permissive`` for a simulation partition
+  ``epsilon-budget``     lifetime ε for this data, every run and every method composed (strict: 8, permissive: inf)
+  ``delta``              the δ every ε of this data is stated at (1e-5)
+  ``allow-non-private``  whether anything private-data-derived may leave without DP: an ε = inf release, raw
+                         examples, SLM weights, scores or votes of a non-DP model, a server-chosen noise seed, exact
+                         example counts (strict: false, permissive: true)
+  ``verbatim-filter``    drop teaching text that copies private text before it leaves (strict: true; permissive:
+                         unset, which follows the run's social.verbatim-filter; false needs allow-non-private)
+  ``noise-seed``         the silo's own seed for the mechanisms' secret draws (reproducible research); default: OS
+                         entropy. A seed the *server* sends would let it replay the noise: without allow-non-private
+                         that request is refused, with it the release is labelled non-private
+  ``count-bound``        a public lower bound on the silo's examples per label, which sets the DP few-shot sampling
+                         rate q = M·N / bound instead of the private counts (0: the exact counts, which then leave
+                         as a non-private detail; under strict without a bound, q = 1)
+
+The ledger (``SiloLedger``) is one file per *data identity*, a content hash of the silo's examples, under the
+silo's state dir: it composes every release of that data across runs, experiments and methods, survives restarts,
+and charges under a file lock with a fresh read, so concurrent requests (threads or processes) lose no charge. A
+run's view (``RunLedger``) also keeps the run within the ε the server asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
+from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, compute_epsilon
+
+POLICIES = ("strict", "permissive")
+STRICT_BUDGET = 8.0
+MIN_RELEASE_EPSILON = 0.01  # a remainder this small counts as spent: noise calibration stops up to 0.01 below target
+
+
+@dataclass(frozen=True)
+class SiloPolicy:
+    """A silo's own privacy settings (its node config; see the module docstring)."""
+
+    name: str = "permissive"
+    epsilon_budget: float = math.inf
+    delta: float = 1e-5
+    allow_non_private: bool = True
+    verbatim_filter: bool | None = None  # None: the run's request (social.verbatim-filter); strict: always True
+    noise_seed: int | None = None
+    count_bound: int = 0
+
+    def __post_init__(self) -> None:
+        if self.verbatim_filter is False and not self.allow_non_private:
+            raise ConfigError("Node config verbatim-filter=false needs allow-non-private=true: teaching text that may "
+                              "copy private text is a non-private release.")
+        if self.name not in POLICIES:
+            raise ConfigError(f"Node config privacy='{self.name}': use one of {', '.join(POLICIES)}.")
+        if not self.epsilon_budget > 0 or not 0 < self.delta < 1 or self.count_bound < 0:
+            raise ConfigError("Node config: epsilon-budget must be > 0 (inf = unlimited), delta in (0, 1), "
+                              "count-bound >= 0.")
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any]) -> SiloPolicy:
+        name = str(node.get("privacy", "strict" if "data-path" in node else "permissive"))
+        strict = name == "strict"
+        seed = int(node.get("noise-seed", -1))
+        return cls(name=name,
+                   epsilon_budget=float(node.get("epsilon-budget", STRICT_BUDGET if strict else math.inf)),
+                   delta=float(node.get("delta", 1e-5)),
+                   allow_non_private=_flag(node, "allow-non-private", not strict),
+                   verbatim_filter=_flag(node, "verbatim-filter", True) if strict or "verbatim-filter" in node else None,
+                   noise_seed=None if seed < 0 else seed, count_bound=int(node.get("count-bound", 0)))
+
+    def require_non_private(self, silo: str, what: str) -> None:
+        """Refuse a release without DP unless this silo allows them (the message names the node-config key)."""
+        if not self.allow_non_private:
+            raise PrivacyBudgetExceeded(
+                f"{silo} refuses {what}: its node config does not allow non-private releases (privacy={self.name}, "
+                "allow-non-private=false). Ask for a DP release instead, or set allow-non-private=true in this "
+                "silo's node config.")
+
+    def verbatim(self, requested: bool) -> bool:
+        """Whether teaching text is filtered for copies of private text: the silo's setting, else the run's."""
+        return requested if self.verbatim_filter is None else self.verbatim_filter
+
+    def noise_seed_for(self, silo: str, requested: int) -> tuple[int | None, bool]:
+        """(the seed for the mechanism's secret draws, whether the release stays private). A server-chosen seed
+        (``requested`` >= 0) lets the server replay the noise: refused, or (allow-non-private) labelled non-private."""
+        if requested < 0:
+            return self.noise_seed, True
+        self.require_non_private(silo, "a noise seed chosen by the server (the server could replay the noise)")
+        return requested, False
+
+
+def _flag(node: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = node.get(key, default)
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise ConfigError(f"Node config {key}={value!r}: use true or false.")
+        return value.lower() == "true"
+    return bool(value)
+
+
+def data_identity(texts: Iterable[str], labels: Iterable[int]) -> str:
+    """A content hash of a silo's labelled examples: its ledger's name, whichever run, experiment or method asks."""
+    digest = hashlib.sha256()
+    for text, label in zip(texts, labels):
+        digest.update(json.dumps([text, int(label)], ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]
+
+
+_LOCKS: dict[Path, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive access to ``path`` for this thread and this process against all others (an flock on a side file)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(path, threading.Lock())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with lock, open(path.with_name(path.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class SiloLedger:
+    """The lifetime ledger of one silo's data: every charge of every run, composed against the silo's budget."""
+
+    def __init__(self, path: Path, policy: SiloPolicy) -> None:
+        self.path, self.policy = Path(path), policy
+
+    def _events(self) -> list[tuple[str, PrivacyEvent]]:
+        if not self.path.exists():
+            return []
+        state = json.loads(self.path.read_text())
+        return [(entry.get("run", ""), PrivacyEvent(**entry["event"])) for entry in state["charges"]]
+
+    def _write(self, charges: list[tuple[str, PrivacyEvent]]) -> None:
+        from fedbridge.checkpoint import atomic_write  # the one atomic write; checkpoint imports nothing of ours
+
+        atomic_write(self.path, json.dumps({"version": 1, "charges": [
+            {"run": run, "event": {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate,
+                                   "steps": e.steps, "mechanism": e.mechanism}} for run, e in charges]}))
+
+    def spent(self, run: str | None = None) -> float:
+        """ε spent on this data in all (or one run's) releases."""
+        return compute_epsilon([e for r, e in self._events() if run is None or r == run], self.policy.delta)
+
+    def remaining(self) -> float:
+        """What is left of the lifetime budget (an unlimited budget is not composed at all)."""
+        return math.inf if math.isinf(self.policy.epsilon_budget) else self.policy.epsilon_budget - self.spent()
+
+    def charge(self, events: Iterable[PrivacyEvent], run: str, run_budget: float) -> float:
+        """Record ``events`` for ``run``, or raise and record nothing: the lock, a fresh read, then both checks (the
+        silo's lifetime budget, and the run's own cap, what the server asked for). Returns the lifetime ε after (nan where the budget is unlimited)."""
+        events = tuple(events)
+        with _locked(self.path):
+            charges = self._events()
+            lifetime = (compute_epsilon([*(e for _, e in charges), *events], self.policy.delta)
+                        if math.isfinite(self.policy.epsilon_budget) else math.nan)  # unlimited: nothing to check
+            in_run = compute_epsilon([*(e for r, e in charges if r == run), *events], self.policy.delta)
+            names = ", ".join(sorted({e.mechanism for e in events}))
+            if lifetime > self.policy.epsilon_budget:
+                spent = compute_epsilon([e for _, e in charges], self.policy.delta)
+                raise PrivacyBudgetExceeded(
+                    f"Refused {names}: this silo's lifetime epsilon for its data would reach {lifetime:.4g} > its "
+                    f"node config epsilon-budget {self.policy.epsilon_budget:.4g} (spent {spent:.4g} over "
+                    f"{len({r for r, _ in charges})} runs, delta={self.policy.delta:g}). Nothing was released.")
+            if in_run > run_budget:
+                raise PrivacyBudgetExceeded(
+                    f"Refused {names}: this run's epsilon on this silo would reach {in_run:.4g} > the {run_budget:.4g} "
+                    "the run asked for. Nothing was released.")
+            self._write([*charges, *((run, e) for e in events)])
+            return lifetime
+
+
+class RunLedger(PrivacyLedger):
+    """One run's view of a silo's lifetime ledger, in the interface the mechanisms charge: ``spent`` and
+    ``remaining`` are the run's (what the server asked for, which the mechanisms calibrate to); ``charge`` checks
+    the run's cap and the exact lifetime composition, and records in the lifetime file or refuses before any data
+    is read."""
+
+    def __init__(self, ledger: SiloLedger, run: str, run_budget: float) -> None:
+        super().__init__(run_budget, ledger.policy.delta)
+        self.ledger, self.run = ledger, run or f"call-{uuid.uuid4().hex}"  # no experiment id: a run of its own
+        self._events = [e for r, e in ledger._events() if r == self.run]
+
+    def charge(self, events: PrivacyEvent | Iterable[PrivacyEvent]) -> float:
+        events = (events,) if isinstance(events, PrivacyEvent) else tuple(events)
+        self.ledger.charge(events, self.run, self.epsilon_budget)
+        self._events.extend(events)
+        return self.spent()
+
+    def check_can_release(self, silo: str) -> None:
+        """Refuse before any work when (next to) nothing is left, naming which budget is spent."""
+        lifetime = self.ledger.remaining() <= MIN_RELEASE_EPSILON
+        if lifetime or self.remaining() <= MIN_RELEASE_EPSILON:
+            which = (f"its lifetime budget (node config epsilon-budget={self.ledger.policy.epsilon_budget:g}) is "
+                     f"spent: epsilon {self.ledger.spent():.4g}" if lifetime else
+                     f"this run's epsilon {self.spent():.4g} of the {self.epsilon_budget:g} it asked for is spent")
+            raise PrivacyBudgetExceeded(f"{silo}: {which}, delta {self.delta:g}; this silo releases nothing more "
+                                        "of this data in this run.")
+
+    def record(self, mechanism: str, epsilon: float, noise_multiplier: float, steps: int, private: bool) -> dict:
+        """The privacy record of one release as it leaves the silo (``protocol.PRIVACY_FIELDS``): this release's ε,
+        the run's total on this silo, the run's budget; all ∞ for a release labelled non-private."""
+        private = bool(private and math.isfinite(epsilon))
+        return {"mechanism": mechanism, "epsilon": epsilon if private else math.inf,
+                "epsilon-total": self.spent() if private else math.inf, "delta": self.delta,
+                "budget": self.epsilon_budget if private else math.inf, "noise-multiplier": noise_multiplier,
+                "steps": steps, "private": private}
+
