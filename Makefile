@@ -20,11 +20,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 # The demo's own reduced sizes (README "The two commands"): FDKT writes one DP demonstration per label per silo
-# (32 tokens, 2 groups) and one pooled augmented set of 8 per label; CrossLM evaluates its LLM on 60 global-test
-# reviews and 8 general-text passages. Everything else is the default.
+# (32 tokens, 2 groups, private examples cut to 200 characters in its prompts) and one pooled augmented set of 8
+# per label; CrossLM evaluates its LLM on 30 global-test reviews and 8 general-text passages. Everything else is
+# the default.
 DEMO_METHODS := local,fedavg,centralized,llm-zero-shot,fdkt,crosslm
 DEMO_SIZES := --set fdkt.num-per-label=1 --set fdkt.max-tokens=32 --set fdkt.groups=2 --set fdkt.pooled=true \
-	--set fdkt.augment-per-label=8 --set crosslm.llm-eval-examples=60 --set crosslm.ppl-passages=8
+	--set fdkt.augment-per-label=8 --set fdkt.max-text-chars=200 --set crosslm.llm-eval-examples=30 \
+	--set crosslm.ppl-passages=8
 
 DEMO_OUT ?= results/demo
 

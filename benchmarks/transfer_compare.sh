@@ -18,20 +18,23 @@ run() {  # run TASK ARGS...: one fedbridge compare over seeds 0-2 into OUT/TASK
   local extra=(); [ "$task" = tweets ] && extra=(--set partition.kind=dirichlet --set task.max-examples=1000)
   .venv/bin/fedbridge compare --seeds 0,1,2 --engine simulation --task "$task" "${extra[@]}" "$@" --out "$OUT/$task"
 }
-for task in drug-reviews tweets; do  # the headline: baselines, FDKT at epsilon 4, CrossLM with and without private
+for task in drug-reviews tweets; do  # the headline: local, FDKT at epsilon 4, CrossLM at its defaults
   run "$task" --methods local,fdkt $MIXED $FDKT
+  run "$task" --methods crosslm $MIXED
+done
+for task in drug-reviews tweets; do  # the baselines' ordering (one architecture: MiniLM-L6)
   run "$task" --methods fedavg,centralized
-  run "$task" --methods crosslm --sweep crosslm.with-private=false,true $MIXED
 done
-for task in drug-reviews tweets; do  # what the synthetic data can do without noise, and the other mechanism at 4
+for task in drug-reviews tweets; do  # the paper's step 5 alone, and what the synthetic data can do without noise
+  run "$task" --methods crosslm --sweep crosslm.with-private=false $MIXED
   run "$task" --methods fdkt --sweep fdkt.epsilon=inf $MIXED $FDKT
+done
+for task in drug-reviews tweets; do  # the other mechanism at 4; KL off
   run "$task" --methods fdkt --sweep fdkt.epsilon=4 $MIXED $FDKT $DPSGD
+  run "$task" --methods crosslm --sweep crosslm.kl-weight=0 $MIXED
 done
 for task in drug-reviews tweets; do
-  run "$task" --methods crosslm --sweep crosslm.kl-weight=0 --sweep crosslm.with-private=true $MIXED
   run "$task" --methods fdkt --sweep fdkt.epsilon=1,8 $MIXED $FDKT
-done
-for task in drug-reviews tweets; do
   run "$task" --methods fdkt --sweep fdkt.epsilon=1,8,inf $MIXED $FDKT $DPSGD
 done
 for task in drug-reviews tweets; do  # how the gain grows with the synthetic examples a silo gets (epsilon 4)

@@ -202,7 +202,7 @@ class Silo:
             mech = DPFewShotConfig(num_groups=cfg.groups, shots_per_group=cfg.shots_per_group,
                                    max_tokens=cfg.max_tokens, public_top_k=cfg.public_top_k,
                                    num_per_label=cfg.num_per_label, min_words=cfg.min_words, noise_seed=noise_seed,
-                                   sigma=0.0, count_bound=self.count_bound())
+                                   max_text_chars=cfg.max_text_chars, sigma=0.0, count_bound=self.count_bound())
             sigma = sigma_for_epsilon(budget, ledger.delta, labels, len(self.labels), mech)
             return dp_fewshot_synthesize(model, tok, texts, labels, self.labels,
                                          dataclasses.replace(mech, sigma=sigma), ledger)

@@ -49,6 +49,7 @@ class FDKTConfig:
     shots_per_group: int = 1
     max_tokens: int = 48
     public_top_k: int = 100
+    max_text_chars: int = 500  # each private example is cut to this in the prompts (its prefill is the cost)
     # dp-sgd: LoRA fine-tuning of the generator with Opacus
     sgd_epochs: int = 2
     sgd_batch_size: int = 8
@@ -73,6 +74,8 @@ class FDKTConfig:
             raise ConfigError(f"Unknown fdkt.mechanism '{self.mechanism}'. Use one of: {', '.join(MECHANISMS)}.")
         if not self.epsilon > 0:
             raise ConfigError("fdkt.epsilon must be > 0 (inf = non-private).")
+        if self.max_text_chars < 1:
+            raise ConfigError(f"fdkt.max-text-chars must be >= 1, got {self.max_text_chars}.")
 
 
 # ------------------------------------------------------------------ text utilities
