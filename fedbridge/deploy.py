@@ -29,6 +29,7 @@ import psutil
 
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import FedbridgeError
+from fedbridge.privacy.policy import POLICIES
 from fedbridge.results import RunRecord
 from fedbridge.simulations.runner import _toml_value, app_dir, flwr_env, run_flwr
 
