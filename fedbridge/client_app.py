@@ -41,7 +41,7 @@ def _train_fresh_and_evaluate(msg: Message, context: Context, with_examples: boo
     stats = silo.train_slm(model, extra=extra, extra_weight=weight)
     metrics = silo.evaluate_slm(model, global_test)
     return _reply(silo, msg, {**metrics, **silo.info(), **train_metrics(stats),
-                                    "train.synthetic": len(extra or ())})
+                              "train.synthetic": len(extra or ())})
 
 
 @app.train("local")
@@ -134,7 +134,7 @@ def upload(msg: Message, context: Context) -> Message:
     silo.non_private_release("SLM weights", experiment)
     model = silo.kept_slm(context.state, round_, experiment)
     return _reply(silo, msg, silo.info(), arrays=ArrayRecord(model.trainable_state()),
-                                   slm=ConfigRecord({"spec": silo.cfg.slm.spec_for(silo.index)}))
+                  slm=ConfigRecord({"spec": silo.cfg.slm.spec_for(silo.index)}))
 
 
 @app.train("enhance")
@@ -146,8 +146,7 @@ def enhance(msg: Message, context: Context) -> Message:
     global_test = p.read_global_test(msg.content, len(silo.labels))
     if p.ARRAYS in msg.content:
         arrays = p.read_arrays(msg.content, like=context.state.get(KEPT_SLM))
-        return _reply(silo, msg, silo.install_slm(context.state, arrays, global_test, round_, experiment,
-                                                        final))
+        return _reply(silo, msg, silo.install_slm(context.state, arrays, global_test, round_, experiment, final))
     examples = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
     targets = (p.read_probabilities(msg.content, p.TARGETS, len(examples), len(silo.labels))
                if p.TARGETS in msg.content else None)
@@ -181,7 +180,7 @@ def vote(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     scores = silo.vote(mode, texts, labels, p.read_experiment(config))
     return _reply(silo, msg, {"vote.candidates": len(texts), "vote.seconds": time.perf_counter() - t0},
-                                   votes=ConfigRecord({"scores": scores}))
+                  votes=ConfigRecord({"scores": scores}))
 
 
 @app.query("share_raw")
@@ -191,4 +190,4 @@ def share_raw(msg: Message, context: Context) -> Message:
     raw, privacy = silo.share_raw(int(p.read_number(config, "n", low=1, high=p.MAX_EXAMPLES, integer=True)),
                                   p.read_experiment(config))
     return _reply(silo, msg, {"share.examples": len(raw)}, examples=p.examples_record(raw),
-                                   privacy=ConfigRecord(privacy))
+                  privacy=ConfigRecord(privacy))

@@ -315,6 +315,10 @@ def test_a_resumed_run_cannot_spend_a_silos_budget_again(tmp_path, fdkt_uninterr
 
 def test_fedavg_resumes_at_the_round_it_lost(tmp_path):
     reference, _ = attempt(tmp_path / "reference", "fedavg-resume")
+    # three rounds of weights are one non-private release of each silo's data in its lifetime ledger, not three
+    ledgers = sorted((tmp_path / "reference" / "silos" / "privacy").glob("*.json"))
+    assert len(ledgers) == 2 and all([c["event"]["mechanism"] for c in json.loads(path.read_text())["charges"]] ==
+                                     ["SLM weights"] for path in ledgers)
     first, _ = attempt(tmp_path, "fedavg-resume", die_on_push=is_(p.TRAIN_FEDAVG, round_="3"))
     assert first is None
     state = json.loads((checkpoint_dir(tmp_path, "fedavg-resume") / STATE_FILE).read_text())

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedbridge.checkpoint import atomic_write
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
 from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, compute_epsilon
 
@@ -151,8 +152,6 @@ class SiloLedger:
         return [(entry.get("run", ""), PrivacyEvent(**entry["event"])) for entry in state["charges"]]
 
     def _write(self, charges: list[tuple[str, PrivacyEvent]]) -> None:
-        from fedbridge.checkpoint import atomic_write  # the one atomic write; checkpoint imports nothing of ours
-
         atomic_write(self.path, json.dumps({"version": 1, "charges": [
             {"run": run, "event": {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate,
                                    "steps": e.steps, "mechanism": e.mechanism}} for run, e in charges]}))

@@ -77,7 +77,8 @@ class FedAvg(Method):
                 arrays = strategy.start(grid=session.grid, initial_arrays=arrays, num_rounds=self.cfg.rounds - done,
                                         timeout=self.cfg.timeout,
                                         train_config=ConfigRecord({"protocol": p.PROTOCOL_VERSION,
-                                                                   "epochs": cfg.local_epochs})).arrays
+                                                                   "epochs": cfg.local_epochs,
+                                                                   p.EXPERIMENT: session.checkpoint.experiment})).arrays
         evaluate_shared_model(session, arrays, round_=self.cfg.rounds + 1)
 
 
