@@ -51,7 +51,7 @@ class CrashingGrid(InProcessGrid):
 
     def __init__(self, *args, die_on_push=None, die_on_reply=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.die_on_push, self.die_on_reply = die_on_push, die_on_reply
+        self.die_on_push, self.die_on_reply, self.dying = die_on_push, die_on_reply, False
 
     def push_messages(self, messages):
         messages = list(messages)
@@ -60,9 +60,15 @@ class CrashingGrid(InProcessGrid):
         return super().push_messages(messages)
 
     def pull_messages(self, message_ids):
-        replies = list(super().pull_messages(message_ids))
-        if self.die_on_reply and any(self.die_on_reply(r) for r in replies):
+        """Replies before the matching one in a pull are handed over (the server handles a pull in order); the
+        server dies on the next pull, so the outcome does not depend on how many replies one poll happens to see."""
+        if self.dying:
             raise ServerKilled("server killed after a reply arrived")
+        replies = list(super().pull_messages(message_ids))
+        fatal = [i for i, r in enumerate(replies) if self.die_on_reply and self.die_on_reply(r)]
+        if fatal:
+            self.dying = True
+            return replies[:fatal[0]] or self.pull_messages(message_ids)
         return replies
 
 
