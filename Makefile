@@ -34,6 +34,7 @@ demo: install
 	$(VENV)/bin/fedbridge compare --methods $(DEMO_METHODS) --seeds $(SEEDS) $(DEMO_SIZES) --out $(DEMO_OUT)
 
 test: install
+	$(VENV)/bin/ruff check fedbridge tests benchmarks
 	$(PY) -m pytest -q
 
 bench: install

@@ -19,10 +19,10 @@ from pathlib import Path
 from unittest import mock
 
 from fedbridge.config import ExperimentConfig
+from fedbridge.methods.fdkt.config import FDKTConfig
 from fedbridge.privacy import accounting
 from fedbridge.privacy.accounting import PrivacyEvent, calibrate_noise
 from fedbridge.privacy.dp_fewshot import DPFewShotConfig, fewshot_events
-from fedbridge.strategies.fdkt import FDKTConfig
 from fedbridge.tasks import load_federation
 
 OUT = Path(__file__).resolve().parent / "results" / "accounting.json"

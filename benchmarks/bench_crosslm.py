@@ -41,13 +41,16 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedbridge.config import ExperimentConfig, from_flat
+from fedbridge.methods.crosslm import silo as crosslm_silo
+from fedbridge.methods.crosslm.config import CrossLMConfig
+from fedbridge.methods.crosslm.server import generation_prompt, write_examples
+from fedbridge.methods.crosslm.silo import KEPT_SLM
 from fedbridge.models.generation import GenerationStats
 from fedbridge.models.loading import load_llm, load_slm
 from fedbridge.models.reward import LLMUpdateConfig, RewardTrainer, ScoredExample
 from fedbridge.models.slm import predict_proba
 from fedbridge.results import RunRecord, package_versions
-from fedbridge.silo import KEPT_SLM, Silo
-from fedbridge.strategies.crosslm import CrossLMConfig, generation_prompt, write_examples
+from fedbridge.silo import Silo
 from fedbridge.tasks import Task, load_federation, load_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -84,14 +87,14 @@ def bench_scoring(spec: str, texts: list[str], batch: int, cfg: ExperimentConfig
     silo = Silo(0, silo_cfg, task.labels, load_federation(silo_cfg.task, silo_cfg.partition, cfg.seed).silos[0])
     model = load_slm(spec, len(task.labels), options=silo_cfg.slm)
     state = RecordDict({KEPT_SLM: ArrayRecord(model.trainable_state())})
-    silo.score(state, tuple(texts[:4]))  # warm-up: file caches, first-call overheads
+    crosslm_silo.score(silo, state, tuple(texts[:4]))  # warm-up: file caches, first-call overheads
     per_request, restore = [], []
     for start in range(0, min(len(texts), 3 * batch), batch):
         t0 = time.perf_counter()
-        silo.score(state, tuple(texts[start:start + batch]))
+        crosslm_silo.score(silo, state, tuple(texts[start:start + batch]))
         per_request.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        kept = silo.kept_slm(state)
+        kept = crosslm_silo.kept_slm(silo, state)
         restore.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     probs = predict_proba(kept, texts)

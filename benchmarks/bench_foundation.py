@@ -11,18 +11,17 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from fedbridge.config import TaskConfig
 from fedbridge.models.generation import SamplingConfig, generate
 from fedbridge.models.loading import load_llm, load_slm
 from fedbridge.models.slm import SLMOptions, train_classifier
-from fedbridge.config import TaskConfig
 from fedbridge.results import package_versions
 from fedbridge.tasks import load_task
 

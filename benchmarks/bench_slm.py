@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from fedbridge.config import ExperimentConfig
+from fedbridge.methods.centralized.server import train_pooled
 from fedbridge.models.slm import clear_feature_cache, predict_proba
 from fedbridge.silo import Silo
 from fedbridge.simulations.cli import parse_sets
-from fedbridge.strategies.centralized import train_pooled
 from fedbridge.tasks import classification_metrics, load_federation
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from fedbridge.config import ExperimentConfig
+from fedbridge.methods.centralized.server import train_pooled
 from fedbridge.models.embedding import embed
 from fedbridge.models.slm import predict_proba
 from fedbridge.results import RunRecord
 from fedbridge.simulations.compare import group, load_records
-from fedbridge.strategies.centralized import train_pooled
 from fedbridge.tasks import load_federation
 
 

@@ -1,4 +1,5 @@
-"""fedbridge ClientApp: one thin handler per message type (see ``fedbridge.protocol``); the work is in ``Silo``."""
+"""fedbridge ClientApp: one thin handler per message type (see ``fedbridge.protocol``); the work is in ``Silo`` and
+in each method's ``silo.py``. Nothing here imports server code."""
 
 from __future__ import annotations
 
@@ -10,15 +11,23 @@ from flwr.clientapp import ClientApp
 
 from fedbridge import protocol as p
 from fedbridge.faults import fault_mod
-from fedbridge.silo import KEPT_SLM, Silo, train_metrics
-from fedbridge.strategies.social import lesson_records
+from fedbridge.methods.crosslm import silo as crosslm
+from fedbridge.methods.fdkt import silo as fdkt
+from fedbridge.methods.social import silo as social
+from fedbridge.methods.social.teaching import lesson_records
+from fedbridge.silo import Silo, train_metrics
 
 app = ClientApp(mods=[fault_mod])
 
 
-def _reply(silo: Silo, msg: Message, metrics: dict, **records) -> Message:
-    """A reply with the metrics this silo's policy lets leave (``Silo.releasable``) and the given records."""
-    return Message(p.metrics_reply(silo.releasable(metrics), **records), reply_to=msg)
+def _reply(silo: Silo, msg: Message, metrics: dict, dp_slm: dict | None = None, **records) -> Message:
+    """A reply with the metrics this silo's policy lets leave (``Silo.releasable``), the given records, and the
+    privacy record of a DP SLM where one was trained (``dp_slm``)."""
+    return Message(p.metrics_reply(silo.releasable(metrics), **records, **_slm_privacy(dp_slm)), reply_to=msg)
+
+
+def _slm_privacy(privacy: dict | None) -> dict:
+    return {p.SLM_PRIVACY: ConfigRecord(privacy)} if privacy else {}
 
 
 def _silo(msg: Message, context: Context) -> tuple[Silo, dict]:
@@ -38,10 +47,10 @@ def _train_fresh_and_evaluate(msg: Message, context: Context, with_examples: boo
     weight = p.read_number(config, "synthetic-weight", 1.0, low=0.0)
     global_test = p.read_global_test(msg.content, len(silo.labels))  # a malformed request fails before training
     model = silo.new_slm()
-    stats = silo.train_slm(model, extra=extra, extra_weight=weight)
+    stats = silo.train_slm(model, extra=extra, extra_weight=weight, experiment=p.read_experiment(config))
     metrics = silo.evaluate_slm(model, global_test)
     return _reply(silo, msg, {**metrics, **silo.info(), **train_metrics(stats),
-                              "train.synthetic": len(extra or ())})
+                              "train.synthetic": len(extra or ())}, stats.privacy)
 
 
 @app.train("local")
@@ -60,7 +69,7 @@ def train_augmented(msg: Message, context: Context) -> Message:
 def synthesize(msg: Message, context: Context) -> Message:
     """FDKT: write DP synthetic demonstrations; only they and their privacy cost leave the silo."""
     silo, config = _silo(msg, context)
-    examples, privacy, metrics = silo.synthesize(experiment=p.read_experiment(config))
+    examples, privacy, metrics = fdkt.synthesize(silo, experiment=p.read_experiment(config))
     return _reply(silo, msg, metrics, examples=p.examples_record(examples), privacy=ConfigRecord(privacy))
 
 
@@ -69,15 +78,18 @@ def train_fedavg(msg: Message, context: Context) -> Message:
     """One FedAvg round: start from the server's weights, train locally, send weights back."""
     silo, config = _silo(msg, context)
     epochs = p.read_number(config, "epochs", 1, low=0, high=1000, integer=True)
+    proximal_mu = float(p.read_number(config, "proximal-mu", 0.0, low=0.0))  # FedProx's strategy sends it
     arrays = p.read_arrays(msg.content)
-    silo.non_private_release("SLM weights", p.read_experiment(config))
+    experiment = p.read_experiment(config)
+    silo.release_slm("SLM weights", experiment)
     model = silo.slm_from_arrays(arrays)
-    stats = silo.train_slm(model, epochs=int(epochs))
+    stats = silo.train_slm(model, epochs=int(epochs), experiment=experiment, trainings=silo.cfg.rounds,
+                           proximal_mu=proximal_mu)
     # FedAvg weights each silo by num-examples: the exact count only where non-private details may leave
     weight = len(silo.data.train) if silo.policy.allow_non_private else 1
     return Message(p.metrics_reply({"num-examples": weight, **silo.releasable(
-        {"train.seconds": stats.seconds, "train.examples": stats.examples}), "train.loss": stats.final_loss},
-        arrays=ArrayRecord(model.trainable_state())), reply_to=msg)
+        {"train.seconds": stats.seconds, "train.examples": stats.examples, "train.loss": stats.final_loss})},
+        arrays=ArrayRecord(model.trainable_state()), **_slm_privacy(stats.privacy)), reply_to=msg)
 
 
 @app.evaluate()
@@ -107,8 +119,8 @@ def train_private(msg: Message, context: Context) -> Message:
     """CrossLM: train a fresh SLM on private data and keep it for scoring and enhancement."""
     silo, config = _silo(msg, context)
     global_test = p.read_global_test(msg.content, len(silo.labels))
-    metrics = silo.train_private(context.state, global_test, experiment=p.read_experiment(config))
-    return _reply(silo, msg, metrics)
+    metrics, privacy = crosslm.train_private(silo, context.state, global_test, experiment=p.read_experiment(config))
+    return _reply(silo, msg, metrics, privacy)
 
 
 @app.query("score")
@@ -118,9 +130,9 @@ def score(msg: Message, context: Context) -> Message:
     silo, config = _silo(msg, context)
     round_, experiment, _ = _crosslm_round(config)
     examples = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
-    silo.non_private_release("SLM scores", experiment)
+    silo.release_slm("SLM scores", experiment)
     t0 = time.perf_counter()
-    probs = silo.score(context.state, examples.texts, max(round_ - 1, 0), experiment)
+    probs = crosslm.score(silo, context.state, examples.texts, max(round_ - 1, 0), experiment)
     agreement = float((probs.argmax(axis=1) == np.array(examples.labels)).mean()) if len(examples) else 0.0
     metrics = {"score.examples": len(examples), "score.seconds": time.perf_counter() - t0, "score.agreement": agreement}
     return _reply(silo, msg, metrics, scores=p.probabilities_record(probs))
@@ -131,8 +143,8 @@ def upload(msg: Message, context: Context) -> Message:
     """CrossLM with score-on=server (opt-in, weaker privacy): the weights and spec of the SLM after ``round``."""
     silo, config = _silo(msg, context)
     round_, experiment, _ = _crosslm_round(config)
-    silo.non_private_release("SLM weights", experiment)
-    model = silo.kept_slm(context.state, round_, experiment)
+    silo.release_slm("SLM weights", experiment)
+    model = crosslm.kept_slm(silo, context.state, round_, experiment)
     return _reply(silo, msg, silo.info(), arrays=ArrayRecord(model.trainable_state()),
                   slm=ConfigRecord({"spec": silo.cfg.slm.spec_for(silo.index)}))
 
@@ -145,12 +157,12 @@ def enhance(msg: Message, context: Context) -> Message:
     round_, experiment, final = _crosslm_round(config)
     global_test = p.read_global_test(msg.content, len(silo.labels))
     if p.ARRAYS in msg.content:
-        arrays = p.read_arrays(msg.content, like=context.state.get(KEPT_SLM))
-        return _reply(silo, msg, silo.install_slm(context.state, arrays, global_test, round_, experiment, final))
+        arrays = p.read_arrays(msg.content, like=context.state.get(crosslm.KEPT_SLM))
+        return _reply(silo, msg, crosslm.install_slm(silo, context.state, arrays, global_test, round_, experiment, final))
     examples = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
     targets = (p.read_probabilities(msg.content, p.TARGETS, len(examples), len(silo.labels))
                if p.TARGETS in msg.content else None)
-    metrics = silo.enhance(context.state, examples, targets,
+    metrics = crosslm.enhance(silo, context.state, examples, targets,
                            epochs=int(p.read_number(config, "epochs", 0, low=0, high=1000, integer=True)),
                            weight=float(p.read_number(config, "synthetic-weight", 1.0, low=0.0)),
                            with_private=config.get("with-private", False) is True, global_test=global_test,
@@ -163,7 +175,7 @@ def teach(msg: Message, context: Context) -> Message:
     """Social Learning: the silo as a teacher writes synthetic examples or instructions from its private data; only
     they, how they were made and their privacy cost leave the silo."""
     silo, config = _silo(msg, context)
-    lesson = silo.teach(p.read_mode(config), experiment=p.read_experiment(config))
+    lesson = social.teach(silo, p.read_mode(config), experiment=p.read_experiment(config))
     return _reply(silo, msg, lesson.metrics, **lesson_records(lesson))
 
 
@@ -178,7 +190,7 @@ def vote(msg: Message, context: Context) -> Message:
     else:
         texts, labels = p.read_texts(msg.content, p.INSTRUCTIONS), None
     t0 = time.perf_counter()
-    scores = silo.vote(mode, texts, labels, p.read_experiment(config))
+    scores = social.vote(silo, mode, texts, labels, p.read_experiment(config))
     return _reply(silo, msg, {"vote.candidates": len(texts), "vote.seconds": time.perf_counter() - t0},
                   votes=ConfigRecord({"scores": scores}))
 
@@ -187,7 +199,7 @@ def vote(msg: Message, context: Context) -> Message:
 def share_raw(msg: Message, context: Context) -> Message:
     """Social Learning's NON-PRIVATE upper bound only: n raw training examples (refused unless the run asks for it)."""
     silo, config = _silo(msg, context)
-    raw, privacy = silo.share_raw(int(p.read_number(config, "n", low=1, high=p.MAX_EXAMPLES, integer=True)),
+    raw, privacy = social.share_raw(silo, int(p.read_number(config, "n", low=1, high=p.MAX_EXAMPLES, integer=True)),
                                   p.read_experiment(config))
     return _reply(silo, msg, {"share.examples": len(raw)}, examples=p.examples_record(raw),
                   privacy=ConfigRecord(privacy))

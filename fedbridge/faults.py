@@ -11,6 +11,10 @@ Configured in the run config (``faults.*``), so the same switch works in simulat
   faults.crash-point  before: the request is lost (nothing computed); after: the silo computed (and spent any
                       privacy budget) and the reply is lost; random: either, drawn per message
   faults.crash-seed   seeds which silos crash (crash-fraction) and where
+  faults.adversarial-silos  partition ids whose replies are poisoned after their handler ran: SLM weights times
+                      ``adversarial-scale`` (FedAvg, CrossLM uploads), class probabilities inverted (CrossLM scores:
+                      1 - p, renormalised), to measure which aggregators hold
+  faults.adversarial-scale  the factor on a poisoned silo's weights (-10: flipped and amplified)
 
 Draws are seeded strings, so every process (simulation workers, deployed SuperNodes) makes the same ones.
 Nothing here is active by default; a run with faults gets a note in its record.
@@ -22,9 +26,11 @@ import random
 import time
 from dataclasses import dataclass
 
-from flwr.app import Context, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedbridge import protocol as p
 from fedbridge.config import from_flat
 from fedbridge.errors import ConfigError
 
@@ -41,6 +47,8 @@ class FaultConfig:
     crash_probability: float = 1.0
     crash_point: str = "before"
     crash_seed: int = 0
+    adversarial_silos: str = ""
+    adversarial_scale: float = -10.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.crash_fraction <= 1.0 or not 0.0 <= self.crash_probability <= 1.0:
@@ -55,6 +63,9 @@ class FaultConfig:
 
     def is_slow(self, partition: int) -> bool:
         return partition in self._ids(self.slow_silos)
+
+    def is_adversarial(self, partition: int) -> bool:
+        return partition in self._ids(self.adversarial_silos)
 
     def crashing_silos(self, num_silos: int) -> set[int]:
         """``crash-silos`` plus ``crash-fraction`` of the ``num_silos`` (rounded half up), drawn with ``crash-seed``."""
@@ -74,7 +85,7 @@ class FaultConfig:
 
     @property
     def active(self) -> bool:
-        return bool(self.slow_silos or self.crash_silos or self.crash_fraction > 0)
+        return bool(self.slow_silos or self.crash_silos or self.crash_fraction > 0 or self.adversarial_silos)
 
     def describe(self) -> str:
         crashing = " + ".join(([f"silos {self.crash_silos}"] if self.crash_silos else [])
@@ -84,6 +95,9 @@ class FaultConfig:
             [f"{crashing} crash on {self.crash_message_types or 'every message'}"
              + (f" with probability {self.crash_probability:g}" if self.crash_probability < 1 else "")
              + f", {self.crash_point} the handler"] if crashing else [])
+        if self.adversarial_silos:
+            parts.append(f"silos {self.adversarial_silos} adversarial (weights x {self.adversarial_scale:g}, "
+                         "scores inverted)")
         return "faults injected: " + "; ".join(parts)
 
 
@@ -107,4 +121,19 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
                             "its reply is lost")
     if cfg.is_slow(partition):
         time.sleep((cfg.slow_factor - 1.0) * (time.perf_counter() - t0))
+    if cfg.is_adversarial(partition) and not reply.has_error():
+        poison(reply, cfg.adversarial_scale)
     return reply
+
+
+def poison(reply: Message, scale: float) -> None:
+    """An adversarial silo's reply: its weights times ``scale``, its class probabilities inverted (1 - p,
+    renormalised), everything else as it was."""
+    content = reply.content
+    if isinstance(content.get(p.ARRAYS), ArrayRecord):
+        content[p.ARRAYS] = ArrayRecord({k: Array(np.asarray(v.numpy() * scale, dtype=v.numpy().dtype))
+                                         for k, v in content[p.ARRAYS].items()})
+    if p.SCORES in content:
+        record = content[p.SCORES]
+        probs = 1.0 - np.asarray(record["probs"], dtype=float).reshape(-1, int(record["num-labels"]))
+        content[p.SCORES] = p.probabilities_record(probs / probs.sum(axis=1, keepdims=True).clip(1e-12))

@@ -77,12 +77,13 @@ TRAIN_AUGMENTED = "train.augmented"
 
 CONFIG, GLOBAL_TEST, ARRAYS, METRICS = "config", "global-test", "arrays", "metrics"
 EXAMPLES, PRIVACY = "examples", "privacy"
-TRAIN_PRIVATE = "train.private"  # CrossLM (fedbridge.strategies.crosslm)
+SLM_PRIVACY = "slm-privacy"  # the privacy record of a DP-trained SLM (slm.dp-epsilon), in any reply that has one
+TRAIN_PRIVATE = "train.private"  # CrossLM (fedbridge.methods.crosslm.server)
 SCORE = "query.score"
 UPLOAD = "query.upload"
 ENHANCE = "train.enhance"
 SCORES, TARGETS, SLM = "scores", "targets", "slm"
-TEACH = "query.teach"  # Social Learning (fedbridge.strategies.social)
+TEACH = "query.teach"  # Social Learning (fedbridge.methods.social.server)
 VOTE = "query.vote"
 SHARE_RAW = "query.share_raw"
 INSTRUCTIONS, PROVENANCE, VOTES = "instructions", "provenance", "votes"
@@ -268,11 +269,11 @@ def read_info(content: RecordDict) -> dict[str, float | int | list]:
 PRIVACY_FIELDS = ("mechanism", "epsilon", "epsilon-total", "delta", "budget", "noise-multiplier", "steps", "private")
 
 
-def read_privacy(content: RecordDict) -> dict[str, Any]:
+def read_privacy(content: RecordDict, key: str = PRIVACY) -> dict[str, Any]:
     """A silo's report of what its release cost (the documented fields only): ε's >= 0 (inf = non-private),
     this release within the silo's total, the total within the budget, δ in [0, 1), σ >= 0, whole steps, and
     ``private`` true exactly when ε is finite."""
-    record = _reply_record(content, PRIVACY, ConfigRecord, PRIVACY_FIELDS)
+    record = _reply_record(content, key, ConfigRecord, PRIVACY_FIELDS)
     mechanism, private = record["mechanism"], record["private"]
     if not isinstance(mechanism, str) or not 0 < len(mechanism) <= 100:
         raise ProtocolError("privacy 'mechanism' must be a name of 1-100 characters.")
@@ -291,6 +292,11 @@ def read_privacy(content: RecordDict) -> dict[str, Any]:
         raise ProtocolError(f"privacy report is inconsistent: epsilon {epsilon:g}, total {total:g}, "
                             f"budget {budget:g} (each must be at most the next).")
     return out
+
+
+def read_slm_privacy(content: RecordDict) -> dict[str, Any] | None:
+    """A DP-trained SLM's privacy report, where the reply carries one (``SLM_PRIVACY``)."""
+    return read_privacy(content, SLM_PRIVACY) if SLM_PRIVACY in content else None
 
 
 def read_arrays(content: RecordDict, key: str = ARRAYS, like: ArrayRecord | None = None) -> ArrayRecord:

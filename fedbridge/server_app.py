@@ -12,9 +12,9 @@ from fedbridge.checkpoint import Checkpoint
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import FedbridgeError
 from fedbridge.faults import FaultConfig
+from fedbridge.methods.base import MeteredGrid, Session, default_run_name, label_non_private, server_task
+from fedbridge.methods.registry import get_method
 from fedbridge.results import RunRecord
-from fedbridge.strategies import get_method
-from fedbridge.strategies.base import MeteredGrid, Session, default_run_name, label_non_private, server_task
 
 log = logging.getLogger(__name__)
 app = ServerApp()

@@ -14,6 +14,7 @@ from copying_lm import CopyingLM
 from typer.testing import CliRunner
 
 from fedbridge.errors import ConfigError
+from fedbridge.methods.social.config import social_options
 from fedbridge.models.generation import (
     common_prefix_length,
     continuation_logprobs,
@@ -27,7 +28,6 @@ from fedbridge.privacy import CopyDetector, canary_rank, candidate_secrets, expo
 from fedbridge.privacy.audit import audit_texts, canary_report, canary_setup, plant_canaries, private_data
 from fedbridge.silo import Silo
 from fedbridge.simulations.cli import cli
-from fedbridge.strategies.social import social_options
 from fedbridge.tasks import load_federation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,7 +201,7 @@ def test_fedbridge_audit_finds_the_leak_of_a_copying_teacher(tmp_path, monkeypat
     the secret in the shared text, and rank 0 for the canary against what was shared."""
     from test_social import WHOLE_COPIES, CopyingTeacher, run_social
 
-    monkeypatch.setattr("fedbridge.strategies.social.generate", CopyingTeacher())
+    monkeypatch.setattr("fedbridge.methods.social.teaching.generate", CopyingTeacher())
     options = {**WHOLE_COPIES, "social.verbatim-filter": False, "social.canaries": True, "social.canary-copies": 40}
     record, grid = run_social(tmp_path, "leaky", **options)
     grid.close()

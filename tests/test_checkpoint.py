@@ -13,24 +13,25 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_config
-from test_crosslm import FAST as FAST_CROSSLM
-from test_social import FAST as FAST_SOCIAL
 from flwr.app import Message, RecordDict
 from peft import LoraConfig, get_peft_model
+from test_crosslm import FAST as FAST_CROSSLM
+from test_social import FAST as FAST_SOCIAL
 
-import fedbridge.strategies.fdkt as fdkt
+import fedbridge.methods.fdkt.server as fdkt
 from fedbridge import protocol as p
 from fedbridge.checkpoint import STATE_FILE, Checkpoint, checkpoint_dir
 from fedbridge.client_app import app as client_app
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
+from fedbridge.methods.crosslm import silo as crosslm_silo
 from fedbridge.models.loading import tiny_llm
 from fedbridge.privacy import PrivacyEvent
 from fedbridge.privacy.policy import SiloLedger, SiloPolicy
 from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
-from fedbridge.simulations.inprocess import InProcessGrid
 from fedbridge.silo import Silo
+from fedbridge.simulations.inprocess import InProcessGrid
 from fedbridge.simulations.runner import prepare
 from fedbridge.tasks import Examples
 
@@ -421,43 +422,43 @@ def test_a_silo_answers_a_finished_crosslm_round_again_and_refuses_one_it_cannot
     cfg = tiny_config(tmp_path, method="crosslm")
     silo = Silo.from_context(SimpleNamespace(run_config=cfg.to_run_config(),
                                              node_config={"partition-id": 0, "state-dir": str(tmp_path)}))
-    before = silo.train_private(RecordDict(), None, experiment="exp1")
-    assert silo.train_private(RecordDict(), None, experiment="exp1") == before  # stored, not retrained
+    before = crosslm_silo.train_private(silo, RecordDict(), None, experiment="exp1")
+    assert crosslm_silo.train_private(silo, RecordDict(), None, experiment="exp1") == before  # stored, not trained
     examples = Examples.of(["good stuff here", "bad stuff there"], [2, 0])
 
     def enhance(round_: int, final: bool = False) -> dict:
-        return silo.enhance(RecordDict(), examples, None, 1, 1.0, False, None, round_, "exp1", final)
+        return crosslm_silo.enhance(silo, RecordDict(), examples, None, 1, 1.0, False, None, round_, "exp1", final)
 
     with pytest.raises(p.ProtocolError, match="after round 1"):
         enhance(2)  # it has round 0 only
     first = enhance(1)  # from the round-0 SLM on its disk (fresh node state, as in a new Flower run)
     assert first["train.synthetic"] == 2 and enhance(1) == first
-    assert silo.score(RecordDict(), ("fine",), 1, "exp1").shape == (1, 3)
+    assert crosslm_silo.score(silo, RecordDict(), ("fine",), 1, "exp1").shape == (1, 3)
     with pytest.raises(p.ProtocolError, match="after round 0"):
-        silo.score(RecordDict(), ("fine",), 0, "exp1")  # only the latest round is kept
+        crosslm_silo.score(silo, RecordDict(), ("fine",), 0, "exp1")  # only the latest round is kept
     last = enhance(2, final=True)
     assert enhance(2, final=True) == last and not list(tmp_path.glob("exp1/*.safetensors"))
 
 
 def test_a_silo_killed_while_keeping_its_crosslm_slm_still_has_the_round_before(tmp_path, monkeypatch):
-    import fedbridge.silo as silo_module
 
     cfg = tiny_config(tmp_path, method="crosslm")
     silo = Silo.from_context(SimpleNamespace(run_config=cfg.to_run_config(),
                                              node_config={"partition-id": 1, "state-dir": str(tmp_path)}))
-    silo.train_private(RecordDict(), None, experiment="exp2")
-    round0 = silo.kept_slm(RecordDict(), 0, "exp2").trainable_state()
+    crosslm_silo.train_private(silo, RecordDict(), None, experiment="exp2")
+    round0 = crosslm_silo.kept_slm(silo, RecordDict(), 0, "exp2").trainable_state()
 
     def killed(path, data):
         raise ServerKilled("silo killed before its round-1 JSON was written")
 
-    monkeypatch.setattr(silo_module, "atomic_write", killed)
+    monkeypatch.setattr(crosslm_silo, "atomic_write", killed)
     with pytest.raises(ServerKilled):
-        silo.enhance(RecordDict(), Examples.of(["a new text to learn"], [1]), None, 3, 1.0, False, None, 1, "exp2")
+        crosslm_silo.enhance(silo, RecordDict(), Examples.of(["a new text to learn"], [1]), None, 3, 1.0, False, None,
+                             1, "exp2")
     monkeypatch.undo()
-    again = silo.kept_slm(RecordDict(), 0, "exp2").trainable_state()  # round 0, not the half-kept round 1
+    again = crosslm_silo.kept_slm(silo, RecordDict(), 0, "exp2").trainable_state()  # round 0, not the half-kept 1
     assert all(torch.equal(again[k], v) for k, v in round0.items())
-    assert silo.crosslm_done("exp2", 1) is None
+    assert crosslm_silo.crosslm_done(silo, "exp2", 1) is None
 
 
 # ------------------------------------------------------------------ Social Learning: kill the server, resume

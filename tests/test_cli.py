@@ -10,11 +10,11 @@ import pytest
 from conftest import TINY
 from typer.testing import CliRunner
 
+from fedbridge.errors import ConfigError, FedbridgeError
+from fedbridge.methods.registry import METHODS
 from fedbridge.results import RunRecord
 from fedbridge.simulations import cli as cli_module
 from fedbridge.simulations.cli import build_config, cli, parse_sets, parse_value
-from fedbridge.errors import ConfigError, FedbridgeError
-from fedbridge.strategies import METHODS
 
 FEDBRIDGE = str(Path(sys.executable).with_name("fedbridge"))
 runner = CliRunner()
@@ -316,7 +316,7 @@ def test_every_silo_failing_alike_ends_the_run_with_their_reason(tmp_path):
     from types import SimpleNamespace
 
     from fedbridge.errors import SiloFailure
-    from fedbridge.strategies.base import Session
+    from fedbridge.methods.base import Session
 
     reason = "ModelSpecError: Could not load SLM 'x': it is not a local directory"
     record = SimpleNamespace(failures=[{"silo": f"silo-{i}", "reason": reason} for i in range(3)])

@@ -22,8 +22,8 @@ from fedbridge.config import (
     to_flat,
 )
 from fedbridge.errors import ConfigError
-from fedbridge.strategies import METHODS
-from fedbridge.strategies.fedavg import FedAvgConfig
+from fedbridge.methods.fedavg.config import FedAvgConfig
+from fedbridge.methods.registry import METHODS
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

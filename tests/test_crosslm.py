@@ -20,6 +20,9 @@ from transformers import DistilBertConfig, DistilBertForSequenceClassification
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.errors import ConfigError, DataError
+from fedbridge.methods.crosslm.config import CrossLMConfig
+from fedbridge.methods.crosslm.server import CrossLM, select_examples
+from fedbridge.methods.crosslm.silo import KEPT_SLM
 from fedbridge.models.generation import continuation_logprobs
 from fedbridge.models.loading import byte_tokenizer, load_llm, tiny_llm
 from fedbridge.models.reward import (
@@ -35,10 +38,8 @@ from fedbridge.models.reward import (
 )
 from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
-from fedbridge.silo import KEPT_SLM
 from fedbridge.simulations.inprocess import InProcessGrid
 from fedbridge.simulations.runner import prepare
-from fedbridge.strategies.crosslm import CrossLM, CrossLMConfig, select_examples
 
 LABELS = ("negative", "neutral", "positive")
 # Small and fast, but every stage runs: generation, scoring, LLM update with KL, selection, enhancement, evaluation.

@@ -24,6 +24,7 @@ from flwr.common.config import parse_config_args
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 
 from fedbridge import protocol as p
+from fedbridge.client_app import app as client_app
 from fedbridge.deploy import (
     DeploymentError,
     LoopbackDeployment,
@@ -33,7 +34,6 @@ from fedbridge.deploy import (
     silo_node_configs,
     write_connection,
 )
-from fedbridge.client_app import app as client_app
 from fedbridge.errors import DataError
 from fedbridge.server_app import run_experiment
 from fedbridge.silo import _silo

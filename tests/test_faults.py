@@ -135,3 +135,54 @@ def test_the_audit_finds_what_a_record_lost(tmp_path):
     assert any("silo-0: train.local (round 1) has no outcome" in x for x in lost)
     assert any("silo-0: did not crash, but has no result" in x for x in lost)
     assert any("not injected: disk on fire" in x for x in lost) and len(lost) == 3
+
+
+def test_an_adversarial_silo_scales_its_weights_and_inverts_its_scores():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    from fedbridge import protocol as p
+    from fedbridge.faults import poison
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]])
+    reply = Message(RecordDict({p.ARRAYS: ArrayRecord({"w": Array(np.ones(3, np.float32))}),
+                                p.SCORES: p.probabilities_record(probs)}), dst_node_id=1, message_type="train")
+    poison(reply, -10.0)
+    assert reply.content[p.ARRAYS]["w"].numpy().tolist() == [-10.0] * 3
+    inverted = np.array(reply.content[p.SCORES]["probs"]).reshape(2, 3)
+    assert np.allclose(inverted.sum(axis=1), 1) and inverted[0].argmax() == 2 and inverted[1].argmax() == 2
+
+
+def test_a_median_holds_where_the_mean_follows_an_adversarial_silo(tmp_path):
+    import numpy as np
+    from conftest import tiny_config
+
+    from fedbridge import protocol as p
+    from fedbridge.client_app import app as client_app
+    from fedbridge.server_app import run_experiment
+    from fedbridge.simulations.inprocess import InProcessGrid
+    from fedbridge.simulations.runner import prepare
+
+    options = {"partition.num-silos": 3, "rounds": 1, "fedavg.local-epochs": 1, "faults.adversarial-silos": "0"}
+    for strategy in ("FedAvg", "FedMedian"):
+        cfg = prepare(tiny_config(tmp_path / strategy, method="fedavg", **options, **{"fedavg.strategy": strategy}))
+        grid = InProcessGrid(client_app, cfg.to_run_config(), [{"partition-id": i, "num-partitions": 3}
+                                                               for i in range(3)])
+        try:
+            record = run_experiment(grid, cfg)
+        finally:
+            grid.close()
+        assert record.status == "ok" and any("adversarial" in n for n in record.notes)
+        sent = {m.metadata.dst_node_id: m for m in grid.sent if m.metadata.message_type == p.TRAIN_FEDAVG}
+        start = next(iter(sent.values())).content[p.ARRAYS]["head.weight"].numpy()
+        trained = {req.metadata.dst_node_id: rep.content[p.ARRAYS]["head.weight"].numpy()
+                   for _, req, rep in grid.replied if req.metadata.message_type == p.TRAIN_FEDAVG}
+        [final] = [m.content[p.ARRAYS]["head.weight"].numpy() for m in grid.sent
+                   if m.metadata.message_type == p.EVALUATE][:1]
+        assert not np.allclose(trained[1000], start)
+        stacked = np.stack([trained[n] for n in sorted(trained)])
+        if strategy == "FedMedian":  # the element-wise median: never the adversary's extreme values
+            assert np.allclose(final, np.median(stacked, axis=0), atol=1e-6)
+            assert np.abs(final).max() <= np.abs(stacked[1:]).max() + 1e-6
+        else:  # the mean follows the x -10 head: far outside every honest silo's weights
+            assert np.abs(final).max() > 2 * np.abs(stacked[1:]).max()

@@ -15,17 +15,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_config, wire_strings
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message
 
-import fedbridge.silo as silo_module
-import fedbridge.strategies.fdkt as fdkt
+import fedbridge.methods.fdkt.server as fdkt
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
+from fedbridge.methods.fdkt import silo as fdkt_silo
+from fedbridge.methods.fdkt.server import deduplicate, llm_filter, parse_generation, parse_kept_indices
 from fedbridge.models.generation import GenerationStats
 from fedbridge.models.loading import byte_tokenizer
 from fedbridge.privacy import (
-    candidate_secrets,
     canary_rank,
+    candidate_secrets,
     exposure,
     make_canary,
     verbatim_copy_rate,
@@ -36,7 +37,6 @@ from fedbridge.server_app import run_experiment
 from fedbridge.silo import Silo
 from fedbridge.simulations.inprocess import InProcessGrid
 from fedbridge.simulations.runner import prepare
-from fedbridge.strategies.fdkt import deduplicate, llm_filter, parse_generation, parse_kept_indices
 from fedbridge.tasks import Examples, load_federation
 
 NODES = (1000, 1001)  # InProcessGrid's node ids for partition-id 0 and 1
@@ -376,13 +376,13 @@ def canary_silo():
 
 def release(canary_silo, monkeypatch, epsilon) -> tuple[list[str], dict]:
     """What silo 0 sends in reply to query.synthesize, at ``epsilon`` (dp-fewshot, fixed noise seed)."""
-    monkeypatch.setattr(silo_module, "load_llm", lambda spec, trainable=False: (canary_silo.model, canary_silo.tok))
+    monkeypatch.setattr(fdkt_silo, "load_llm", lambda spec, trainable=False: (canary_silo.model, canary_silo.tok))
     options = {"fdkt.mechanism": "dp-fewshot", "fdkt.epsilon": epsilon, "fdkt.groups": 8,
                "fdkt.shots-per-group": 2, "fdkt.max-tokens": 24, "fdkt.public-top-k": 0, "fdkt.num-per-label": 2,
                "fdkt.min-words": 1}
     cfg = dataclasses.replace(canary_silo.cfg, method_options=options)
     silo = Silo(0, cfg, ("negative", "neutral", "positive"), canary_silo.data, policy=SiloPolicy(noise_seed=0))
-    examples, privacy, _ = silo.synthesize()
+    examples, privacy, _ = fdkt_silo.synthesize(silo)
     return list(examples.texts), privacy
 
 

@@ -17,12 +17,12 @@ from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import ConfigError
+from fedbridge.methods.fdkt.config import FDKTConfig
 from fedbridge.results import SCHEMA_VERSION, RunRecord
 from fedbridge.server_app import run_experiment
 from fedbridge.simulations.compare import group
 from fedbridge.simulations.inprocess import InProcessGrid
 from fedbridge.simulations.runner import prepare, run_inprocess
-from fedbridge.strategies.fdkt import FDKTConfig
 from fedbridge.tasks import Examples
 
 BASELINES = ("local", "fedavg", "centralized", "llm-zero-shot")

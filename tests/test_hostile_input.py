@@ -16,11 +16,11 @@ from fedbridge import protocol as p
 from fedbridge.checkpoint import Checkpoint
 from fedbridge.client_app import app as client_app
 from fedbridge.config import ExperimentConfig
+from fedbridge.methods.base import MeteredGrid, Session, server_task
 from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
 from fedbridge.simulations.inprocess import InProcessGrid
 from fedbridge.simulations.runner import prepare
-from fedbridge.strategies.base import MeteredGrid, Session, server_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GOOD, BAD = 1000, 1001  # InProcessGrid's node ids for partition-id 0 and 1

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from fedbridge.errors import ConfigError
 from fedbridge.models.loading import tiny_llm
 from fedbridge.privacy import (
-    candidate_secrets,
     canary_rank,
+    candidate_secrets,
     exposure,
     levenshtein,
     make_canary,

@@ -14,6 +14,8 @@ import pytest
 from conftest import tiny_config
 
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
+from fedbridge.methods.fdkt import silo as fdkt_silo
+from fedbridge.methods.social import silo as social_silo
 from fedbridge.privacy import PrivacyEvent
 from fedbridge.privacy.policy import SiloLedger, SiloPolicy
 from fedbridge.silo import Silo
@@ -69,7 +71,7 @@ def test_a_bad_node_config_is_named(node, key):
 def test_a_strict_silo_refuses_what_its_node_config_forbids(tmp_path, options, key):
     s = silo(tmp_path, STRICT, **options)
     with pytest.raises(PrivacyBudgetExceeded, match=key):
-        s.synthesize("run-1")
+        fdkt_silo.synthesize(s, "run-1")
     assert "allow-non-private" in key or "epsilon-budget" in key  # the message names the node-config key
     assert ledger_text(s) == ""  # nothing charged, nothing released
 
@@ -77,7 +79,7 @@ def test_a_strict_silo_refuses_what_its_node_config_forbids(tmp_path, options, k
 def test_a_strict_silo_refuses_raw_examples_weights_and_scores(tmp_path):
     s = silo(tmp_path, STRICT, **{"social.baselines": "original"})
     with pytest.raises(PrivacyBudgetExceeded, match="refuses raw examples.*allow-non-private=false"):
-        s.share_raw(4, "run-1")
+        social_silo.share_raw(s, 4, "run-1")
     for what in ("SLM weights", "SLM scores"):
         with pytest.raises(PrivacyBudgetExceeded, match=f"refuses {what}"):
             s.non_private_release(what, "run-1")
@@ -85,9 +87,9 @@ def test_a_strict_silo_refuses_raw_examples_weights_and_scores(tmp_path):
 
 
 def test_a_server_seed_makes_a_permissive_release_non_private(tmp_path):
-    _, privacy, _ = silo(tmp_path, {}, **{"fdkt.noise-seed": 3, "fdkt.epsilon": 2.0}).synthesize("run-1")
+    _, privacy, _ = fdkt_silo.synthesize(silo(tmp_path, {}, **{"fdkt.noise-seed": 3, "fdkt.epsilon": 2.0}), "run-1")
     assert privacy["private"] is False and math.isinf(privacy["epsilon"]) and "server-chosen" in privacy["mechanism"]
-    _, privacy, _ = silo(tmp_path, {"noise-seed": 3}, **{"fdkt.epsilon": 2.0}).synthesize("run-2")  # the silo's own
+    _, privacy, _ = fdkt_silo.synthesize(silo(tmp_path, {"noise-seed": 3}, **{"fdkt.epsilon": 2.0}), "run-2")  # the silo's own
     assert privacy["private"] is True and 0 < privacy["epsilon"] <= 2.0
 
 
@@ -106,15 +108,15 @@ def test_a_strict_silo_withholds_counts_and_timings(tmp_path):
 def test_two_runs_exhaust_the_lifetime_budget_also_after_a_restart(tmp_path):
     node = {**STRICT, "epsilon-budget": 1.3}
     first = silo(tmp_path, node, **{"fdkt.epsilon": 1.0})
-    _, privacy, _ = first.synthesize("experiment-a")
+    _, privacy, _ = fdkt_silo.synthesize(first, "experiment-a")
     assert privacy["private"] is True and 0.9 < privacy["epsilon"] <= 1.0
     on_disk = ledger_text(first)
     with pytest.raises(PrivacyBudgetExceeded, match="epsilon-budget 1.3"):  # a fresh experiment id: same data
-        first.synthesize("experiment-b")
+        fdkt_silo.synthesize(first, "experiment-b")
     assert ledger_text(first) == on_disk
     restarted = dataclasses.replace(first)  # a new silo process: nothing in memory, the same disk
     with pytest.raises(PrivacyBudgetExceeded, match="epsilon-budget 1.3"):
-        restarted.synthesize("experiment-c")
+        fdkt_silo.synthesize(restarted, "experiment-c")
     assert ledger_text(restarted) == on_disk
     assert SiloLedger(restarted.state_dir / "privacy" / f"{restarted.data_id}.json", first.policy).spent() == \
         pytest.approx(privacy["epsilon"])
@@ -122,7 +124,7 @@ def test_two_runs_exhaust_the_lifetime_budget_also_after_a_restart(tmp_path):
 
 def test_a_second_run_within_the_lifetime_budget_is_composed(tmp_path):
     s = silo(tmp_path, {**STRICT, "epsilon-budget": 3.0}, **{"fdkt.epsilon": 1.0})
-    epsilons = [s.synthesize(run)[1]["epsilon"] for run in ("experiment-a", "experiment-b")]
+    epsilons = [fdkt_silo.synthesize(s, run)[1]["epsilon"] for run in ("experiment-a", "experiment-b")]
     lifetime = SiloLedger(s.state_dir / "privacy" / f"{s.data_id}.json", s.policy).spent()
     assert max(epsilons) < lifetime < sum(epsilons) + 1e-9  # composed, not reset per run, and not merely summed
 

@@ -19,7 +19,7 @@ from fedbridge.tasks import Examples
 
 NUM_LABELS = 3
 LIKE = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32)), "b": Array(np.zeros(2, np.float32))})
-SIZE_CAP = 3200  # a little above the valid message below: mutations land on both sides
+SIZE_CAP = 3600  # a little above the valid message below: mutations land on both sides
 
 # ------------------------------------------------------------------ strategies
 
@@ -106,6 +106,9 @@ def valid_content() -> RecordDict:
                                  "silo-test.n": 3, "train.loss": 0.7}),
         p.PRIVACY: ConfigRecord({"mechanism": "dp-fewshot", "epsilon": 1.0, "epsilon-total": 1.5, "budget": 2.0,
                                  "delta": 1e-5, "noise-multiplier": 1.1, "steps": 12, "private": True}),
+        p.SLM_PRIVACY: ConfigRecord({"mechanism": "dp-sgd SLM head", "epsilon": 0.5, "epsilon-total": 1.0,
+                                     "budget": 1.0, "delta": 1e-5, "noise-multiplier": 2.0, "steps": 30,
+                                     "private": True}),
         p.ARRAYS: ArrayRecord({"w": Array(np.ones((2, 2), np.float32)), "b": Array(np.zeros(2, np.float32))}),
         p.SCORES: ConfigRecord({"probs": [0.2, 0.3, 0.5], "num-labels": NUM_LABELS}),
         p.INSTRUCTIONS: ConfigRecord({"texts": ["Read the review, then answer."]}),
@@ -141,8 +144,8 @@ def mutated_valid_contents(draw) -> RecordDict:
     return content
 
 
-RECORD_KEYS = st.one_of(st.sampled_from([p.CONFIG, p.EXAMPLES, p.GLOBAL_TEST, p.METRICS, p.PRIVACY, p.ARRAYS,
-                                         p.SCORES, p.INSTRUCTIONS, p.PROVENANCE]), TEXT.filter(bool))
+RECORD_KEYS = st.one_of(st.sampled_from([p.CONFIG, p.EXAMPLES, p.GLOBAL_TEST, p.METRICS, p.PRIVACY, p.SLM_PRIVACY,
+                                         p.ARRAYS, p.SCORES, p.INSTRUCTIONS, p.PROVENANCE]), TEXT.filter(bool))
 CONTENTS = st.one_of(st.dictionaries(RECORD_KEYS, st.one_of(config_records(), metric_records(), array_records()),
                                      max_size=5).map(RecordDict),
                      mutated_valid_contents())
@@ -211,6 +214,8 @@ PARSERS = {  # name -> (call on the content, check of its value)
     "read_info": (p.read_info, lambda v, c: check_metrics(v, c) is None and all(
         isinstance(v[k], int) and v[k] >= 0 for k in ("partition-id", "num-train", "num-test"))),
     "read_privacy": (p.read_privacy, check_privacy),
+    "read_slm_privacy": (p.read_slm_privacy,
+                         lambda v, c: v is None and p.SLM_PRIVACY not in c or check_privacy(v, c) is None),
     "read_arrays": (p.read_arrays, check_arrays),
     "read_arrays(like)": (lambda c: p.read_arrays(c, like=LIKE), lambda v, c: check_arrays(v, c, LIKE)),
     "read_experiment": (lambda c: p.read_experiment(c.get(p.CONFIG) or {}), check_experiment),

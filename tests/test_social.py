@@ -16,10 +16,19 @@ from conftest import tiny_config, wire_strings
 from copying_lm import CopyingLM
 from flwr.app import ConfigRecord, Message, RecordDict
 
-import fedbridge.strategies.social as social
+import fedbridge.methods.social.teaching as social  # the teacher's generation is patched there
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.errors import ConfigError
+from fedbridge.methods.social.aggregators import BalancedAggregator, Candidate, RandomAggregator, VotingAggregator
+from fedbridge.methods.social.config import SocialConfig
+from fedbridge.methods.social.teaching import (
+    examples_context,
+    parse_free_generation,
+    top_k_by_perplexity,
+    vote_scores,
+    write_examples,
+)
 from fedbridge.models.generation import GenerationStats, continuation_logprobs
 from fedbridge.models.loading import byte_tokenizer
 from fedbridge.privacy import CopyDetector, verbatim_copy_rate
@@ -29,15 +38,6 @@ from fedbridge.silo import Silo
 from fedbridge.simulations.compare import group, to_markdown
 from fedbridge.simulations.inprocess import InProcessGrid
 from fedbridge.simulations.runner import prepare
-from fedbridge.strategies.aggregators import BalancedAggregator, Candidate, RandomAggregator, VotingAggregator
-from fedbridge.strategies.social import (
-    SocialConfig,
-    examples_context,
-    parse_free_generation,
-    top_k_by_perplexity,
-    vote_scores,
-    write_examples,
-)
 from fedbridge.tasks import Examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -410,7 +410,7 @@ def test_dp_examples_carry_their_epsilon(tmp_path):
     ({"social.conditioning": "text"}, "social.conditioning"),
 ])
 def test_bad_social_options_fail_before_any_work(tmp_path, options, message):
-    from fedbridge.strategies.social import SocialLearning
+    from fedbridge.methods.social.server import SocialLearning
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         SocialLearning(tiny_config(tmp_path, method="social", **options))

@@ -26,7 +26,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers.utils import logging as hf_logging
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -38,6 +37,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from fedbridge.errors import ConfigError
 from fedbridge.models.slm import SLM, SLMOptions

@@ -19,7 +19,7 @@ import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from fedbridge.errors import ConfigError
 SLM_MODES = ("head", "lora", "full")
 POOLINGS = ("mean-layers", "mean", "cls")
 DEFAULT_EPOCHS = {"head": 100, "lora": 12, "full": 8}  # slm.epochs=0: at most this many; early stopping decides
+DP_EPOCHS = 30  # slm.epochs=0 under DP (head mode): exactly this many, no early stopping
 DEFAULT_LR = {"head": 0.0, "lora": 5e-4, "full": 5e-5}  # slm.lr=0: the encoder's learning rate (head: none)
 FIT_PERCENTILE, FIT_MULTIPLE, FIT_CAP = 95, 16, 256  # slm.max-length=0: the texts' 95th percentile, rounded up
 
@@ -57,6 +58,11 @@ class SLMOptions:
     class_balanced: bool = True  # weight the loss so every label present counts the same (class_balanced_weights)
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    dp_epsilon: float = math.inf  # train the head with DP-SGD at this epsilon per silo and run (inf = not DP;
+    # fedbridge.privacy.dp_slm): fixed epochs, no class balancing, no validation part, a token length from config
+    dp_clip: float = 1.0  # DP-SGD: per-example gradient norm bound
+    dp_lr: float = 3.0  # DP-SGD: SGD learning rate, momentum 0.9 (Adam's per-coordinate scaling amplifies the noise)
+    dp_batch_size: int = 64  # DP-SGD: expected Poisson batch (larger batches: less noise per example)
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("mode", self.mode, SLM_MODES), ("pooling", self.pooling, POOLINGS)):
@@ -67,12 +73,24 @@ class SLMOptions:
                               "slm.batch-size and slm.lora-rank >= 1.")
         if not 0.0 <= self.validation_fraction < 0.9 or self.warmup < 0:
             raise ConfigError("slm.validation-fraction must be in [0, 0.9) and slm.warmup (epochs) >= 0.")
+        if not self.dp_epsilon > 0 or not self.dp_clip > 0 or not self.dp_lr > 0 or self.dp_batch_size < 1:
+            raise ConfigError("slm.dp-epsilon must be > 0 (inf = no DP), slm.dp-clip and slm.dp-lr > 0, "
+                              "slm.dp-batch-size >= 1.")
+        if self.private and self.mode != "head":
+            raise ConfigError(f"slm.dp-epsilon trains the SLM's head with DP-SGD on frozen features; slm.mode="
+                              f"{self.mode} would train the encoder too, which fedbridge does not clip per example. "
+                              "Use slm.mode=head, or slm.dp-epsilon=inf.")
         if self.lr < 0 or self.head_lr <= 0 or self.weight_decay < 0:
             raise ConfigError("slm.lr must be >= 0 (0 = the mode's default), slm.head-lr > 0, slm.weight-decay >= 0.")
 
     @property
+    def private(self) -> bool:
+        """Whether the SLM trains with DP-SGD (``slm.dp-epsilon`` finite)."""
+        return math.isfinite(self.dp_epsilon)
+
+    @property
     def max_epochs(self) -> int:
-        return self.epochs or DEFAULT_EPOCHS[self.mode]
+        return self.epochs or (DP_EPOCHS if self.private else DEFAULT_EPOCHS[self.mode])
 
     @property
     def encoder_lr(self) -> float:
@@ -88,6 +106,7 @@ class TrainStats:
     epochs: int = 0  # epochs run
     best_epoch: int = 0  # the epoch kept (early stopping); = epochs without validation
     validation: int = 0  # examples held out to choose it
+    privacy: dict = field(default_factory=dict)  # a DP training's privacy record, as it leaves the silo; {}: not DP
 
     @property
     def examples_per_second(self) -> float:
@@ -163,7 +182,10 @@ class SLM(torch.nn.Module):
 
     def fit_max_length(self, texts: Sequence[str]) -> int:
         """Tokens per text: ``slm.max-length``, or (0) the 95th-percentile token count of ``texts``, rounded up to a
-        multiple of 16 and at most 256. Fixed at the first call, so training and evaluation agree."""
+        multiple of 16 and at most 256 (a DP SLM: 256, which depends on no private text). Fixed at the first call,
+        so training and evaluation agree."""
+        if not self.max_length and self.options.private:
+            self.max_length = int(min(FIT_CAP, getattr(self.body.config, "max_position_embeddings", FIT_CAP)))
         if not self.max_length:
             counts = [len(ids) for ids in self.tokenizer(list(texts[:2000]), truncation=False)["input_ids"]] or [16]
             fitted = FIT_MULTIPLE * math.ceil(np.percentile(counts, FIT_PERCENTILE) / FIT_MULTIPLE)
@@ -238,14 +260,15 @@ def validation_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
 
 def train_classifier(model: SLM, texts: Sequence[str], targets: Sequence[int] | np.ndarray,
                      cfg: SLMOptions = SLMOptions(), sample_weights: Sequence[float] | None = None, seed: int = 0,
-                     progress: str | None = None, validation: tuple[Sequence[str], Sequence[int]] | None = None
-                     ) -> TrainStats:
+                     progress: str | None = None, validation: tuple[Sequence[str], Sequence[int]] | None = None,
+                     proximal_mu: float = 0.0) -> TrainStats:
     """Train in place and return how it went.
 
     ``targets`` are label ids, or an (n, num_labels) array of soft labels for distillation. ``sample_weights`` scale
     each example's loss (e.g. synthetic data); ``cfg.class_balanced`` multiplies them by ``class_balanced_weights``.
     With ``validation`` (texts, labels), every epoch is scored by macro-F1 on it (ties: the lower loss), training
     stops after ``cfg.patience`` epochs without a better one, and the best epoch's weights are kept.
+    ``proximal_mu`` > 0 adds FedProx's term μ/2 · ||w − w_start||² over the trained weights (Li et al. 2020).
     """
     if len(texts) == 0:
         raise ValueError("No training examples: the silo's training split is empty.")
@@ -272,6 +295,7 @@ def train_classifier(model: SLM, texts: Sequence[str], targets: Sequence[int] | 
     val_inputs = None
     if validation is not None and len(validation[0]):
         val_inputs = model.frozen_features(list(validation[0])) if head_mode else list(validation[0])
+    start = {n: v.detach().clone() for n, v in model.named_parameters() if v.requires_grad} if proximal_mu else {}
     best, best_state, since_best = (-math.inf, -math.inf), None, 0
     stats = TrainStats(examples=0, steps=0, seconds=0.0, final_loss=float("nan"),
                        validation=0 if validation is None else len(validation[0]))
@@ -285,6 +309,9 @@ def train_classifier(model: SLM, texts: Sequence[str], targets: Sequence[int] | 
                            else F.cross_entropy(logits, y, reduction="none"))
             w = weights_t[idx].to(model.device)
             loss = (per_example * w).sum() / w.sum().clamp_min(1e-8)
+            if start:
+                loss = loss + proximal_mu / 2 * sum(((v - start[n]) ** 2).sum() for n, v in model.named_parameters()
+                                                    if n in start)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()

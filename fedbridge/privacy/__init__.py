@@ -11,8 +11,8 @@ from fedbridge.privacy.accounting import (
 from fedbridge.privacy.canaries import (
     Canary,
     CopyDetector,
-    candidate_secrets,
     canary_rank,
+    candidate_secrets,
     exposure,
     levenshtein,
     make_canary,

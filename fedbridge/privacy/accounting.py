@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants import PRVAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.rdp import RDPAccountant
 
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded

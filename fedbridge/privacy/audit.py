@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,52 +35,25 @@ from fedbridge.models.generation import Prompt
 from fedbridge.models.loading import load_llm
 from fedbridge.privacy.canaries import (
     Canary,
+    CanarySetup,
     CopyDetector,
     canary_rank,
-    candidate_secrets,
     exposure,
-    make_canary,
     min_normalized_levenshtein,
-    plant,
+    plant_canaries,
     verbatim_copy_rate,
 )
 from fedbridge.results import RunRecord
-from fedbridge.tasks import Examples, SiloData, load_federation, load_task, silo_from_file
+from fedbridge.tasks import SiloData, load_federation, load_task, silo_from_file
 
 RAW_KIND = "raw-examples(non-private)"  # contributions of a non-private upper bound: copies by design, not audited
 
 
-@dataclass(frozen=True)
-class CanarySetup:
-    """A planted canary's recipe (``social.canaries`` and ``social.canary-*``, which plant for any method, so FDKT and
-    CrossLM runs are audited the same way). Silos and auditors rebuild the canary from it and the seed alike."""
-
-    kind: str = "digits"  # digits: "My PIN code is NNNN." | name: "My secret contact is FIRST LAST."
-    copies: int = 1  # copies planted in each silo's training split
-    candidates: int = 999  # comparison secrets the canary is ranked against
-
-    def canary(self, seed: int) -> tuple[Canary, list[str]]:
-        """The run's canary and its comparison secrets."""
-        canary = make_canary(self.kind, seed=seed)
-        return canary, candidate_secrets(canary, self.candidates, seed=seed + 1)
-
-
 def canary_setup(cfg: ExperimentConfig) -> CanarySetup | None:
     """The canary a run planted, from its config; None when it planted none."""
-    from fedbridge.strategies.social import social_options  # imported here: the strategies import this module
+    from fedbridge.methods.social.config import social_options  # the canaries are social.canary-* keys today
 
     return social_options(cfg).canary_setup
-
-
-def plant_canaries(data: SiloData, setup: CanarySetup | None, seed: int, index: int) -> SiloData:
-    """Silo ``index``'s data with the run's canary planted into its training split (labelled with the silo's most
-    common label); unchanged without a setup. Silos and auditors call this, so both see the same data."""
-    if setup is None or not len(data.train):
-        return data
-    label = Counter(data.train.labels).most_common(1)[0][0]
-    texts, labels = plant(data.train.texts, data.train.labels, setup.canary(seed)[0], setup.copies, label,
-                          seed=f"plant-canary/{seed}/{index}")
-    return dataclasses.replace(data, train=Examples.of(texts, labels))
 
 
 def canary_report(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt, canary: Canary,

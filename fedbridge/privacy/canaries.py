@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.errors import ConfigError
 from fedbridge.models.generation import Prompt, continuation_logprobs, continuation_logprobs_shared
+from fedbridge.tasks import Examples, SiloData
 
 FIRST_NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi",
                "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tamar", "Umar", "Vera",
@@ -216,3 +218,29 @@ class CopyDetector:
 
     def copy_rate(self, texts: Sequence[str]) -> float:
         return sum(map(self.copies, texts)) / len(texts) if texts else 0.0
+
+
+@dataclass(frozen=True)
+class CanarySetup:
+    """A planted canary's recipe (``social.canaries`` and ``social.canary-*``, which plant for any method, so FDKT and
+    CrossLM runs are audited the same way). Silos and auditors rebuild the canary from it and the seed alike."""
+
+    kind: str = "digits"  # digits: "My PIN code is NNNN." | name: "My secret contact is FIRST LAST."
+    copies: int = 1  # copies planted in each silo's training split
+    candidates: int = 999  # comparison secrets the canary is ranked against
+
+    def canary(self, seed: int) -> tuple[Canary, list[str]]:
+        """The run's canary and its comparison secrets."""
+        canary = make_canary(self.kind, seed=seed)
+        return canary, candidate_secrets(canary, self.candidates, seed=seed + 1)
+
+
+def plant_canaries(data: SiloData, setup: CanarySetup | None, seed: int, index: int) -> SiloData:
+    """Silo ``index``'s data with the run's canary planted into its training split (labelled with the silo's most
+    common label); unchanged without a setup. Silos and auditors call this, so both see the same data."""
+    if setup is None or not len(data.train):
+        return data
+    label = Counter(data.train.labels).most_common(1)[0][0]
+    texts, labels = plant(data.train.texts, data.train.labels, setup.canary(seed)[0], setup.copies, label,
+                          seed=f"plant-canary/{seed}/{index}")
+    return replace(data, train=Examples.of(texts, labels))

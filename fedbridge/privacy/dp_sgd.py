@@ -135,7 +135,7 @@ def _with_lora(model: PreTrainedModel, cfg: DPSGDConfig) -> torch.nn.Module:
         return get_peft_model(model, lora)
 
 
-def _noise_only_step(optimizer: DPOptimizer) -> None:
+def noise_only_step(optimizer: DPOptimizer) -> None:
     """Step on an empty Poisson batch: HF models cannot run a batch of 0, but the step must still add noise
     and be counted, as the accountant assumes. Zero per-sample gradients make the update pure noise."""
     for p in optimizer.params:
@@ -165,7 +165,7 @@ def _run_epochs(module: torch.nn.Module, optimizer: torch.optim.Optimizer, loade
                 input_ids, mask = batch if len(batch) == 2 else (batch[0], torch.zeros_like(batch[0]))
                 optimizer.zero_grad(set_to_none=True)
                 if len(input_ids) == 0:
-                    _noise_only_step(optimizer)
+                    noise_only_step(optimizer)
                     loss = math.nan
                 else:
                     input_ids, mask = input_ids.to(device), mask.to(device)

@@ -63,8 +63,8 @@ def merge_options(options: dict, sets: dict) -> dict:
 
 def build_config(overrides: dict) -> ExperimentConfig:
     """Parse and check a run's config here, so bad input fails in seconds, not inside a simulation."""
+    from fedbridge.methods.registry import get_method
     from fedbridge.models.loading import check_model_spec
-    from fedbridge.strategies import get_method
     from fedbridge.tasks import load_federation
 
     cfg = ExperimentConfig.from_run_config({**ExperimentConfig().to_run_config(), **overrides})
@@ -166,7 +166,7 @@ def parse_sweeps(specs: list[str] | None) -> dict[str, list]:
 def sweep_grid(sweeps: dict[str, list], method: str) -> list[dict]:
     """The swept values that apply to ``method``: keys of another method's section (``fdkt.*`` for ``local``)
     leave it alone, so baselines run once per seed next to a method's sweep."""
-    from fedbridge.strategies import option_applies
+    from fedbridge.methods.registry import option_applies
 
     keys = [k for k in sweeps if option_applies(k, method)]
     return [dict(zip(keys, combo)) for combo in itertools.product(*(sweeps[k] for k in keys))]
@@ -277,8 +277,8 @@ def list_() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from fedbridge.methods.registry import METHODS
     from fedbridge.simulations.runner import ENGINES
-    from fedbridge.strategies import METHODS
     from fedbridge.tasks.partition import PARTITION_KINDS
     from fedbridge.tasks.task import BUILTIN_TASKS
 

@@ -95,7 +95,7 @@ RUN_KEYS = frozenset({"method", "seed", "run-name", "results-dir", "resume", "ti
 def group(records: Sequence[RunRecord], sweep_keys: Sequence[str] = ()) -> list[Row]:
     """Rows by method and the swept keys, and also by any other setting whose value differs between runs of one
     method, so that a table over a directory of mixed runs never averages different settings into one row."""
-    from fedbridge.strategies import option_applies
+    from fedbridge.methods.registry import option_applies
 
     def label(rec: RunRecord, key: str) -> str:  # fdkt.* says nothing about a local run, even if its config has it
         value = rec.config.get(key)

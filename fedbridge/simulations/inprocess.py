@@ -1,7 +1,8 @@
 """A Grid that delivers messages straight to a ClientApp in this process: no Ray, no SuperLink.
 
 For tests and quick runs. It behaves like Flower's runtime where methods can tell: message ids, replies
-that carry errors when a handler raises, TTL, and asynchronous delivery (handlers run on worker threads).
+that carry errors when a handler raises, and asynchronous delivery (handlers run on worker threads). It does not
+expire messages: a method's own deadline (CrossLM's TTL, ``timeout``) is what drops a silent silo here.
 """
 
 from __future__ import annotations

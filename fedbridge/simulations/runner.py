@@ -18,8 +18,8 @@ from pathlib import Path
 
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import FedbridgeError
+from fedbridge.methods.base import default_run_name
 from fedbridge.results import RunRecord
-from fedbridge.strategies.base import default_run_name
 
 ENGINES = ("simulation", "inprocess")
 # Run in this environment: without the second variable, a local SuperLink builds a fresh env per run with

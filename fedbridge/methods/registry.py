@@ -1,14 +1,14 @@
-"""fedbridge methods, by name. A method is a ``Method`` subclass; add one here to make it runnable."""
+"""fedbridge methods, by name (the server side). A method is a ``Method`` subclass; add one here to make it runnable."""
 
 from fedbridge.errors import ConfigError
-from fedbridge.strategies.base import Method, Session
-from fedbridge.strategies.centralized import Centralized
-from fedbridge.strategies.crosslm import CrossLM
-from fedbridge.strategies.fdkt import FDKT
-from fedbridge.strategies.fedavg import FedAvg
-from fedbridge.strategies.local import Local
-from fedbridge.strategies.social import SocialLearning
-from fedbridge.strategies.zero_shot import LLMZeroShot
+from fedbridge.methods.base import Method, Session
+from fedbridge.methods.centralized.server import Centralized
+from fedbridge.methods.crosslm.server import CrossLM
+from fedbridge.methods.fdkt.server import FDKT
+from fedbridge.methods.fedavg.server import FedAvg
+from fedbridge.methods.local.server import Local
+from fedbridge.methods.social.server import SocialLearning
+from fedbridge.methods.zero_shot.server import LLMZeroShot
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, FedAvg, Centralized, LLMZeroShot, FDKT, CrossLM,
                                                         SocialLearning)}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from fedbridge import protocol as p
-from fedbridge.strategies.base import Method, Session, mean_over_silos
+from fedbridge.methods.base import Method, Session, mean_over_silos
 
 
 class Local(Method):
     name = "local"
     description = "each silo trains only on its own data (no knowledge transfer)"
+    dp_slm = True
 
     def run(self, session: Session) -> None:
         with session.phase("silo-train-eval"):

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord
 
-from fedbridge.models.loading import load_slm
 from fedbridge.config import ExperimentConfig
+from fedbridge.methods.base import Method, Session
+from fedbridge.methods.fedavg.server import evaluate_shared_model, single_slm_spec
+from fedbridge.models.loading import load_slm
 from fedbridge.models.slm import SLM, TrainStats, train_classifier, validation_split
-from fedbridge.strategies.base import Method, Session
-from fedbridge.strategies.fedavg import evaluate_shared_model, single_slm_spec
 from fedbridge.tasks import Federation, load_federation
 
 

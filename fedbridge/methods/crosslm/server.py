@@ -35,7 +35,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,13 +46,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
+from fedbridge.methods.base import POLL_SECONDS, Method, Session, mean_over_silos
+from fedbridge.methods.crosslm.config import CHECKPOINT_STEP, SERVER_ENHANCE_EPOCHS, CrossLMConfig
+from fedbridge.methods.fdkt.server import deduplicate, parse_generation
 from fedbridge.models.embedding import embed
 from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
 from fedbridge.models.llm_classifier import label_probabilities
 from fedbridge.models.loading import ModelSpecError, load_llm, load_slm
 from fedbridge.models.reward import (
-    AGGREGATIONS,
-    LLMUpdateConfig,
     RewardTrainer,
     ScoredExample,
     aggregate,
@@ -62,81 +63,9 @@ from fedbridge.models.reward import (
     rewards_from_probabilities,
 )
 from fedbridge.models.slm import SLM, predict_proba, train_classifier
-from fedbridge.strategies.base import POLL_SECONDS, Method, Session, mean_over_silos
-from fedbridge.strategies.fdkt import deduplicate, parse_generation
 from fedbridge.tasks import Examples, Task, classification_metrics
 
 log = logging.getLogger(__name__)
-MODES, SCORE_ON, TARGETS = ("async", "sync"), ("silo", "server"), ("hard", "soft")
-SERVER_ENHANCE_EPOCHS = 2  # score-on=server with enhance-epochs=0: the server has no validation split to stop on
-CHECKPOINT_STEP = "crosslm"  # the one checkpoint step, rewritten after every silo's step
-
-
-@dataclass(frozen=True)
-class CrossLMConfig:
-    mode: str = "async"  # async | sync (every step waits for every silo; for comparison)
-    score_on: str = "silo"  # silo: only probabilities leave silos | server: silos upload SLM weights (weaker privacy)
-    rounds: int = 2  # score -> enhance rounds per silo
-    ttl: float = 0.0  # seconds one message may take to come back; 0 = the run's `timeout`
-    # generation
-    per_label: int = 8  # examples the LLM writes per label for each batch
-    temperature: float = 0.9
-    top_p: float = 0.95
-    max_new_tokens: int = 48
-    min_words: int = 5
-    near_duplicate: float = 0.8  # character 5-gram Jaccard at or above which a text is a duplicate
-    # rewards
-    aggregate: str = "median"  # mean | median | trimmed-mean, over the silos that scored a batch
-    trim: float = 0.25  # trimmed-mean: floor(trim * silos) values cut from each end, at least 1 from 3 silos on
-    min_scorers: int = 3  # a batch updates the LLM only once this many silos (or all live ones, if fewer) scored it
-    max_staleness: int = 4  # rewards on a batch written more than this many LLM updates ago do not update the LLM
-    # LLM update: LoRA with quality + task + KL loss (fedbridge.models.reward)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,v_proj"  # comma list of module names, or all-linear
-    lora_lr: float = 5e-4
-    lora_steps: int = 2  # optimizer steps per LLM update (sync: x the updates async would make, in one)
-    lora_batch_size: int = 4
-    lora_max_length: int = 160
-    quality_weight: float = 1.0  # γ_quality: reward-weighted likelihood (r > 0) / unlikelihood (r < 0)
-    task_weight: float = 1.0  # γ_task: the label of approved (r > 0) examples under the classification prompt
-    kl_weight: float = 1.0  # γ_kl: KL(LLM ‖ original) on the same tokens; 0 = no leash (ablation)
-    # SLM enhancement
-    select_max: int = 24  # examples sent to a silo per round
-    min_reward: float = 0.0  # only examples whose combined reward is above this
-    diversity: float = 0.5  # MMR weight on MiniLM cosine similarity to examples already chosen; 0 = by reward only
-    targets: str = "hard"  # hard: the LLM's intended labels | soft: the silos' combined probabilities (distillation)
-    enhance_epochs: int = 0  # 0 = the silo's SLM recipe (epoch chosen on its private validation split); server: 2
-    synthetic_weight: float = 1.0
-    with_private: bool = True  # score-on=silo: fine-tune on private + selected examples; false = the paper's step 5
-    # (selected examples only), which erased what a silo had learned in every measurement (README "CrossLM")
-    # evaluation
-    llm_eval_examples: int = 100  # global-test examples for the LLM's label-scoring accuracy (0 = all)
-    ppl_passages: int = 0  # general-text passages for perplexity (0 = all)
-    ppl_max_tokens: int = 128
-    general_text: str = ""  # text file of passages separated by blank lines; "" = text bundled in scikit-learn
-
-    def __post_init__(self) -> None:
-        for key, value, allowed in (("mode", self.mode, MODES), ("score-on", self.score_on, SCORE_ON),
-                                    ("aggregate", self.aggregate, AGGREGATIONS), ("targets", self.targets, TARGETS)):
-            if value not in allowed:
-                raise ConfigError(f"Unknown crosslm.{key} '{value}'. Use one of: {', '.join(allowed)}.")
-        if self.rounds < 1 or self.per_label < 1 or self.min_scorers < 1 or self.max_staleness < 0:
-            raise ConfigError("crosslm.rounds, per-label and min-scorers must be >= 1, max-staleness >= 0.")
-        if not 0.0 <= self.trim < 0.5:
-            raise ConfigError(f"crosslm.trim must be in [0, 0.5), got {self.trim}.")
-        if min(self.quality_weight, self.task_weight, self.kl_weight) < 0:
-            raise ConfigError("crosslm loss weights (quality-weight, task-weight, kl-weight) must be >= 0.")
-
-    def update_config(self) -> LLMUpdateConfig:
-        return LLMUpdateConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                               targets=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()),
-                               lr=self.lora_lr, batch_size=self.lora_batch_size, max_length=self.lora_max_length,
-                               quality_weight=self.quality_weight, task_weight=self.task_weight,
-                               kl_weight=self.kl_weight)
-
-
 # ------------------------------------------------------------------ generation and selection
 
 STYLES = ("", "Keep it short.", "Write two or three sentences.", "Write it in the first person.",
@@ -262,13 +191,21 @@ class _Pending:
 class CrossLM(Method):
     name = "crosslm"
     description = "CrossLM: silo SLMs score LLM generations; LLM reward-trained (LoRA + KL), SLMs enhanced, async"
+    dp_slm = True
     note = "crosslm: silo scores of server-written text leave the silos without DP noise (no formal privacy guarantee)"
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         self.options = from_flat(CrossLMConfig, cfg.method_options, "crosslm")  # bad crosslm.* keys fail up front
+        if cfg.slm.private and self.options.with_private and self.options.score_on == "silo":
+            raise ConfigError("slm.dp-epsilon with crosslm.with-private=true would fine-tune each silo's DP SLM on its "
+                              "private data again every round. Set crosslm.with-private=false.")
+        if cfg.slm.private:
+            self.note = None  # the scores are post-processing of DP SLMs: the record's privacy field has their ε
 
     def non_private(self) -> tuple[str, ...]:
+        if self.cfg.slm.private:  # a DP SLM's scores and weights: post-processing
+            return ()
         return ("SLM scores", *(("SLM weights",) if self.options.score_on == "server" else ()))
 
     def run(self, session: Session) -> None:
@@ -416,10 +353,6 @@ class _Run:
         for message_id in self.session.push(message_type, {node: content}, round_, timeout=self.ttl):
             self.pending[message_id] = _Pending(node, message_type, round_, time.monotonic() + self.ttl)
 
-    def push_all(self, message_type: str, round_: int, content_for: Callable[[int], RecordDict]) -> None:
-        for node in sorted(self.live):
-            self.push(node, message_type, round_, content_for(node))
-
     def replies(self) -> Iterator[tuple[_Pending, RecordDict]]:
         """Yield (request, reply content) in arrival order until nothing is pending; requests pushed meanwhile
         are waited for too. Error replies, replies over the size cap or with malformed metrics, and expired
@@ -439,9 +372,11 @@ class _Run:
                 try:
                     p.check_size(reply.content, cap, size)
                     p.read_metrics(reply.content)
+                    dp_slm = p.read_slm_privacy(reply.content)
                 except p.ProtocolError as err:
                     self.drop(pend, f"rejected: {err}")
                     continue
+                self.session.note_slm_privacy(pend.node, dp_slm)
                 self.session.event(pend.node, "received", pend.message_type, pend.round)
                 arrived.append((pend, reply.content))
             now = time.monotonic()

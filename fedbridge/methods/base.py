@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from fedbridge import protocol as p
 from fedbridge.checkpoint import Checkpoint
 from fedbridge.config import ExperimentConfig
-from fedbridge.errors import SiloFailure
+from fedbridge.errors import ConfigError, SiloFailure
 from fedbridge.results import RunRecord, contributions_path
 from fedbridge.tasks import Examples, Task, load_federation, load_task
 
@@ -209,9 +209,11 @@ class Session:
                 try:
                     p.check_size(reply.content, max_bytes, size)
                     parsed = parse(reply.content)
+                    dp_slm = p.read_slm_privacy(reply.content)
                 except p.ProtocolError as err:
                     self.fail(node, message_type, round_, f"rejected: {err}")
                     continue
+                self.note_slm_privacy(node, dp_slm)
                 self.event(node, "received", message_type, round_)
                 yield node, parsed
             if pending:
@@ -236,6 +238,13 @@ class Session:
                   parse: Callable[[RecordDict], Any] = p.read_reply, max_bytes: int = p.MAX_REPLY_BYTES) -> dict:
         return self.exchange(message_type, {n: content for n in self.silos}, round_, parse=parse, max_bytes=max_bytes)
 
+    def note_slm_privacy(self, node_id: int, privacy: dict | None) -> None:
+        """Keep a DP-trained SLM's report (``protocol.read_slm_privacy``) as the silo's privacy entry: its ε is the
+        run's total for SLM training on that silo, the latest report's."""
+        if privacy:
+            self.record.privacy = self.record.privacy or {}
+            self.record.privacy[self.silo_name(node_id)] = {**privacy, "epsilon": privacy["epsilon-total"]}
+
     def no_silo_completed(self, step: str) -> SiloFailure:
         """The error that ends a run when no silo completed ``step``, with their reason when they share one (a model
         or data file every silo fails to load), so the user reads the cause, not a count."""
@@ -259,9 +268,16 @@ class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     note: ClassVar[str | None] = None  # a caveat every record of this method carries
+    dp_slm: ClassVar[bool] = False  # whether its silos can train a DP SLM (slm.dp-epsilon): what it shares is the
+    # SLM or its outputs, or (local) the SLM alone, to measure what DP costs
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
+        if cfg.slm.private and not self.dp_slm:
+            usable = ", ".join(sorted(m.name for m in Method.__subclasses__() if m.dp_slm))
+            raise ConfigError(f"slm.dp-epsilon={cfg.slm.dp_epsilon:g} applies to methods that share the SLM or its "
+                              f"outputs ({usable}); '{self.name}' releases other things, accounted by its own "
+                              "options. Set slm.dp-epsilon=inf.")
 
     def non_private(self) -> tuple[str, ...]:
         """What this method has silos release without DP (for example its SLM weights), labelled ε = ∞ in every

@@ -1,35 +1,33 @@
-"""Baseline ``fedavg``: identical SLMs averaged with Flower's own FedAvg strategy.
+"""Baseline ``fedavg``: identical SLMs averaged by one of Flower's own strategies (``fedavg.strategy``: FedAvg by
+default, or FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, their
+options in ``fedavg.strategy-options``), never re-implemented: fedbridge only hardens the round around it.
 
 Each round trains ``fedavg.local-epochs`` epochs per silo, so ``rounds`` x ``local-epochs`` epochs in all (the
 default, 10 x 5, is about what early stopping lets ``local`` train in head mode). Only what the SLM's mode trains
-is averaged and moved: the head (head mode), the LoRA adapters and head (lora), or every weight (full). Replies are validated before they are
-averaged (a bad one is a failure of its silo, not of the round), and the global weights are checkpointed after
-every round, so a resumed run continues with the next round.
+is averaged and moved: the head (head mode), the LoRA adapters and head (lora), or every weight (full). Replies are
+validated before the strategy aggregates them (a bad one is a failure of its silo, not of the round), and the global
+weights are checkpointed after every round, so a resumed run continues with the next round (a server optimizer's
+moments, FedAdam's for example, start afresh then).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+import flwr.serverapp.strategy as flower_strategies
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
 
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
+from fedbridge.methods.base import Method, Session, mean_over_silos
+from fedbridge.methods.fedavg.config import FedAvgConfig
 from fedbridge.models.loading import load_slm
 from fedbridge.models.slm import predict_proba
-from fedbridge.strategies.base import Method, Session, mean_over_silos
 from fedbridge.tasks import classification_metrics
-
-
-@dataclass(frozen=True)
-class FedAvgConfig:
-    local_epochs: int = 5  # epochs each silo trains per round (on all its private data: no validation split)
 
 
 def evaluate_shared_model(session: Session, arrays: ArrayRecord, round_: int) -> None:
@@ -54,14 +52,18 @@ def single_slm_spec(session: Session, method: str) -> str:
 
 class FedAvg(Method):
     name = "fedavg"
-    description = "identical SLMs trained with Flower's FedAvg"
+    description = "identical SLMs averaged by a Flower strategy (fedavg.strategy: FedAvg, FedProx, FedAdam, Krum, ...)"
+    dp_slm = True
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         self.options = from_flat(FedAvgConfig, cfg.method_options, "fedavg")
+        if cfg.slm.private and self.options.options().get("proximal_mu", 0.0):
+            raise ConfigError("FedProx's proximal term is not clipped per example, so it cannot train a DP SLM "
+                              "(slm.dp-epsilon). Use another fedavg.strategy, or proximal_mu=0.")
 
     def non_private(self) -> tuple[str, ...]:
-        return ("SLM weights",)
+        return () if self.cfg.slm.private else ("SLM weights",)  # a DP SLM's weights: post-processing
 
     def run(self, session: Session) -> None:
         cfg, ckpt = self.options, session.checkpoint
@@ -71,8 +73,9 @@ class FedAvg(Method):
         arrays = ArrayRecord(ckpt.load_arrays(f"global-round-{done}") if done else model.trainable_state())
         if done < self.cfg.rounds:
             n = len(session.silos)
-            strategy = _CheckedFedAvg(session, done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
-                                      min_available_nodes=n, arrayrecord_key=p.ARRAYS, configrecord_key=p.CONFIG)
+            strategy = checked(cfg.strategy)(session, done, fraction_train=1.0, fraction_evaluate=0.0,
+                                             min_train_nodes=n, min_available_nodes=n, arrayrecord_key=p.ARRAYS,
+                                             configrecord_key=p.CONFIG, **cfg.options())
             with session.phase("federated-training"):
                 arrays = strategy.start(grid=session.grid, initial_arrays=arrays, num_rounds=self.cfg.rounds - done,
                                         timeout=self.cfg.timeout,
@@ -82,16 +85,23 @@ class FedAvg(Method):
         evaluate_shared_model(session, arrays, round_=self.cfg.rounds + 1)
 
 
-TRAIN_METRICS = ("num-examples", "train.seconds", "train.examples", "train.loss")  # a FedAvg train reply's metrics
+TRAIN_METRICS = ("num-examples",)  # what a FedAvg train reply must carry; a silo that lets details leave adds
+TRAIN_LOSS = "train.loss"  # ... its last training loss, averaged over the silos that sent one
 
 
-class _CheckedFedAvg(FlowerFedAvg):
-    """Flower's FedAvg, hardened for fedbridge:
+def checked(name: str) -> type[Strategy]:
+    """Flower's strategy ``name`` with fedbridge's checks around its rounds (``_Checked``)."""
+    return type(f"Checked{name}", (_Checked, getattr(flower_strategies, name)), {})
+
+
+class _Checked:
+    """A mixin that hardens any of Flower's weight strategies for fedbridge (``checked``):
     - only the run's silos train (Flower would sample every connected node, also one that failed discovery);
     - rounds continue after ``rounds_done`` (a resumed run) and tag each message's group id, so bytes meter by round;
     - each reply is validated (the global model's keys, shapes and dtypes, finite weights, TRAIN_METRICS with at
       least one example); an invalid, erroring or missing reply is recorded as a failure of that silo, and the
       round averages the others (Flower's own check would abort the round, and NaN weights would poison it);
+    - the strategy aggregates only the valid replies, each trimmed to its weights and example count;
     - after each round: the train loss and the silos averaged go to the record, the global weights to the checkpoint.
     """
 
@@ -131,7 +141,7 @@ class _CheckedFedAvg(FlowerFedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
         session, round_ = self.session, server_round + self.rounds_done
-        valid: dict[int, RecordDict] = {}
+        valid: dict[int, tuple[Message, ArrayRecord, dict]] = {}
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}  # the grid set the ids
         for reply in replies:
             # by the message it answers: the SuperLink's own error replies (node unavailable) come from node 1
@@ -146,22 +156,35 @@ class _CheckedFedAvg(FlowerFedAvg):
                 arrays = p.read_arrays(reply.content, p.ARRAYS, like=self._global)
                 metrics = p.read_metrics(reply.content, required=TRAIN_METRICS)
                 p.read_number(metrics, "num-examples", low=1, integer=True)
+                dp_slm = p.read_slm_privacy(reply.content)
             except p.ProtocolError as err:
                 session.fail(node, p.TRAIN_FEDAVG, round_, f"rejected: {err}")
                 continue
+            session.note_slm_privacy(node, dp_slm)
             session.event(node, "received", p.TRAIN_FEDAVG, round_)
-            # only what averaging reads: an extra record or metric from one silo would make Flower abort the round
-            valid[node] = RecordDict({p.ARRAYS: arrays,
-                                      p.METRICS: MetricRecord({k: metrics[k] for k in TRAIN_METRICS})})
+            valid[node] = (reply, arrays, metrics)
         for node in self._waiting:
             session.fail(node, p.TRAIN_FEDAVG, round_, f"no reply within {session.cfg.timeout:.0f} s")
         if not valid:
             raise session.no_silo_completed(f"FedAvg round {round_}")
-        arrays = aggregate_arrayrecords(list(valid.values()), self.weighted_by_key)
-        metrics = self.train_metrics_aggr_fn(list(valid.values()), self.weighted_by_key)
-        session.record.server_metrics.update({f"round-{round_}.train-loss": float(metrics["train.loss"]),
-                                              f"round-{round_}.silos": len(valid)})
+        # only what aggregation reads: an extra record or metric from one silo would make Flower abort the round; a
+        # record of its own (some strategies, FedMedian for one, empty the records they aggregate)
+        requests = {m.metadata.message_id: m for m in self._sent}
+        trimmed = [Message(RecordDict({p.ARRAYS: ArrayRecord(dict(arrays.items())), p.METRICS: MetricRecord(
+            {k: metrics[k] for k in TRAIN_METRICS})}), reply_to=requests[reply.metadata.reply_to_message_id])
+            for reply, arrays, metrics in valid.values()]
+        arrays, _ = super().aggregate_train(server_round, trimmed)
+        if arrays is None:
+            raise session.no_silo_completed(f"FedAvg round {round_} ({type(self).__name__} aggregated nothing)")
+        # a server optimizer (FedAdam, FedYogi, FedAdagrad) computes in float64: the model's dtypes go back out
+        arrays = ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=self._global[k].numpy().dtype))
+                              for k, v in arrays.items()})
+        losses = [(m["num-examples"], m[TRAIN_LOSS]) for _, _, m in valid.values() if TRAIN_LOSS in m]
+        session.record.server_metrics[f"round-{round_}.silos"] = len(valid)
+        if losses:
+            weights, values = np.array(losses, dtype=float).T
+            session.record.server_metrics[f"round-{round_}.train-loss"] = float(weights @ values / weights.sum())
         session.checkpoint.save_arrays(f"global-round-{round_}", arrays)
         session.checkpoint.complete(f"round-{round_}", silos=sorted(session.silo_name(n) for n in valid))
         session.checkpoint.delete(f"global-round-{round_ - 1}")
-        return arrays, metrics
+        return arrays, MetricRecord()

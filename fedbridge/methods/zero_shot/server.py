@@ -6,9 +6,9 @@ The global test set is scored on the server; each silo scores its own test split
 from __future__ import annotations
 
 from fedbridge import protocol as p
+from fedbridge.methods.base import Method, Session, mean_over_silos
 from fedbridge.models.llm_classifier import label_probabilities
 from fedbridge.models.loading import load_llm
-from fedbridge.strategies.base import Method, Session, mean_over_silos
 from fedbridge.tasks import classification_metrics
 
 

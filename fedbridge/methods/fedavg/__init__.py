@@ -1,0 +1,1 @@
+"""Baseline ``fedavg``: weight sharing with any of Flower's strategies."""

@@ -1,0 +1,1 @@
+"""Social Learning (Mohtashami et al. 2023): teachers share instructions or synthetic examples."""

@@ -1,0 +1,1 @@
+"""Baseline ``llm-zero-shot``."""

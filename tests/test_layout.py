@@ -1,0 +1,83 @@
+"""The package's shape, from its own imports: no import loop anywhere in fedbridge/, and the silo side (the ClientApp
+and everything it imports) imports no server module, so a SuperNode never loads the server's methods."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fedbridge"
+SERVER_SIDE = ("fedbridge.server_app", "fedbridge.methods.base", "fedbridge.methods.registry")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(packages: bool = False) -> nx.DiGraph:
+    """fedbridge module -> the fedbridge modules it imports (at the top or inside a function: both load it); with
+    ``packages``, also each enclosing package's ``__init__``, which importing the module runs (not a loop when that
+    ``__init__`` re-exports the module, so the loop check leaves these edges out)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(modules)
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target.startswith("fedbridge") and target != name:
+                    graph.add_edge(name, target)
+    for name in modules if packages else ():  # importing a.b.c runs a/__init__ and a/b/__init__
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            parent = ".".join(parts[:i])
+            if parent in modules and parent != name:
+                graph.add_edge(name, parent)
+    return graph
+
+
+def is_server_module(name: str) -> bool:
+    return name in SERVER_SIDE or (name.startswith("fedbridge.methods.") and name.endswith(".server"))
+
+
+def test_fedbridge_has_no_import_loop():
+    loops = list(nx.simple_cycles(import_graph()))
+    assert not loops, f"import loops: {loops[:5]}"
+
+
+def test_the_clientapp_imports_no_server_module():
+    graph = import_graph(packages=True)
+    reached = nx.descendants(graph, "fedbridge.client_app") | {"fedbridge.client_app"}
+    server = sorted(m for m in reached if is_server_module(m))
+    assert not server, f"the ClientApp side reaches server modules: {server}"
+    assert {"fedbridge.methods.fdkt.silo", "fedbridge.methods.crosslm.silo", "fedbridge.methods.social.silo"} <= reached
+
+
+def test_the_graph_sees_what_a_module_imports():
+    # guards the guard: the server does import every method's server module, also through a function-level import
+    graph = import_graph()
+    assert graph.has_edge("fedbridge.methods.registry", "fedbridge.methods.crosslm.server")
+    assert graph.has_edge("fedbridge.privacy.audit", "fedbridge.methods.social.config")  # inside canary_setup
+    assert is_server_module("fedbridge.methods.fdkt.server") and not is_server_module("fedbridge.methods.fdkt.silo")
+
+
+def test_each_method_is_one_folder_with_its_server_side():
+    from fedbridge.methods.registry import METHODS
+
+    for method in METHODS.values():
+        module = method.__module__
+        assert module.startswith("fedbridge.methods.") and module.endswith(".server"), module
