@@ -21,7 +21,8 @@ import fedbridge.methods.fdkt.server as fdkt
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.methods.fdkt import silo as fdkt_silo
-from fedbridge.methods.fdkt.server import deduplicate, llm_filter, parse_generation, parse_kept_indices
+from fedbridge.methods.fdkt.server import llm_filter, parse_kept_indices
+from fedbridge.methods.text import deduplicate, parse_generation
 from fedbridge.models.generation import GenerationStats
 from fedbridge.models.loading import byte_tokenizer
 from fedbridge.privacy import (

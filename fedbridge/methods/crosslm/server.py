@@ -48,7 +48,7 @@ from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
 from fedbridge.methods.base import POLL_SECONDS, Method, Session, mean_over_silos
 from fedbridge.methods.crosslm.config import CHECKPOINT_STEP, SERVER_ENHANCE_EPOCHS, CrossLMConfig
-from fedbridge.methods.fdkt.server import deduplicate, parse_generation
+from fedbridge.methods.text import deduplicate, parse_generation
 from fedbridge.models.embedding import embed
 from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
 from fedbridge.models.llm_classifier import label_probabilities

@@ -27,6 +27,7 @@ from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.methods.base import Method, Session, mean_over_silos
 from fedbridge.methods.fdkt.config import FDKTConfig
+from fedbridge.methods.text import deduplicate, parse_generation
 from fedbridge.models.embedding import embed
 from fedbridge.models.generation import GenerationStats, SamplingConfig, generate
 from fedbridge.models.llm_classifier import label_probabilities
@@ -35,38 +36,10 @@ from fedbridge.tasks import Examples, Task
 
 # ------------------------------------------------------------------ text utilities
 
-def _shingles(text: str, n: int = 5) -> set[str]:
-    t = " ".join(text.lower().split())
-    return {t[i:i + n] for i in range(max(1, len(t) - n + 1))}
-
-
-def deduplicate(candidates: list[str], against: list[str], threshold: float) -> list[int]:
-    """Indices of candidates that are neither exact nor near copies (5-gram Jaccard >= threshold) of a text in
-    ``against`` or of an earlier kept candidate."""
-    seen = [_shingles(t) for t in against]
-    kept = []
-    for i, text in enumerate(candidates):
-        s = _shingles(text)
-        if all(len(s & o) / max(1, len(s | o)) < threshold for o in seen):
-            kept.append(i)
-            seen.append(s)
-    return kept
-
-
 def parse_kept_indices(answer: str, n: int) -> list[int] | None:
     """Numbers 1..n in the LLM's answer, as 0-based indices; None when it names none (keep everything then)."""
     found = sorted({int(m) - 1 for m in re.findall(r"\d+", answer) if 1 <= int(m) <= n})
     return found or None
-
-
-_LEADS = re.compile(r"^\s*(?:here(?:'s| is)[^:\n]*:|(?:new\s+)?(?:review|example|text|tweet|sms)\s*\d*\s*:)\s*", re.I)
-
-
-def parse_generation(text: str) -> str:
-    """The example itself: first paragraph, without a lead-in like 'Review:' and without wrapping quotes."""
-    text = _LEADS.sub("", text.strip())
-    text = text.split("\n\n")[0].strip()
-    return text.strip('"“”').strip()
 
 
 # ------------------------------------------------------------------ server pipeline

@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedbridge.errors import ConfigError
+from fedbridge.methods.text import jaccard, shingles
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class BalancedAggregator(Aggregator):
         std = scores.std(axis=1, keepdims=True)
         z = (scores - scores.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
         consensus = z.mean(axis=0)
-        shingles = [_shingles(c.text) for c in candidates]
+        grams = [shingles(c.text) for c in candidates]
         left, picked = set(range(len(candidates))), []
         served: dict[int | None, int] = {c.label: 0 for c in candidates}
         while left and len(picked) < n:
@@ -95,7 +96,7 @@ class BalancedAggregator(Aggregator):
             label = min(open_labels, key=lambda y: (served[y], -1 if y is None else y))
 
             def value(i: int) -> float:
-                similarity = max((_jaccard(shingles[i], shingles[j]) for j in picked), default=0.0)
+                similarity = max((jaccard(grams[i], grams[j]) for j in picked), default=0.0)
                 return consensus[i] - self.diversity * similarity
 
             best = max((i for i in left if candidates[i].label == label), key=lambda i: (value(i), -i))
@@ -119,12 +120,3 @@ def _check(scores: np.ndarray | None, num_candidates: int) -> np.ndarray:
     if scores is None or scores.ndim != 2 or scores.shape[1] != num_candidates or not len(scores):
         raise ValueError(f"this aggregator needs a (teachers x {num_candidates}) score matrix from the vote round")
     return scores
-
-
-def _shingles(text: str, n: int = 5) -> set[str]:
-    t = " ".join(text.lower().split())
-    return {t[i:i + n] for i in range(max(1, len(t) - n + 1))}
-
-
-def _jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / max(1, len(a | b))
