@@ -131,7 +131,7 @@ def poison(reply: Message, scale: float) -> None:
     renormalised), everything else as it was."""
     content = reply.content
     if isinstance(content.get(p.ARRAYS), ArrayRecord):
-        content[p.ARRAYS] = ArrayRecord({k: Array(np.asarray(v.numpy() * scale, dtype=v.numpy().dtype))
+        content[p.ARRAYS] = ArrayRecord({k: Array((v.numpy() * scale).astype(v.dtype))
                                          for k, v in content[p.ARRAYS].items()})
     if p.SCORES in content:
         record = content[p.SCORES]

@@ -78,6 +78,10 @@ class MeteredGrid(Grid):
         return self._meter(self.inner.send_and_receive(self._meter(messages, "sent"), timeout=timeout), "received")
 
 
+class RejectedReply(Exception):
+    """A reply a method must not use: an error reply, or one over its size cap or that its parser refuses."""
+
+
 @dataclass
 class Session:
     """One run on the server: the silos, the global test set, metered messaging, phase timing, the record it
@@ -202,19 +206,11 @@ class Session:
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is None:
                     continue
-                size = self.grid.received_bytes.pop(reply.metadata.message_id, None)
-                if reply.has_error():
-                    self.fail(node, message_type, round_, reply.error.reason)
-                    continue
                 try:
-                    p.check_size(reply.content, max_bytes, size)
-                    parsed = parse(reply.content)
-                    dp_slm = p.read_slm_privacy(reply.content)
-                except p.ProtocolError as err:
-                    self.fail(node, message_type, round_, f"rejected: {err}")
+                    parsed = self.accept(node, reply, message_type, round_, parse, max_bytes)
+                except RejectedReply as rejected:
+                    self.fail(node, message_type, round_, str(rejected))
                     continue
-                self.note_slm_privacy(node, dp_slm)
-                self.event(node, "received", message_type, round_)
                 yield node, parsed
             if pending:
                 time.sleep(POLL_SECONDS)
@@ -238,12 +234,26 @@ class Session:
                   parse: Callable[[RecordDict], Any] = p.read_reply, max_bytes: int = p.MAX_REPLY_BYTES) -> dict:
         return self.exchange(message_type, {n: content for n in self.silos}, round_, parse=parse, max_bytes=max_bytes)
 
-    def note_slm_privacy(self, node_id: int, privacy: dict | None) -> None:
-        """Keep a DP-trained SLM's report (``protocol.read_slm_privacy``) as the silo's privacy entry: its ε is the
-        run's total for SLM training on that silo, the latest report's."""
-        if privacy:
+    def accept(self, node_id: int, reply: Message, message_type: str, round_: int,
+               parse: Callable[[RecordDict], Any] = p.read_reply, max_bytes: int = p.MAX_REPLY_BYTES) -> Any:
+        """The one check every reply passes before a method uses it (``replies``, FedAvg's rounds, CrossLM's loop):
+        not an error reply, within ``max_bytes``, accepted by ``parse``; a DP SLM's privacy report it carries
+        becomes the silo's privacy entry (its ε is the run's total for SLM training on that silo, the latest
+        report's). Returns ``parse(content)``, or raises ``RejectedReply`` with the reason to record."""
+        size = self.grid.received_bytes.pop(reply.metadata.message_id, None)
+        if reply.has_error():
+            raise RejectedReply(reply.error.reason)
+        try:
+            p.check_size(reply.content, max_bytes, size)
+            parsed = parse(reply.content)
+            dp_slm = p.read_slm_privacy(reply.content)
+        except p.ProtocolError as err:
+            raise RejectedReply(f"rejected: {err}") from None
+        if dp_slm:
             self.record.privacy = self.record.privacy or {}
-            self.record.privacy[self.silo_name(node_id)] = {**privacy, "epsilon": privacy["epsilon-total"]}
+            self.record.privacy[self.silo_name(node_id)] = {**dp_slm, "epsilon": dp_slm["epsilon-total"]}
+        self.event(node_id, "received", message_type, round_)
+        return parsed
 
     def no_silo_completed(self, step: str) -> SiloFailure:
         """The error that ends a run when no silo completed ``step``, with their reason when they share one (a model

@@ -258,6 +258,12 @@ def validation_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
     return sorted(fit.tolist()), sorted(val.tolist())
 
 
+def per_example_loss(logits: torch.Tensor, targets: torch.Tensor, soft: bool) -> torch.Tensor:
+    """Each example's cross-entropy: against its label id, or (``soft``) against a row of soft labels."""
+    return -(targets * F.log_softmax(logits, -1)).sum(-1) if soft else F.cross_entropy(logits, targets,
+                                                                                        reduction="none")
+
+
 def train_classifier(model: SLM, texts: Sequence[str], targets: Sequence[int] | np.ndarray,
                      cfg: SLMOptions = SLMOptions(), sample_weights: Sequence[float] | None = None, seed: int = 0,
                      progress: str | None = None, validation: tuple[Sequence[str], Sequence[int]] | None = None,
@@ -305,8 +311,7 @@ def train_classifier(model: SLM, texts: Sequence[str], targets: Sequence[int] | 
         for idx in torch.randperm(len(texts), generator=generator).split(cfg.batch_size):
             logits = model.head(inputs[idx]) if head_mode else model([texts[i] for i in idx])
             y = targets_t[idx].to(model.device)
-            per_example = (-(y * F.log_softmax(logits, -1)).sum(-1) if soft
-                           else F.cross_entropy(logits, y, reduction="none"))
+            per_example = per_example_loss(logits, y, soft)
             w = weights_t[idx].to(model.device)
             loss = (per_example * w).sum() / w.sum().clamp_min(1e-8)
             if start:

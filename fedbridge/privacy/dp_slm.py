@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import TensorDataset
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from fedbridge.errors import ConfigError
-from fedbridge.models.slm import SLM, SLMOptions, TrainStats
+from fedbridge.models.slm import SLM, SLMOptions, TrainStats, per_example_loss
 from fedbridge.privacy.accounting import PrivacyEvent
 from fedbridge.privacy.dp_sgd import noise_only_step
 from fedbridge.privacy.synthesis import privacy_generator
@@ -85,9 +84,8 @@ def dp_train_classifier(model: SLM, texts: Sequence[str], targets: Sequence[int]
                 else:
                     logits = head(features[idx])
                     y = targets_t[idx].to(model.device)
-                    per_example = (-(y * F.log_softmax(logits, -1)).sum(-1) if soft
-                                   else F.cross_entropy(logits, y, reduction="none"))
-                    loss = (per_example * weights_t[idx].to(model.device)).mean()  # the "mean" Opacus is told
+                    w = weights_t[idx].to(model.device)
+                    loss = (per_example_loss(logits, y, soft) * w).mean()  # the "mean" Opacus is told
                     loss.backward()
                     optimizer.step()
                     stats.final_loss = loss.item()

@@ -46,7 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
-from fedbridge.methods.base import POLL_SECONDS, Method, Session, mean_over_silos
+from fedbridge.methods.base import POLL_SECONDS, Method, RejectedReply, Session, mean_over_silos
 from fedbridge.methods.crosslm.config import CHECKPOINT_STEP, SERVER_ENHANCE_EPOCHS, CrossLMConfig
 from fedbridge.methods.text import deduplicate, parse_generation
 from fedbridge.models.embedding import embed
@@ -364,20 +364,12 @@ class _Run:
                 pend = self.pending.pop(reply.metadata.reply_to_message_id, None)
                 if pend is None:
                     continue
-                size = grid.received_bytes.pop(reply.metadata.message_id, None)
-                if reply.has_error():
-                    self.drop(pend, reply.error.reason)
-                    continue
                 cap = p.MAX_REPLY_BYTES if pend.message_type == p.UPLOAD else p.MAX_EXAMPLES_REPLY_BYTES
                 try:
-                    p.check_size(reply.content, cap, size)
-                    p.read_metrics(reply.content)
-                    dp_slm = p.read_slm_privacy(reply.content)
-                except p.ProtocolError as err:
-                    self.drop(pend, f"rejected: {err}")
+                    self.session.accept(pend.node, reply, pend.message_type, pend.round, p.read_reply, cap)
+                except RejectedReply as rejected:
+                    self.drop(pend, str(rejected))
                     continue
-                self.session.note_slm_privacy(pend.node, dp_slm)
-                self.session.event(pend.node, "received", pend.message_type, pend.round)
                 arrived.append((pend, reply.content))
             now = time.monotonic()
             for message_id, pend in list(self.pending.items()):

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
-from fedbridge.methods.base import Method, Session, mean_over_silos
+from fedbridge.methods.base import Method, RejectedReply, Session, mean_over_silos
 from fedbridge.methods.fedavg.config import FedAvgConfig
 from fedbridge.models.loading import load_slm
 from fedbridge.models.slm import predict_proba
@@ -142,26 +142,24 @@ class _Checked:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
         session, round_ = self.session, server_round + self.rounds_done
         valid: dict[int, tuple[Message, ArrayRecord, dict]] = {}
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}  # the grid set the ids
+        requests = {m.metadata.message_id: m for m in self._sent}  # the grid set the ids
+
+        def parse(content: RecordDict) -> tuple[ArrayRecord, dict]:
+            arrays = p.read_arrays(content, p.ARRAYS, like=self._global)
+            metrics = p.read_metrics(content, required=TRAIN_METRICS)
+            p.read_number(metrics, "num-examples", low=1, integer=True)
+            return arrays, metrics
+
         for reply in replies:
             # by the message it answers: the SuperLink's own error replies (node unavailable) come from node 1
-            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            request = requests.get(reply.metadata.reply_to_message_id)
+            node = request.metadata.dst_node_id if request else reply.metadata.src_node_id
             self._waiting.discard(node)
-            size = session.grid.received_bytes.pop(reply.metadata.message_id, None)
-            if reply.has_error():
-                session.fail(node, p.TRAIN_FEDAVG, round_, reply.error.reason)
-                continue
             try:
-                p.check_size(reply.content, p.MAX_REPLY_BYTES, size)
-                arrays = p.read_arrays(reply.content, p.ARRAYS, like=self._global)
-                metrics = p.read_metrics(reply.content, required=TRAIN_METRICS)
-                p.read_number(metrics, "num-examples", low=1, integer=True)
-                dp_slm = p.read_slm_privacy(reply.content)
-            except p.ProtocolError as err:
-                session.fail(node, p.TRAIN_FEDAVG, round_, f"rejected: {err}")
+                arrays, metrics = session.accept(node, reply, p.TRAIN_FEDAVG, round_, parse)
+            except RejectedReply as rejected:
+                session.fail(node, p.TRAIN_FEDAVG, round_, str(rejected))
                 continue
-            session.note_slm_privacy(node, dp_slm)
-            session.event(node, "received", p.TRAIN_FEDAVG, round_)
             valid[node] = (reply, arrays, metrics)
         for node in self._waiting:
             session.fail(node, p.TRAIN_FEDAVG, round_, f"no reply within {session.cfg.timeout:.0f} s")
@@ -169,7 +167,6 @@ class _Checked:
             raise session.no_silo_completed(f"FedAvg round {round_}")
         # only what aggregation reads: an extra record or metric from one silo would make Flower abort the round; a
         # record of its own (some strategies, FedMedian for one, empty the records they aggregate)
-        requests = {m.metadata.message_id: m for m in self._sent}
         trimmed = [Message(RecordDict({p.ARRAYS: ArrayRecord(dict(arrays.items())), p.METRICS: MetricRecord(
             {k: metrics[k] for k in TRAIN_METRICS})}), reply_to=requests[reply.metadata.reply_to_message_id])
             for reply, arrays, metrics in valid.values()]
@@ -177,8 +174,8 @@ class _Checked:
         if arrays is None:
             raise session.no_silo_completed(f"FedAvg round {round_} ({type(self).__name__} aggregated nothing)")
         # a server optimizer (FedAdam, FedYogi, FedAdagrad) computes in float64: the model's dtypes go back out
-        arrays = ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=self._global[k].numpy().dtype))
-                              for k, v in arrays.items()})
+        arrays = ArrayRecord({k: v if v.dtype == self._global[k].dtype else
+                              Array(v.numpy().astype(self._global[k].dtype)) for k, v in arrays.items()})
         losses = [(m["num-examples"], m[TRAIN_LOSS]) for _, _, m in valid.values() if TRAIN_LOSS in m]
         session.record.server_metrics[f"round-{round_}.silos"] = len(valid)
         if losses:
