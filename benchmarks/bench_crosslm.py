@@ -11,7 +11,7 @@ nothing). Writes benchmarks/results/crosslm.json (crosslm-quick.json with --quic
 - scoring: what a silo does for ``query.score`` (``Silo.score``: restore the kept SLM from the node state, then
   class probabilities): seconds and examples/s per request of one CrossLM batch (24 texts), the restore alone,
   and inference examples/s over many texts.
-- generation: one CrossLM batch written by the LLM (``write_examples``), examples/s and tokens/s.
+- generation: one CrossLM batch written by the LLM (``write_labelled``), examples/s and tokens/s.
 - LoRA step: ``RewardTrainer.step`` on 4 scored examples (quality + task sequences), mean seconds over the steps
   after a warm-up one, with KL (one extra forward pass of the same network, adapters disabled) and without.
   Each runs in a fresh process, so that one's allocator caches do not hide the other's memory; peak memory is the
@@ -28,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import random
 import statistics
 import threading
 import time
@@ -43,7 +44,7 @@ from flwr.app import ArrayRecord, RecordDict
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.methods.crosslm import silo as crosslm_silo
 from fedbridge.methods.crosslm.config import CrossLMConfig
-from fedbridge.methods.crosslm.server import generation_prompt, write_examples
+from fedbridge.methods.crosslm.server import crosslm_prompts, generation_prompt, write_labelled
 from fedbridge.methods.crosslm.silo import KEPT_SLM
 from fedbridge.models.generation import GenerationStats
 from fedbridge.models.loading import load_llm, load_slm
@@ -112,7 +113,8 @@ def bench_generation(spec: str, cfg: ExperimentConfig, options: CrossLMConfig) -
     task = load_task(cfg.task, cfg.seed)
     stats, counts = GenerationStats(), Counter()
     t0 = time.perf_counter()
-    examples = write_examples(model, tok, task, options, [], cfg.seed, cfg.llm.batch_size, stats, counts)
+    prompts, labels = crosslm_prompts(task, options.per_label, random.Random(cfg.seed))
+    examples = write_labelled(model, tok, prompts, labels, options, [], cfg.seed, cfg.llm.batch_size, stats, counts)
     seconds = time.perf_counter() - t0
     return {"spec": spec, "prompts": stats.prompts, "kept": len(examples), "max_new_tokens": options.max_new_tokens,
             "batch_size": cfg.llm.batch_size, "seconds": round(seconds, 2),

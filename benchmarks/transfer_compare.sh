@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 13's re-measurement of every method on the SLM recipe: FDKT's epsilon grid (1, 4, 8, inf x dp-fewshot,
-# dp-sgd) and CrossLM's grid (KL on / off, with-private) against local, fedavg and centralized, on drug-reviews
+# Issue 13's re-measurement of every method on the SLM recipe, and issue 14's pipeline beside FDKT and CrossLM:
+# FDKT's epsilon grid (1, 4, 8, inf x dp-fewshot, dp-sgd) and CrossLM's grid (KL on / off, with-private) against local, fedavg and centralized, on drug-reviews
 # (4 natural silos) and tweets (1,000 tweets, 4 Dirichlet(0.5) silos), seeds 0-2, Flower's simulation engine.
 # SLMs: MiniLM-L6 / MiniLM-L3 alternating (fedavg and centralized need one architecture: MiniLM-L6), the default
 # slm.* recipe. FDKT at reduced sizes (one DP demonstration per label per silo, 32 tokens, 2 groups, one pooled
@@ -22,6 +22,9 @@ for task in drug-reviews tweets; do  # the headline: local, FDKT at epsilon 4, C
   run "$task" --methods local,fdkt $MIXED $FDKT
   run "$task" --methods crosslm $MIXED
 done
+for task in drug-reviews tweets; do  # the pipeline: FDKT's DP demonstrations (same sizes) seed CrossLM's batches
+  run "$task" --methods pipeline $MIXED $FDKT
+done
 for task in drug-reviews tweets; do  # the baselines' ordering (one architecture: MiniLM-L6)
   run "$task" --methods fedavg,centralized
 done
@@ -29,16 +32,16 @@ for task in drug-reviews tweets; do  # the paper's step 5 alone, and what the sy
   run "$task" --methods crosslm --sweep crosslm.with-private=false $MIXED
   run "$task" --methods fdkt --sweep fdkt.epsilon=inf $MIXED $FDKT
 done
-for task in drug-reviews tweets; do  # the other mechanism at 4; KL off
-  run "$task" --methods fdkt --sweep fdkt.epsilon=4 $MIXED $FDKT $DPSGD
+for task in drug-reviews tweets; do  # KL off; FDKT's noise levels around 4
   run "$task" --methods crosslm --sweep crosslm.kl-weight=0 $MIXED
-done
-for task in drug-reviews tweets; do
   run "$task" --methods fdkt --sweep fdkt.epsilon=1,8 $MIXED $FDKT
-  run "$task" --methods fdkt --sweep fdkt.epsilon=1,8,inf $MIXED $FDKT $DPSGD
 done
 for task in drug-reviews tweets; do  # how the gain grows with the synthetic examples a silo gets (epsilon 4)
   run "$task" --methods fdkt --sweep fdkt.augment-per-label=2,32 $MIXED $FDKT
+done
+for task in drug-reviews tweets; do  # the other mechanism (the slowest runs, so last)
+  run "$task" --methods fdkt --sweep fdkt.epsilon=4 $MIXED $FDKT $DPSGD
+  run "$task" --methods fdkt --sweep fdkt.epsilon=1,8,inf $MIXED $FDKT $DPSGD
 done
 for task in drug-reviews tweets; do  # one table per task over all of it; what the server sent, judged
   .venv/bin/fedbridge compare --only-aggregate --sweep fdkt.epsilon=1,4,8,inf --out "$OUT/$task"

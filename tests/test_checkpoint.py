@@ -87,7 +87,7 @@ def attempt(tmp_path: Path, name: str, resume: bool = False, crosslm_options: di
     each attempt is a new Flower run: fresh node contexts, fresh node ids seen by the server."""
     method = name.split("-")[0]
     options = {"fdkt": FAST_FDKT, "fedavg": {"rounds": 3, "task.max-examples": 60}, "crosslm": FAST_CROSSLM,
-               "social": SOCIAL_RESUMED}[method]
+               "social": SOCIAL_RESUMED, "pipeline": {**FAST_FDKT, **FAST_CROSSLM}}[method]
     options = {**options, **(crosslm_options or {})}
     cfg = prepare(tiny_config(tmp_path, method=method, run_name=name, resume=resume, **options))
     silos = [{"partition-id": i, "num-partitions": 2, "state-dir": str(tmp_path / "silos"), "noise-seed": 0}

@@ -35,3 +35,16 @@ def test_crosslm_on_the_simulation_engine(tmp_path):
     assert len(steps) == server["crosslm.llm-steps"] and "quality" in json.loads(steps[0])
     by_type = on_disk.communication["by_message_type"]
     assert by_type[p.SCORE]["received"] > 0 and by_type[p.ENHANCE]["sent"] > 0 and p.UPLOAD not in by_type
+
+
+def test_the_pipeline_on_the_simulation_engine(tmp_path):
+    """DP demonstrations, seeded batches, scores and enhancements across Ray actors: the silos' demonstrations
+    arrive before their private training, and each silo ends enhanced twice."""
+    from test_fdkt import FAST as FAST_FDKT
+
+    on_disk = simulate(tmp_path, "pipeline", {**FAST_FDKT, **FAST})
+    assert on_disk.server_metrics["crosslm.seeded-batches"] == on_disk.server_metrics["crosslm.batches"] == 2
+    for silo in ("silo-0", "silo-1"):
+        processed = [e["message_type"] for e in on_disk.timelines[silo] if e["event"] == "processed"]
+        assert processed[:2] == [p.SYNTHESIZE, p.TRAIN_PRIVATE] and processed.count(p.ENHANCE) == 2
+        assert 0 < on_disk.privacy[silo]["epsilon-dp"] <= 4.0

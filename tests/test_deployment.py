@@ -169,6 +169,24 @@ def test_a_method_runs_end_to_end_with_uploads_far_above_flowers_chunk_size(depl
 
 
 @pytest.mark.slow
+def test_the_pipeline_runs_deployed_with_each_silo_on_its_own_file(deployment, tmp_path):
+    """DP demonstrations from each SuperNode's own file seed the server's batches; scores and enhancements go
+    over TLS like every other message."""
+    from test_crosslm import FAST as FAST_CROSSLM
+    from test_fdkt import FAST as FAST_FDKT
+
+    cfg = config(deployment, tmp_path, method="pipeline", run_name="deployed-pipeline",
+                 **{**FAST_FDKT, **FAST_CROSSLM, "timeout": 300.0})
+    record = deployment.run(cfg)
+    assert record.status == "ok" and record.failures == [] and record.method == "pipeline"
+    assert record.server_metrics["crosslm.seeded-batches"] == record.server_metrics["crosslm.batches"] == 2
+    for i in range(len(ROWS)):
+        metrics = record.silo_metrics[f"silo-{i}"]
+        assert metrics["synth.examples"] > 0 and 0.0 <= metrics["round-2.global-test.accuracy"] <= 1.0
+        assert 0 < record.privacy[f"silo-{i}"]["epsilon-dp"] <= 4.0
+
+
+@pytest.mark.slow
 def test_an_unregistered_supernode_is_refused(deployment):
     deployment.script("make_supernode_keys.sh", str(deployment.workdir / "unregistered"), "intruder")
     before = {n["node-id"] for n in deployment.nodes()}

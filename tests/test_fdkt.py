@@ -17,11 +17,11 @@ import torch
 from conftest import tiny_config, wire_strings
 from flwr.app import ArrayRecord, Message
 
-import fedbridge.methods.fdkt.server as fdkt
+import fedbridge.methods.seeding as seeding
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.methods.fdkt import silo as fdkt_silo
-from fedbridge.methods.fdkt.server import llm_filter, parse_kept_indices
+from fedbridge.methods.seeding import llm_filter, parse_kept_indices
 from fedbridge.methods.text import deduplicate, parse_generation
 from fedbridge.models.generation import GenerationStats
 from fedbridge.models.loading import byte_tokenizer
@@ -138,7 +138,7 @@ TEXTS = [  # 8 distinct texts: k = ceil(8/4) = 2 clusters, one LLM question each
 
 
 def fake_llm(monkeypatch, answer_for):
-    """Replace the server LLM in fdkt with ``answer_for(listed texts) -> answer``; returns the listings asked."""
+    """Replace the server LLM of the demonstration filter with ``answer_for(listed texts) -> answer``; returns the listings asked."""
     asked: list[list[str]] = []
 
     def generate(model, tok, prompts, sampling, *args, **kwargs):
@@ -150,7 +150,7 @@ def fake_llm(monkeypatch, answer_for):
             answers.append(answer_for(listing))
         return answers, GenerationStats(prompts=len(prompts))
 
-    monkeypatch.setattr(fdkt, "generate", generate)
+    monkeypatch.setattr(seeding, "generate", generate)
     return asked
 
 

@@ -278,6 +278,8 @@ class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     note: ClassVar[str | None] = None  # a caveat every record of this method carries
+    sections: ClassVar[tuple[str, ...]] = ()  # the config sections it reads besides its own (``fdkt`` for a method
+    # built on FDKT's demonstrations)
     dp_slm: ClassVar[bool] = False  # whether its silos can train a DP SLM (slm.dp-epsilon): what it shares is the
     # SLM or its outputs, or (local) the SLM alone, to measure what DP costs
 

@@ -7,11 +7,12 @@ from fedbridge.methods.crosslm.server import CrossLM
 from fedbridge.methods.fdkt.server import FDKT
 from fedbridge.methods.fedavg.server import FedAvg
 from fedbridge.methods.local.server import Local
+from fedbridge.methods.pipeline.server import Pipeline
 from fedbridge.methods.social.server import SocialLearning
 from fedbridge.methods.zero_shot.server import LLMZeroShot
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, FedAvg, Centralized, LLMZeroShot, FDKT, CrossLM,
-                                                        SocialLearning)}
+                                                        SocialLearning, Pipeline)}
 
 
 def get_method(name: str) -> type[Method]:
@@ -23,8 +24,8 @@ def get_method(name: str) -> type[Method]:
 def option_applies(key: str, method: str) -> bool:
     """Whether a config key concerns ``method``: a key in another method's section (``fdkt.*`` for ``local``) says
     nothing about it. ``method`` may carry a variant after a space ('social voting')."""
-    section = key.split(".")[0]
-    return section not in METHODS or section == method.split()[0]
+    section, name = key.split(".")[0], method.split()[0]
+    return section not in METHODS or section == name or (name in METHODS and section in METHODS[name].sections)
 
 
 __all__ = ["METHODS", "Method", "Session", "get_method", "option_applies"]

@@ -85,17 +85,21 @@ class Generated:
     label: int
 
 
-def write_examples(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, cfg: CrossLMConfig,
-                   history: list[str], seed: int, batch_size: int, stats: GenerationStats,
-                   counts: Counter) -> list[Generated]:
-    """One batch: ``per-label`` prompts per label (style hints drawn at random), sampled, parsed, kept if long
-    enough and not a near-copy of anything written before (``history``, extended in place)."""
-    rng = random.Random(seed)
+def crosslm_prompts(task: Task, per_label: int, rng: random.Random) -> tuple[list[Prompt], list[int]]:
+    """CrossLM's prompts for one batch: ``per_label`` per label, each with a style hint drawn by ``rng``."""
     prompts, labels = [], []
     for y, label in enumerate(task.labels):
-        for _ in range(cfg.per_label):
+        for _ in range(per_label):
             prompts.append(generation_prompt(task, label, rng.choice(STYLES)))
             labels.append(y)
+    return prompts, labels
+
+
+def write_labelled(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[Prompt], labels: list[int],
+                   cfg: CrossLMConfig, history: list[str], seed: int, batch_size: int, stats: GenerationStats,
+                   counts: Counter) -> list[Generated]:
+    """One batch from ``prompts`` (each asking for its label): sampled, parsed, kept if long enough and not a
+    near-copy of anything written before (``history``, extended in place)."""
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               batch_size=batch_size)
     outs, st = generate(model, tok, prompts, sampling, seed=seed, progress="crosslm generate")
@@ -247,10 +251,7 @@ class _Run:
             self.progress = {silo: Progress(**prog) for silo, prog in self.saved["progress"].items()}
         else:
             self.steps_path.unlink(missing_ok=True)  # an earlier attempt's steps are not this run's
-        # silos train while the server loads and evaluates its LLM
-        for node in sorted(self.live):
-            if self.session.silo_name(node) not in self.progress:
-                self.push(node, p.TRAIN_PRIVATE, 0, p.request({"round": 0}, global_test=session.global_test))
+        self.start_silos()  # silos work while the server loads and evaluates its LLM
         with session.phase("server-llm-load"):
             model, tok = load_llm(self.cfg.llm.model, trainable=True)
             eval_set = _subsample(session.global_test, opts.llm_eval_examples, self.cfg.seed)
@@ -271,24 +272,37 @@ class _Run:
             after = self.evaluate_llm(self.trainer.model, tok, eval_set, passages)
         self.finish(self.before, after)
 
+    def start_silos(self) -> None:
+        """The first request to every silo not trained yet: train its SLM on its private data."""
+        for node in sorted(self.live):
+            if self.session.silo_name(node) not in self.progress:
+                self.train_private(node)
+
+    def train_private(self, node: int) -> None:
+        self.push(node, p.TRAIN_PRIVATE, 0, p.request({"round": 0}, global_test=self.session.global_test))
+
     def run_async(self) -> None:
         for node in sorted(self.live):  # a resumed run: trained silos go on where they were
             if self.session.silo_name(node) in self.progress:
                 self.advance(node, "resume")
         for pend, content in self.replies():
-            node, r = pend.node, pend.round
-            if pend.message_type == p.TRAIN_PRIVATE:
-                self.on_trained(node, content)
-                self.advance(node, p.TRAIN_PRIVATE)
-            elif pend.message_type == p.UPLOAD:
-                if self.on_uploaded(pend, content):
-                    self.advance(node, p.UPLOAD)
-            elif pend.message_type == p.SCORE:
-                if (probs := self.read_scores(pend, content)) is not None:
-                    self.process(node, r, probs, p.SCORE)
-            elif pend.message_type == p.ENHANCE:
-                self.on_enhanced(node, r, content)
-                self.advance(node, p.ENHANCE)
+            self.on_reply(pend, content)
+
+    def on_reply(self, pend: _Pending, content: RecordDict) -> None:
+        """Async: one silo's reply, and that silo's next request."""
+        node, r = pend.node, pend.round
+        if pend.message_type == p.TRAIN_PRIVATE:
+            self.on_trained(node, content)
+            self.advance(node, p.TRAIN_PRIVATE)
+        elif pend.message_type == p.UPLOAD:
+            if self.on_uploaded(pend, content):
+                self.advance(node, p.UPLOAD)
+        elif pend.message_type == p.SCORE:
+            if (probs := self.read_scores(pend, content)) is not None:
+                self.process(node, r, probs, p.SCORE)
+        elif pend.message_type == p.ENHANCE:
+            self.on_enhanced(node, r, content)
+            self.advance(node, p.ENHANCE)
 
     def advance(self, node: int, trigger: str) -> None:
         """Async: send a silo its next request, from its progress (fresh, or restored from the checkpoint)."""
@@ -305,7 +319,7 @@ class _Run:
 
     def run_sync(self) -> None:
         for pend, content in self.replies():
-            self.on_trained(pend.node, content)
+            self.on_setup(pend, content)
         if self.opts.score_on == "server":
             for node in sorted(self.live - set(self.server_slms)):  # a resumed run restored the others' copies
                 enhanced = self.progress[self.session.silo_name(node)].enhanced
@@ -346,6 +360,10 @@ class _Run:
                 self.on_enhanced(pend.node, pend.round, content)
             if not self.live:
                 break
+
+    def on_setup(self, pend: _Pending, content: RecordDict) -> None:
+        """Sync: a reply to what ``start_silos`` asked (the private training)."""
+        self.on_trained(pend.node, content)
 
     # -------------------------------------------------------------- messaging with per-message TTL
 
@@ -469,12 +487,17 @@ class _Run:
         while len(self.batches) < round_:
             index = len(self.batches) + 1
             with self.session.phase("server-generate"):
-                examples = write_examples(self.trainer.model, self.trainer.tok, self.task, self.opts, self.history,
-                                          self.cfg.seed * 1000 + index, self.cfg.llm.batch_size, self.stats,
-                                          self.counts)
+                examples = self.write_batch(index)
             self.batches.append(Batch(index, self.version, examples))
             log.info("crosslm: batch %d written by LLM version %d: %d examples", index, self.version, len(examples))
         return self.batches[round_ - 1]
+
+    def write_batch(self, index: int) -> list[Generated]:
+        """Batch ``index``, written by the current LLM from CrossLM's own prompts."""
+        seed = self.cfg.seed * 1000 + index
+        prompts, labels = crosslm_prompts(self.task, self.opts.per_label, random.Random(seed))
+        return write_labelled(self.trainer.model, self.trainer.tok, prompts, labels, self.opts, self.history, seed,
+                              self.cfg.llm.batch_size, self.stats, self.counts)
 
     def learn(self, batch: Batch, rewards: np.ndarray, silo: str, steps: int) -> None:
         """Update the LLM on the batch's combined rewards, unless too few silos scored it or it is too stale."""

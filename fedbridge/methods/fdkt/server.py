@@ -15,88 +15,30 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections import Counter
 
-import numpy as np
 from flwr.app import RecordDict
-from sklearn.cluster import KMeans
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.methods.base import Method, Session, mean_over_silos
 from fedbridge.methods.fdkt.config import FDKTConfig
+from fedbridge.methods.seeding import filter_demonstrations, seeded_prompts
 from fedbridge.methods.text import deduplicate, parse_generation
-from fedbridge.models.embedding import embed
 from fedbridge.models.generation import GenerationStats, SamplingConfig, generate
 from fedbridge.models.llm_classifier import label_probabilities
 from fedbridge.models.loading import load_llm
 from fedbridge.tasks import Examples, Task
 
-# ------------------------------------------------------------------ text utilities
-
-def parse_kept_indices(answer: str, n: int) -> list[int] | None:
-    """Numbers 1..n in the LLM's answer, as 0-based indices; None when it names none (keep everything then)."""
-    found = sorted({int(m) - 1 for m in re.findall(r"\d+", answer) if 1 <= int(m) <= n})
-    return found or None
-
-
 # ------------------------------------------------------------------ server pipeline
-
-def _filter_prompt(task: Task, label: str, texts: list[str]) -> list[dict[str, str]]:
-    listing = "\n".join(f"{i + 1}. {t[:400]}" for i, t in enumerate(texts))
-    return [{"role": "user", "content":
-             f"Below are {len(texts)} examples of a {task.description} with label '{label}'.\n{listing}\n\n"
-             f"Which numbers are real {task.description}s, really have the label '{label}', and are not "
-             "near-copies of another one? Answer with the numbers only, separated by commas."}]
-
-
-def llm_filter(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, label: str, texts: list[str],
-               seed: int, stats: GenerationStats, counts: Counter) -> list[int]:
-    """Cluster the demonstrations (k = ceil(n/4)), ask the LLM per cluster which to keep; unparseable = keep all."""
-    if len(texts) < 2:
-        return list(range(len(texts)))
-    k = math.ceil(len(texts) / 4)
-    clusters = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(embed(texts)) if k > 1 \
-        else np.zeros(len(texts), dtype=int)
-    members = [[i for i in range(len(texts)) if clusters[i] == c] for c in range(k)]
-    answers, st = generate(model, tok, [_filter_prompt(task, label, [texts[i] for i in m]) for m in members],
-                           SamplingConfig(max_new_tokens=24, temperature=0.0, batch_size=8))
-    stats += st
-    kept = []
-    for m, answer in zip(members, answers):
-        picked = parse_kept_indices(answer, len(m))
-        counts["filter-unparseable"] += picked is None
-        kept += [m[j] for j in (picked if picked is not None else range(len(m)))]
-    return sorted(kept)
-
-
-def _augment_prompt(task: Task, label: str, demos: list[str]) -> list[dict[str, str]]:
-    shown = "\n\n".join(f"Example: {d[:500]}" for d in demos)
-    return [{"role": "user", "content":
-             f"Here are examples of a {task.description} with label '{label}'.\n\n{shown}\n\nWrite one new "
-             f"{task.description} with label '{label}'. Make it different from the examples; do not copy them. "
-             "Reply with the text only."}]
 
 
 def augment(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, demos: Examples, cfg: FDKTConfig,
             seed: int, stats: GenerationStats, counts: Counter) -> Examples:
     """FDKT's server step for one set of DP demonstrations; returns kept demonstrations + new examples."""
-    rng = random.Random(seed)
-    by_label = {y: [t for t, l in zip(demos.texts, demos.labels) if l == y] for y in range(len(task.labels))}
-    kept: dict[int, list[str]] = {}
-    for y, texts in by_label.items():
-        idx = llm_filter(model, tok, task, task.labels[y], texts, seed, stats, counts) if cfg.llm_filter \
-            else range(len(texts))
-        kept[y] = [texts[i] for i in idx]
-        counts["demonstrations"] += len(texts)
-        counts["kept-by-filter"] += len(kept[y])
-    prompts, intended = [], []
-    for y, texts in kept.items():
-        for _ in range(cfg.augment_per_label if texts else 0):
-            prompts.append(_augment_prompt(task, task.labels[y], rng.sample(texts, min(cfg.demos_per_prompt, len(texts)))))
-            intended.append(y)
+    kept = filter_demonstrations(model, tok, task, demos, cfg.llm_filter, seed, stats, counts)
+    prompts, intended = seeded_prompts(task, kept, cfg.augment_per_label, cfg.demos_per_prompt, random.Random(seed))
     outs, st = generate(model, tok, prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.temperature, top_p=cfg.top_p, batch_size=8), seed=seed, progress="augment")
     stats += st

@@ -1,0 +1,110 @@
+"""The pipeline fedbridge was designed for: DP demonstrations → LLM writing seeded by them → silo SLM scores →
+filtered examples (and the LLM's update under the KL leash) → each silo's enhanced SLM, asynchronously.
+
+It chains FDKT's first half and CrossLM's second, per silo:
+  1. ``query.synthesize`` (FDKT's silo side, ``fdkt.*``): the silo releases DP few-shot (or DP-SGD)
+     demonstrations with their ε; then ``train.private``: it trains its SLM on its private data.
+  2. Batch b is written when the first silo needs it, from every demonstration received by then: the LLM filters
+     them per label and writes ``crosslm.per-label`` new examples per label, each prompt seeded by 1-2 kept
+     demonstrations (FDKT's augmentation, ``fedbridge.methods.seeding``), length-filtered and deduplicated.
+  3. From here it is CrossLM's loop (``crosslm.*``): silos score the batch (only probabilities leave), the combined
+     rewards update the LLM under the KL leash and select the examples that enhance each silo's SLM, and a silo's
+     next round starts as soon as its enhancement is back, whatever the others do.
+The demonstrations are accounted (ε per silo); the scores are not DP, so every record labels them ε = ∞ beside
+the demonstrations' ε. Resume: demonstrations are checkpointed as they arrive and never asked for again; the rest
+is CrossLM's checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+
+from flwr.app import RecordDict
+
+from fedbridge import protocol as p
+from fedbridge.config import ExperimentConfig, from_flat
+from fedbridge.methods.base import Session
+from fedbridge.methods.crosslm.config import CrossLMConfig
+from fedbridge.methods.crosslm.server import CrossLM, Generated, _Pending, _Run, write_labelled
+from fedbridge.methods.fdkt.config import FDKTConfig
+from fedbridge.methods.seeding import filter_demonstrations, seeded_prompts
+from fedbridge.tasks import Examples
+
+
+class Pipeline(CrossLM):
+    name = "pipeline"
+    description = "Pipeline: DP demonstrations seed the LLM's writing; silo SLMs score it; enhanced SLMs, async"
+    sections = ("fdkt", "crosslm")
+    dp_slm = False
+    note = ("pipeline: silo scores of server-written text leave the silos without DP noise; only the "
+            "demonstrations carry an ε")
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        super().__init__(cfg)
+        self.fdkt = from_flat(FDKTConfig, cfg.method_options, "fdkt")
+
+    def run(self, session: Session) -> None:
+        _PipelineRun(self.cfg, self.options, self.fdkt, session).run()
+
+
+class _PipelineRun(_Run):
+    def __init__(self, cfg: ExperimentConfig, opts: CrossLMConfig, fdkt: FDKTConfig, session: Session) -> None:
+        super().__init__(cfg, opts, session)
+        self.fdkt = fdkt
+        ckpt = session.checkpoint
+        self.demos = {step.split("/", 1)[1]: ckpt.load_examples(step) for step in ckpt.steps("demonstrations/")}
+        self.record.privacy = self.record.privacy or {}
+
+    def start_silos(self) -> None:
+        for node in sorted(self.live):
+            silo = self.session.silo_name(node)
+            if silo not in self.demos:
+                self.push(node, p.SYNTHESIZE, 0, p.request())
+            elif silo not in self.progress:
+                self.train_private(node)
+
+    def on_demonstrations(self, pend: _Pending, content: RecordDict) -> None:
+        """A silo's DP demonstrations: kept (checkpointed, never asked for again), then its SLM's training."""
+        try:
+            examples = p.read_examples(content, p.EXAMPLES, self.num_labels)
+            privacy = p.read_privacy(content)
+        except p.ProtocolError as err:
+            self.drop(pend, f"rejected: {err}")
+            return
+        silo, metrics = self.session.silo_name(pend.node), p.read_metrics(content)
+        self.demos[silo], self.record.privacy[silo] = examples, privacy
+        self.session.save_contribution(pend.node, "dp-demonstrations", 0, examples, privacy=privacy)
+        self.silo_metrics(pend.node).update({k: v for k, v in metrics.items() if k.startswith("synth.")})
+        self.record.tokens["silo-generated"] = (self.record.tokens.get("silo-generated", 0)
+                                                + int(metrics.get("synth.tokens-generated", 0)))
+        self.session.checkpoint.save_examples(f"demonstrations/{silo}", examples)
+        self.session.checkpoint.complete(f"demonstrations/{silo}")
+        self.session.event(pend.node, "processed", p.SYNTHESIZE, 0)
+        self.train_private(pend.node)
+
+    def on_reply(self, pend: _Pending, content: RecordDict) -> None:
+        if pend.message_type == p.SYNTHESIZE:
+            self.on_demonstrations(pend, content)
+        else:
+            super().on_reply(pend, content)
+
+    def on_setup(self, pend: _Pending, content: RecordDict) -> None:
+        if pend.message_type == p.SYNTHESIZE:
+            self.on_demonstrations(pend, content)
+        else:
+            super().on_setup(pend, content)
+
+    def write_batch(self, index: int) -> list[Generated]:
+        """Batch ``index``: the current LLM filters every demonstration received so far and writes new examples
+        seeded by the kept ones."""
+        seed = self.cfg.seed * 1000 + index
+        sources = sorted(self.demos)
+        pool = Examples.of([t for s in sources for t in self.demos[s].texts],
+                           [y for s in sources for y in self.demos[s].labels])
+        model, tok = self.trainer.model, self.trainer.tok
+        kept = filter_demonstrations(model, tok, self.task, pool, self.fdkt.llm_filter, seed, self.stats, self.counts)
+        prompts, labels = seeded_prompts(self.task, kept, self.opts.per_label, self.fdkt.demos_per_prompt,
+                                         random.Random(seed))
+        self.counts["seeded-batches"] += 1
+        return write_labelled(model, tok, prompts, labels, self.opts, self.history, seed, self.cfg.llm.batch_size,
+                              self.stats, self.counts)

@@ -1,0 +1,89 @@
+"""New labelled examples seeded by DP demonstrations: FDKT's server stages, shared with the pipeline method.
+
+The server LLM first drops demonstrations that are off-domain, wrong-label or near-copies (``filter_demonstrations``:
+per label, clustered, the LLM names the ones to keep), then is prompted with 1-2 kept demonstrations of a label to
+write a new example of it (``seeded_prompts``). Everything here is post-processing of DP outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+
+import numpy as np
+from sklearn.cluster import KMeans
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedbridge.models.embedding import embed
+from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
+from fedbridge.tasks import Examples, Task
+
+
+def parse_kept_indices(answer: str, n: int) -> list[int] | None:
+    """Numbers 1..n in the LLM's answer, as 0-based indices; None when it names none (keep everything then)."""
+    found = sorted({int(m) - 1 for m in re.findall(r"\d+", answer) if 1 <= int(m) <= n})
+    return found or None
+
+
+def _filter_prompt(task: Task, label: str, texts: list[str]) -> Prompt:
+    listing = "\n".join(f"{i + 1}. {t[:400]}" for i, t in enumerate(texts))
+    return [{"role": "user", "content":
+             f"Below are {len(texts)} examples of a {task.description} with label '{label}'.\n{listing}\n\n"
+             f"Which numbers are real {task.description}s, really have the label '{label}', and are not "
+             "near-copies of another one? Answer with the numbers only, separated by commas."}]
+
+
+def llm_filter(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, label: str, texts: list[str],
+               seed: int, stats: GenerationStats, counts: Counter) -> list[int]:
+    """Cluster the demonstrations (k = ceil(n/4)), ask the LLM per cluster which to keep; unparseable = keep all."""
+    if len(texts) < 2:
+        return list(range(len(texts)))
+    k = math.ceil(len(texts) / 4)
+    clusters = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(embed(texts)) if k > 1 \
+        else np.zeros(len(texts), dtype=int)
+    members = [[i for i in range(len(texts)) if clusters[i] == c] for c in range(k)]
+    answers, st = generate(model, tok, [_filter_prompt(task, label, [texts[i] for i in m]) for m in members],
+                           SamplingConfig(max_new_tokens=24, temperature=0.0, batch_size=8))
+    stats += st
+    kept = []
+    for m, answer in zip(members, answers):
+        picked = parse_kept_indices(answer, len(m))
+        counts["filter-unparseable"] += picked is None
+        kept += [m[j] for j in (picked if picked is not None else range(len(m)))]
+    return sorted(kept)
+
+
+def filter_demonstrations(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, demos: Examples,
+                          use_llm: bool, seed: int, stats: GenerationStats, counts: Counter) -> dict[int, list[str]]:
+    """The demonstrations of each label that the LLM keeps (all of them when ``use_llm`` is off)."""
+    by_label = {y: [t for t, l in zip(demos.texts, demos.labels) if l == y] for y in range(len(task.labels))}
+    kept: dict[int, list[str]] = {}
+    for y, texts in by_label.items():
+        idx = llm_filter(model, tok, task, task.labels[y], texts, seed, stats, counts) if use_llm \
+            else range(len(texts))
+        kept[y] = [texts[i] for i in idx]
+        counts["demonstrations"] += len(texts)
+        counts["kept-by-filter"] += len(kept[y])
+    return kept
+
+
+def _augment_prompt(task: Task, label: str, demos: list[str]) -> Prompt:
+    shown = "\n\n".join(f"Example: {d[:500]}" for d in demos)
+    return [{"role": "user", "content":
+             f"Here are examples of a {task.description} with label '{label}'.\n\n{shown}\n\nWrite one new "
+             f"{task.description} with label '{label}'. Make it different from the examples; do not copy them. "
+             "Reply with the text only."}]
+
+
+def seeded_prompts(task: Task, kept: dict[int, list[str]], per_label: int, demos_per_prompt: int,
+                   rng: random.Random) -> tuple[list[Prompt], list[int]]:
+    """``per_label`` prompts for each label with kept demonstrations, each showing ``demos_per_prompt`` of them
+    drawn by ``rng``, and the label each prompt asks for."""
+    prompts, intended = [], []
+    for y, texts in kept.items():
+        for _ in range(per_label if texts else 0):
+            prompts.append(_augment_prompt(task, task.labels[y], rng.sample(texts, min(demos_per_prompt, len(texts)))))
+            intended.append(y)
+    return prompts, intended
