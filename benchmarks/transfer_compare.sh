@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's re-measurement of every method on the SLM recipe, and issue 14's pipeline beside FDKT and CrossLM:
-# FDKT's epsilon grid (1, 4, 8, inf x dp-fewshot, dp-sgd) and CrossLM's grid (KL on / off, with-private) against local, fedavg and centralized, on drug-reviews
-# (4 natural silos) and tweets (1,000 tweets, 4 Dirichlet(0.5) silos), seeds 0-2, Flower's simulation engine.
+# FDKT's epsilon grid (1, 4, 8, inf x dp-fewshot, dp-sgd) and CrossLM's grid (KL on / off, with-private) against
+# local, fedavg and centralized, on drug-reviews (4 natural silos) and tweets (1,000 tweets, 4 Dirichlet(0.5)
+# silos), seeds 0-2, Flower's simulation engine.
 # SLMs: MiniLM-L6 / MiniLM-L3 alternating (fedavg and centralized need one architecture: MiniLM-L6), the default
 # slm.* recipe. FDKT at reduced sizes (one DP demonstration per label per silo, 32 tokens, 2 groups, one pooled
 # augmented set of 8 per label), so a run takes minutes on 2 CPU cores. Runs in priority order; a rerun skips what
