@@ -13,9 +13,12 @@ import re
 from collections import Counter
 
 import numpy as np
+from flwr.app import RecordDict
 from sklearn.cluster import KMeans
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedbridge import protocol as p
+from fedbridge.methods.base import Session
 from fedbridge.models.embedding import embed
 from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
 from fedbridge.tasks import Examples, Task
@@ -87,3 +90,22 @@ def seeded_prompts(task: Task, kept: dict[int, list[str]], per_label: int, demos
             prompts.append(_augment_prompt(task, task.labels[y], rng.sample(texts, min(demos_per_prompt, len(texts)))))
             intended.append(y)
     return prompts, intended
+
+
+def read_demonstrations(content: RecordDict, num_labels: int) -> tuple[Examples, dict, dict]:
+    """A ``query.synthesize`` reply: (the DP demonstrations, their privacy cost, the synthesis metrics)."""
+    return p.read_examples(content, p.EXAMPLES, num_labels), p.read_privacy(content), p.read_metrics(content)
+
+
+def keep_demonstrations(session: Session, node: int, round_: int, examples: Examples, privacy: dict,
+                        metrics: dict) -> None:
+    """One silo's DP demonstrations arrived: its privacy entry and synthesis metrics in the record, the
+    contribution the audit reads, and the checkpoint step a resumed run skips (it never asks again)."""
+    record, silo = session.record, session.silo_name(node)
+    record.privacy = record.privacy or {}
+    record.privacy[silo] = privacy
+    session.save_contribution(node, "dp-demonstrations", round_, examples, privacy=privacy)
+    record.silo_metrics.setdefault(silo, {}).update(metrics)
+    record.tokens["silo-generated"] = record.tokens.get("silo-generated", 0) + int(metrics.get("synth.tokens-generated", 0))
+    session.checkpoint.save_examples(f"demonstrations/{silo}", examples)
+    session.checkpoint.complete(f"demonstrations/{silo}")

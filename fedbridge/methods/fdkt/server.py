@@ -24,7 +24,7 @@ from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.methods.base import Method, Session, mean_over_silos
 from fedbridge.methods.fdkt.config import FDKTConfig
-from fedbridge.methods.seeding import filter_demonstrations, seeded_prompts
+from fedbridge.methods.seeding import filter_demonstrations, keep_demonstrations, read_demonstrations, seeded_prompts
 from fedbridge.methods.text import deduplicate, parse_generation
 from fedbridge.models.generation import GenerationStats, SamplingConfig, generate
 from fedbridge.models.llm_classifier import label_probabilities
@@ -84,24 +84,17 @@ class FDKT(Method):
             request = self._train_request(session, augmented)
             pending.update(session.push(p.TRAIN_AUGMENTED, {nodes[s]: request for s in silos}, 2))
 
-        def parse(content: RecordDict) -> tuple[Examples, dict, dict]:
-            return p.read_examples(content, p.EXAMPLES, num_labels), p.read_privacy(content), p.read_metrics(content)
-
         with session.phase("silo-synthesize+server-augment"):
             if not cfg.pooled:  # resumed: silos whose demonstrations are here already get their sets first
                 for silo in sorted(demos.keys() & nodes.keys() - trained):
                     send([silo], self._augmented(session, silo, [silo], demos[silo], model, tok))
             ask = {node: p.request() for silo, node in nodes.items() if silo not in demos}
             for node, (examples, privacy, metrics) in session.iter_replies(
-                    p.SYNTHESIZE, ask, round_=1, parse=parse, max_bytes=p.MAX_EXAMPLES_REPLY_BYTES):
+                    p.SYNTHESIZE, ask, round_=1, parse=lambda content: read_demonstrations(content, num_labels),
+                    max_bytes=p.MAX_EXAMPLES_REPLY_BYTES):
                 silo = session.silos[node]
-                demos[silo], record.privacy[silo] = examples, privacy
-                session.save_contribution(node, "dp-demonstrations", 1, examples, privacy=privacy)
-                record.silo_metrics.setdefault(silo, {}).update(metrics)
-                record.tokens["silo-generated"] = (record.tokens.get("silo-generated", 0)
-                                                   + int(metrics.get("synth.tokens-generated", 0)))
-                ckpt.save_examples(f"demonstrations/{silo}", examples)
-                ckpt.complete(f"demonstrations/{silo}")
+                demos[silo] = examples
+                keep_demonstrations(session, node, 1, examples, privacy, metrics)
                 if not cfg.pooled:  # per-silo: this silo's set goes back as soon as it is ready
                     augmented = self._augmented(session, silo, [silo], examples, model, tok)
                     session.event(node, "processed", p.SYNTHESIZE, 1)

@@ -27,7 +27,7 @@ from fedbridge.methods.base import Session
 from fedbridge.methods.crosslm.config import CrossLMConfig
 from fedbridge.methods.crosslm.server import CrossLM, Generated, _Pending, _Run, write_labelled
 from fedbridge.methods.fdkt.config import FDKTConfig
-from fedbridge.methods.seeding import filter_demonstrations, seeded_prompts
+from fedbridge.methods.seeding import filter_demonstrations, keep_demonstrations, read_demonstrations, seeded_prompts
 from fedbridge.tasks import Examples
 
 
@@ -53,7 +53,6 @@ class _PipelineRun(_Run):
         self.fdkt = fdkt
         ckpt = session.checkpoint
         self.demos = {step.split("/", 1)[1]: ckpt.load_examples(step) for step in ckpt.steps("demonstrations/")}
-        self.record.privacy = self.record.privacy or {}
 
     def start_silos(self) -> None:
         for node in sorted(self.live):
@@ -66,19 +65,12 @@ class _PipelineRun(_Run):
     def on_demonstrations(self, pend: _Pending, content: RecordDict) -> None:
         """A silo's DP demonstrations: kept (checkpointed, never asked for again), then its SLM's training."""
         try:
-            examples = p.read_examples(content, p.EXAMPLES, self.num_labels)
-            privacy = p.read_privacy(content)
+            examples, privacy, metrics = read_demonstrations(content, self.num_labels)
         except p.ProtocolError as err:
             self.drop(pend, f"rejected: {err}")
             return
-        silo, metrics = self.session.silo_name(pend.node), p.read_metrics(content)
-        self.demos[silo], self.record.privacy[silo] = examples, privacy
-        self.session.save_contribution(pend.node, "dp-demonstrations", 0, examples, privacy=privacy)
-        self.silo_metrics(pend.node).update({k: v for k, v in metrics.items() if k.startswith("synth.")})
-        self.record.tokens["silo-generated"] = (self.record.tokens.get("silo-generated", 0)
-                                                + int(metrics.get("synth.tokens-generated", 0)))
-        self.session.checkpoint.save_examples(f"demonstrations/{silo}", examples)
-        self.session.checkpoint.complete(f"demonstrations/{silo}")
+        self.demos[self.session.silo_name(pend.node)] = examples
+        keep_demonstrations(self.session, pend.node, 0, examples, privacy, metrics)
         self.session.event(pend.node, "processed", p.SYNTHESIZE, 0)
         self.train_private(pend.node)
 
