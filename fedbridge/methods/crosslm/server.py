@@ -48,6 +48,7 @@ from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
 from fedbridge.methods.base import POLL_SECONDS, Method, RejectedReply, Session, mean_over_silos
 from fedbridge.methods.crosslm.config import CHECKPOINT_STEP, SERVER_ENHANCE_EPOCHS, CrossLMConfig
+from fedbridge.methods.selection import select_balanced
 from fedbridge.methods.text import deduplicate, parse_generation
 from fedbridge.models.embedding import embed
 from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
@@ -115,25 +116,12 @@ def write_labelled(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts
 
 def select_examples(labels: list[int] | tuple[int, ...], rewards: np.ndarray, max_examples: int, min_reward: float,
                     embeddings: np.ndarray | None = None, diversity: float = 0.0) -> list[int]:
-    """Up to ``max_examples`` indices with reward above ``min_reward``, labels taken in turn (balanced). Within a
-    label, the best by reward − diversity × (highest cosine similarity to an example already chosen), i.e.
-    maximal marginal relevance: high reward first, but not the same thing twice."""
-    pools = {y: [i for i in range(len(labels)) if labels[i] == y and rewards[i] > min_reward]
-             for y in sorted(set(labels))}
-    chosen: list[int] = []
-
-    def value(i: int) -> float:
-        if not diversity or embeddings is None or not chosen:
-            return float(rewards[i])
-        return float(rewards[i]) - diversity * float(np.max(embeddings[chosen] @ embeddings[i]))
-
-    while len(chosen) < max_examples and any(pools.values()):
-        for pool in pools.values():
-            if pool and len(chosen) < max_examples:
-                best = max(pool, key=value)
-                pool.remove(best)
-                chosen.append(best)
-    return chosen
+    """Up to ``max_examples`` indices with reward above ``min_reward``, label-balanced and diverse by cosine
+    similarity of their embeddings (``select_balanced``: high reward first, but not the same thing twice)."""
+    similarity = None if embeddings is None else (
+        lambda i, chosen: float(np.max(embeddings[chosen] @ embeddings[i])))
+    return select_balanced(labels, rewards, max_examples, eligible=np.flatnonzero(rewards > min_reward).tolist(),
+                           similarity=similarity, diversity=diversity)
 
 
 @dataclass

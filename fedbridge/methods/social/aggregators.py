@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedbridge.errors import ConfigError
+from fedbridge.methods.selection import select_balanced
 from fedbridge.methods.text import jaccard, shingles
 
 
@@ -87,23 +88,9 @@ class BalancedAggregator(Aggregator):
         scores = _check(scores, len(candidates))
         std = scores.std(axis=1, keepdims=True)
         z = (scores - scores.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
-        consensus = z.mean(axis=0)
         grams = [shingles(c.text) for c in candidates]
-        left, picked = set(range(len(candidates))), []
-        served: dict[int | None, int] = {c.label: 0 for c in candidates}
-        while left and len(picked) < n:
-            open_labels = {candidates[i].label for i in left}
-            label = min(open_labels, key=lambda y: (served[y], -1 if y is None else y))
-
-            def value(i: int) -> float:
-                similarity = max((jaccard(grams[i], grams[j]) for j in picked), default=0.0)
-                return consensus[i] - self.diversity * similarity
-
-            best = max((i for i in left if candidates[i].label == label), key=lambda i: (value(i), -i))
-            picked.append(best)
-            left.discard(best)
-            served[label] += 1
-        return picked
+        return select_balanced([c.label for c in candidates], z.mean(axis=0), n, diversity=self.diversity,
+                               similarity=lambda i, picked: max(jaccard(grams[i], grams[j]) for j in picked))
 
 
 AGGREGATORS: dict[str, type[Aggregator]] = {a.name: a for a in (RandomAggregator, VotingAggregator,
