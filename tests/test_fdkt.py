@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import threading
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.methods.fdkt import silo as fdkt_silo
 from fedbridge.methods.seeding import llm_filter, parse_kept_indices
-from fedbridge.methods.text import deduplicate, parse_generation
+from fedbridge.methods.text import deduplicate, jaccard, parse_generation, shingles
 from fedbridge.models.generation import GenerationStats
 from fedbridge.models.loading import byte_tokenizer
 from fedbridge.privacy import (
@@ -127,6 +128,36 @@ def test_deduplicate_drops_exact_and_near_copies_and_keeps_distinct_texts():
     assert deduplicate([distinct_a, distinct_b], [demo], threshold=0.8) == [0, 1]
     assert deduplicate([near_a], [distinct_a], threshold=1.0) == [0]  # only exact copies at threshold 1
     assert deduplicate([], [demo], 0.8) == []
+
+
+def exact_deduplicate(candidates, against, threshold):
+    """The definition, every pair compared: what the MinHash LSH index must reproduce."""
+    seen, kept = [shingles(t) for t in against], []
+    for i, text in enumerate(candidates):
+        if all(jaccard(shingles(text), o) < threshold for o in seen):
+            kept.append(i)
+            seen.append(shingles(text))
+    return kept
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.3, 0.5, 0.8, 0.9, 1.0])
+def test_the_lsh_index_keeps_exactly_what_every_pair_compared_keeps(threshold):
+    """600 texts from a small vocabulary, a third of them edited copies of earlier ones (Jaccard spread over 0-1)."""
+    rng = random.Random(threshold)
+    words = "pill pain sleep dose week doctor tired skin better worse side effect rash nausea works".split()
+    texts = []
+    for _ in range(600):
+        if texts and rng.random() < 0.35:
+            base = rng.choice(texts).split()
+            for _ in range(rng.randint(0, 4)):
+                base[rng.randrange(len(base))] = rng.choice(words)
+            texts.append(" ".join(base))
+        else:
+            texts.append(" ".join(rng.choices(words, k=rng.randint(5, 25))))
+    kept = deduplicate(texts[100:], texts[:100], threshold)
+    assert kept == exact_deduplicate(texts[100:], texts[:100], threshold)
+    if threshold == 0.8:  # the default: both outcomes occur
+        assert 0 < len(kept) < 500
 
 
 TEXTS = [  # 8 distinct texts: k = ceil(8/4) = 2 clusters, one LLM question each

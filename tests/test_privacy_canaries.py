@@ -52,6 +52,14 @@ def test_normalized_and_nearest_private_distance():
     assert min_normalized_levenshtein(["anything"], []) == [1.0]
 
 
+@given(st.lists(st.text(alphabet="abc ", max_size=12), max_size=5), st.lists(st.text(alphabet="abd ", max_size=12), max_size=5))
+def test_nearest_private_distance_matches_the_textbook_dp_over_every_pair(shared, private):
+    """The library's batch search (rapidfuzz) against every pair by the textbook DP, over the longer length."""
+    expected = [min((reference_levenshtein(s, p) / max(len(s), len(p), 1) for p in private), default=1.0)
+                for s in shared]
+    assert min_normalized_levenshtein(shared, private) == pytest.approx(expected)
+
+
 def test_verbatim_copy_rate_counts_whole_private_texts_inside_shared_ones():
     private = ["Hello world!", "the PIN is 4821"]
     shared = ["hello   WORLD!", "new text", "as noted, The PIN is 4821 here", "the PIN is 48"]

@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.errors import ConfigError
@@ -123,54 +125,19 @@ def verbatim_copy_rate(shared_texts: Sequence[str], private_texts: Sequence[str]
 
 
 def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insertions, deletions, substitutions), by the bit-parallel algorithm of Myers (1999)
-    in Hyyrö's formulation: one column of the DP table is a Python int, so it costs O(len(a)) big-int ops."""
-    if len(a) < len(b):
-        a, b = b, a
-    if not b:
-        return len(a)
-    full, top = (1 << len(b)) - 1, 1 << (len(b) - 1)
-    peq: dict[str, int] = {}
-    for i, ch in enumerate(b):
-        peq[ch] = peq.get(ch, 0) | 1 << i
-    pv, mv, dist = full, 0, len(b)  # vertical +1/-1 deltas of the current column; dist = D[len(b)][j]
-    for ch in a:
-        eq = peq.get(ch, 0)
-        xv = eq | mv
-        xh = (((eq & pv) + pv) ^ pv) | eq
-        ph = mv | ~(xh | pv)
-        mh = pv & xh
-        dist += 1 if ph & top else -1 if mh & top else 0
-        ph = (ph << 1) | 1  # | 1: row 0 of the table grows by one per column (global, not substring, distance)
-        mh <<= 1
-        pv = (mh | ~(xv | ph)) & full
-        mv = ph & xv
-    return dist
+    """Edit distance (insertions, deletions, substitutions of one character, each costing 1)."""
+    return Levenshtein.distance(a, b)
 
 
 def normalized_levenshtein(a: str, b: str) -> float:
     """Edit distance over the longer length: 0 = identical, 1 = nothing in common."""
-    return levenshtein(a, b) / max(len(a), len(b)) if a or b else 0.0
+    return Levenshtein.normalized_distance(a, b)
 
 
 def min_normalized_levenshtein(shared: Sequence[str], private: Sequence[str]) -> list[float]:
-    """For each shared text, its normalised edit distance to the nearest private text (1.0 if none).
-
-    Pairs whose length difference alone rules out beating the best so far are skipped.
-    """
-    out = []
-    for s in shared:
-        best = 1.0
-        for p in private:
-            longest = max(len(s), len(p))
-            if not longest:
-                best = 0.0
-            elif abs(len(s) - len(p)) < best * longest:
-                best = min(best, levenshtein(s, p) / longest)
-            if best == 0.0:
-                break
-        out.append(best)
-    return out
+    """For each shared text, its normalised edit distance to the nearest private text (1.0 if none)."""
+    nearest = (process.extractOne(s, private, scorer=Levenshtein.normalized_distance) for s in shared)
+    return [1.0 if best is None else float(best[1]) for best in nearest]
 
 
 def plant(texts: Sequence[str], labels: Sequence[int], canary: Canary, copies: int, label: int,
