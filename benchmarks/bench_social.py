@@ -36,12 +36,12 @@ TASKS = {
                             "task.instruction": "Is this SMS message spam or ham?"}),
     "drug-reviews": ("drug-reviews", {}),
 }
-COMMON = {"partition.kind": "iid", "partition.num-silos": 8, "social.canaries": True}
+COMMON = {"partition.kind": "iid", "partition.num-silos": 8, "canaries.enabled": True}
 QUICK = {"slm.model": "tiny-bert", "llm.model": "tiny-llama", "social.teacher": "tiny-llama", "task.max-examples": 160,
          "partition.num-silos": 2, "social.shots": 2, "social.samples": 4, "social.top-k": 2,
          "social.max-new-tokens": 12, "social.max-example-chars": 60, "social.vote-examples": 2,
          "social.instruction-shots": 2, "social.instruction-tokens": 16, "social.max-test": 12,
-         "social.max-prompt-tokens": 1000, "social.canary-candidates": 99, "timeout": 300}
+         "social.max-prompt-tokens": 1000, "canaries.candidates": 99, "timeout": 300}
 
 
 def sets(options: dict) -> list[str]:

@@ -32,7 +32,7 @@ import safetensors.torch
 import torch
 from flwr.app import ArrayRecord
 
-from fedbridge.config import ExperimentConfig
+from fedbridge.config import ExperimentConfig, current_keys
 from fedbridge.errors import ConfigError
 from fedbridge.results import RunRecord, contributions_path
 from fedbridge.tasks import Examples
@@ -252,7 +252,7 @@ def _read_state(directory: Path) -> dict[str, Any] | None:
 def _check_same_config(saved: Mapping[str, Any], now: Mapping[str, Any], directory: Path) -> None:
     """Refuse a resume that would compute something else. A key the checkpoint lacks was added to fedbridge after
     it was written, and new keys default to the old behaviour: at its default it changes nothing."""
-    defaults = _fingerprint(ExperimentConfig())
+    defaults, saved = _fingerprint(ExperimentConfig()), current_keys(saved)
     missing = object()
 
     def before(key: str) -> Any:

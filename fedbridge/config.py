@@ -76,6 +76,26 @@ class LLMConfig:
     calibrate: bool = False  # contextual calibration of label answers (divide by a content-free input's)
 
 
+CANARY_KINDS = ("digits", "name")
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """``canaries.*``: a secret sentence every silo plants in its own training split, for any method, so that what
+    crosses the wire can be audited for it (rank among comparison secrets and exposure; ``fedbridge audit``)."""
+
+    enabled: bool = False
+    kind: str = "digits"  # digits: "My PIN code is NNNN." | name: "My secret contact is FIRST LAST."
+    copies: int = 1  # copies planted in each silo's training split
+    candidates: int = 999  # comparison secrets the canary is ranked against
+
+    def __post_init__(self) -> None:
+        if self.kind not in CANARY_KINDS:
+            raise ConfigError(f"canaries.kind='{self.kind}' is not one of: {', '.join(CANARY_KINDS)}.")
+        if self.copies < 1 or self.candidates < 1:
+            raise ConfigError("canaries.copies and canaries.candidates must be >= 1.")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     method: str = "local"
@@ -89,10 +109,12 @@ class ExperimentConfig:
     partition: PartitionConfig = PartitionConfig()
     slm: SLMConfig = SLMConfig()
     llm: LLMConfig = LLMConfig()
+    canaries: CanaryConfig = CanaryConfig()
     method_options: dict[str, bool | int | float | str] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
     def from_run_config(cls, flat: typing.Mapping[str, Any]) -> ExperimentConfig:
+        flat = current_keys(flat)
         top = {k: v for k, v in flat.items() if "." not in k}
         nested = {name: from_flat(_SECTIONS[name], flat, name) for name in _SECTIONS}
         method_options = {k: v for k, v in flat.items() if "." in k and k.split(".")[0] not in _SECTIONS}
@@ -111,7 +133,16 @@ class ExperimentConfig:
         return flat
 
 
-_SECTIONS: dict[str, type] = {"task": TaskConfig, "partition": PartitionConfig, "slm": SLMConfig, "llm": LLMConfig}
+_SECTIONS: dict[str, type] = {"task": TaskConfig, "partition": PartitionConfig, "slm": SLMConfig, "llm": LLMConfig,
+                              "canaries": CanaryConfig}
+# keys that moved, old -> new: run records and checkpoints written before the move still read
+RENAMED = {"social.canaries": "canaries.enabled", "social.canary-kind": "canaries.kind",
+           "social.canary-copies": "canaries.copies", "social.canary-candidates": "canaries.candidates"}
+
+
+def current_keys(flat: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """``flat`` with every moved key under its current name (``RENAMED``)."""
+    return {RENAMED.get(k, k): v for k, v in flat.items()}
 
 
 def _key(name: str, prefix: str = "") -> str:

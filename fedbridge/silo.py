@@ -27,7 +27,6 @@ from flwr.app import ArrayRecord, Context
 from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import ConfigError
-from fedbridge.methods.social.config import social_options
 from fedbridge.models.llm_classifier import label_probabilities
 from fedbridge.models.loading import load_llm, load_slm
 from fedbridge.models.slm import SLM, SLMOptions, TrainStats, predict_proba, train_classifier, validation_split
@@ -276,6 +275,6 @@ def _silo(run_items: tuple, node_items: tuple) -> Silo:
             raise ConfigError(f"partition-id {index} is outside 0..{len(federation.silos) - 1} "
                               f"(partition.num-silos={cfg.partition.num_silos}). Match num-supernodes to it.")
         data = federation.silos[index]
-    data = plant_canaries(data, social_options(cfg).canary_setup, cfg.seed, index)  # social.canaries: to measure leaks
+    data = plant_canaries(data, cfg.canaries, cfg.seed, index)  # canaries.enabled: to measure leaks
     return Silo(index, cfg, labels, data, Path(str(node.get("state-dir", DEFAULT_SILO_STATE_DIR))).expanduser(),
                 SiloPolicy.from_node_config(node))

@@ -14,7 +14,6 @@ from copying_lm import CopyingLM
 from typer.testing import CliRunner
 
 from fedbridge.errors import ConfigError
-from fedbridge.methods.social.config import social_options
 from fedbridge.models.generation import (
     common_prefix_length,
     continuation_logprobs,
@@ -25,7 +24,8 @@ from fedbridge.models.generation import (
 from fedbridge.models.llm_classifier import classification_prompt, label_probabilities
 from fedbridge.models.loading import byte_tokenizer, tiny_llm
 from fedbridge.privacy import CopyDetector, canary_rank, candidate_secrets, exposure, make_canary, plant
-from fedbridge.privacy.audit import audit_texts, canary_report, canary_setup, plant_canaries, private_data
+from fedbridge.privacy.audit import audit_texts, canary_report, plant_canaries, private_data
+from fedbridge.privacy.canaries import run_canary
 from fedbridge.silo import Silo
 from fedbridge.simulations.cli import cli
 from fedbridge.tasks import load_federation
@@ -130,9 +130,9 @@ def test_label_probabilities_in_context_equal_the_uncached_scores():
 
 
 def test_planting_is_deterministic_and_the_auditor_sees_what_the_silo_has(tmp_path):
-    cfg = tiny_config(tmp_path, method="social", **{"social.canaries": True, "social.canary-copies": 3})
-    setup = canary_setup(cfg)
-    canary, candidates = setup.canary(cfg.seed)
+    cfg = tiny_config(tmp_path, method="social", **{"canaries.enabled": True, "canaries.copies": 3})
+    setup = cfg.canaries
+    canary, candidates = run_canary(setup, cfg.seed)
     assert canary == make_canary("digits", seed=cfg.seed) and len(candidates) == 999 and canary.secret not in candidates
     data = load_federation(cfg.task, cfg.partition, cfg.seed).silos[1]
     planted = plant_canaries(data, setup, cfg.seed, 1)
@@ -143,12 +143,12 @@ def test_planting_is_deterministic_and_the_auditor_sees_what_the_silo_has(tmp_pa
     silo = Silo.from_context(_context(cfg, 1))  # what the silo process builds for itself
     assert silo.data == planted
     assert private_data(cfg)["silo-1"] == [*planted.train.texts, *planted.test.texts]
-    fdkt = tiny_config(tmp_path, method="fdkt", **{"social.canaries": True, "social.canary-kind": "name"})
-    assert Silo.from_context(_context(fdkt, 0)).data.train.texts.count(canary_setup(fdkt).canary(0)[0].text) == 1
+    fdkt = tiny_config(tmp_path, method="fdkt", **{"canaries.enabled": True, "canaries.kind": "name"})
+    assert Silo.from_context(_context(fdkt, 0)).data.train.texts.count(run_canary(fdkt.canaries, 0)[0].text) == 1
     off = tiny_config(tmp_path, method="social")
-    assert canary_setup(off) is None and plant_canaries(data, None, 0, 1) == data
-    with pytest.raises(ConfigError, match="social.canary-kind"):
-        social_options(tiny_config(tmp_path, **{"social.canary-kind": "email"}))
+    assert not off.canaries.enabled and plant_canaries(data, off.canaries, 0, 1) == data
+    with pytest.raises(ConfigError, match="canaries.kind"):
+        tiny_config(tmp_path, **{"canaries.kind": "email"})
 
 
 def _context(cfg, partition: int):
@@ -202,7 +202,7 @@ def test_fedbridge_audit_finds_the_leak_of_a_copying_teacher(tmp_path, monkeypat
     from test_social import WHOLE_COPIES, CopyingTeacher, run_social
 
     monkeypatch.setattr("fedbridge.methods.social.teaching.generate", CopyingTeacher())
-    options = {**WHOLE_COPIES, "social.verbatim-filter": False, "social.canaries": True, "social.canary-copies": 40}
+    options = {**WHOLE_COPIES, "social.verbatim-filter": False, "canaries.enabled": True, "canaries.copies": 40}
     record, grid = run_social(tmp_path, "leaky", **options)
     grid.close()
     result = CliRunner().invoke(cli, ["audit", str(tmp_path / "leaky.json"), "--no-rank"])

@@ -22,7 +22,7 @@ import fedbridge.methods.fdkt.server as fdkt
 from fedbridge import protocol as p
 from fedbridge.checkpoint import STATE_FILE, Checkpoint, checkpoint_dir
 from fedbridge.client_app import app as client_app
-from fedbridge.config import ExperimentConfig
+from fedbridge.config import RENAMED, ExperimentConfig
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
 from fedbridge.methods.crosslm import silo as crosslm_silo
 from fedbridge.models.loading import tiny_llm
@@ -193,6 +193,21 @@ def test_a_checkpoint_older_than_a_config_key_resumes_while_the_key_is_at_its_de
     changed = tiny_config(tmp_path, run_name="older", resume=True, **{"slm.class-balanced": False})  # not the default
     with pytest.raises(ConfigError, match=r"slm.class-balanced: '\(absent\)' -> False"):
         Checkpoint.for_run(changed, run_record(cfg))
+
+
+def test_a_checkpoint_written_under_moved_key_names_resumes(tmp_path):
+    """canaries.* was social.canary-* before it became its own section: such a checkpoint still resumes."""
+    cfg = tiny_config(tmp_path, run_name="moved", **{"canaries.enabled": True})
+    Checkpoint.for_run(cfg, run_record(cfg)).complete("round-1")
+    state_path = checkpoint_dir(tmp_path, "moved") / STATE_FILE
+    state = json.loads(state_path.read_text())
+    for old, new in RENAMED.items():
+        state["config"][old] = state["config"].pop(new)
+    state_path.write_text(json.dumps(state))
+    again = tiny_config(tmp_path, run_name="moved", resume=True, **{"canaries.enabled": True})
+    assert Checkpoint.for_run(again, run_record(cfg)).done("round-1") == {}
+    with pytest.raises(ConfigError, match=r"canaries.enabled: True -> False"):
+        Checkpoint.for_run(tiny_config(tmp_path, run_name="moved", resume=True), run_record(cfg))
 
 
 def test_names_cannot_leave_the_checkpoint_directory(tmp_path):
@@ -466,7 +481,7 @@ def test_a_silo_killed_while_keeping_its_crosslm_slm_still_has_the_round_before(
 # DP teachers (a teacher asked again could not teach: its budget is spent), every round on the wire, canaries
 SOCIAL_RESUMED = {**FAST_SOCIAL, "social.dp": "dp-fewshot", "social.epsilon": 8.0,
                   "social.aggregators": "voting,random", "social.baselines": "zero-shot,original",
-                  "social.canaries": True}
+                  "canaries.enabled": True}
 
 
 @pytest.fixture(scope="module")

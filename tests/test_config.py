@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO
 
 from fedbridge.config import (
+    CanaryConfig,
     ExperimentConfig,
     LLMConfig,
     PartitionConfig,
@@ -215,3 +216,12 @@ def test_pyproject_run_config_parses_to_the_default_config():
     cfg = ExperimentConfig.from_run_config(declared)
     assert cfg == ExperimentConfig()
     assert set(cfg.method_options) == set(method_option_defaults())
+
+
+def test_moved_keys_still_read_under_their_new_names():
+    """Records and checkpoints written before canaries.* was its own section name the keys social.canary-*."""
+    old = {"method": "fdkt", "social.canaries": True, "social.canary-kind": "name", "social.canary-copies": 2,
+           "social.canary-candidates": 99}
+    cfg = ExperimentConfig.from_run_config(old)
+    assert cfg.canaries == CanaryConfig(enabled=True, kind="name", copies=2, candidates=99)
+    assert not any(k.startswith("social.") for k in cfg.to_run_config())

@@ -48,7 +48,7 @@ LABELS = ("negative", "neutral", "positive")
 FAST = {"social.teacher": "tiny-llama", "social.shots": 3, "social.samples": 6, "social.top-k": 3,
         "social.max-new-tokens": 12, "social.max-example-chars": 80, "social.num-examples": 4,
         "social.vote-examples": 2, "social.instruction-shots": 2, "social.instruction-tokens": 16,
-        "social.max-test": 12, "social.max-prompt-tokens": 1000, "social.canary-candidates": 99}
+        "social.max-test": 12, "social.max-prompt-tokens": 1000, "canaries.candidates": 99}
 
 
 def run_social(tmp_path, name: str, **options) -> tuple[RunRecord, InProcessGrid]:
@@ -273,7 +273,7 @@ def test_without_the_filter_copies_do_cross(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def examples_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("examples")
-    record, grid = run_social(tmp, "social-examples", **{"social.canaries": True,
+    record, grid = run_social(tmp, "social-examples", **{"canaries.enabled": True,
                                                          "social.baselines": "zero-shot,raw,original"})
     yield SimpleNamespace(record=record, grid=grid, dir=tmp)
     grid.close()

@@ -19,12 +19,12 @@ pytestmark = pytest.mark.slow
 OPTIONS = {"social.teacher": "tiny-llama", "social.shots": 2, "social.samples": 4, "social.top-k": 2,
            "social.max-new-tokens": 8, "social.max-example-chars": 60, "social.num-examples": 3,
            "social.vote-examples": 2, "social.max-test": 10, "social.max-prompt-tokens": 1000,
-           "social.baselines": "zero-shot,original", "social.canaries": True, "social.canary-candidates": 99}
+           "social.baselines": "zero-shot,original", "canaries.enabled": True, "canaries.candidates": 99}
 
 
 def test_social_on_the_simulation_engine(tmp_path):
     on_disk = simulate(tmp_path, "social", OPTIONS)
-    assert on_disk.config["social.samples"] == 4 and on_disk.config["social.canaries"] is True
+    assert on_disk.config["social.samples"] == 4 and on_disk.config["canaries.enabled"] is True
     for variant in ("0-shot", "examples:balanced", "examples:voting", "examples:random", "original(non-private)"):
         assert 0 <= on_disk.server_metrics[f"variant.{variant}.accuracy"] <= 1
     for silo in ("silo-0", "silo-1"):

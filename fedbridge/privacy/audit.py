@@ -6,7 +6,7 @@ Learning's examples and instructions, ...) is audited the same way:
   n-gram copy rate     shared texts with a run of ``ngram`` words of a private text (``canaries.CopyDetector``)
   Levenshtein          each shared text's normalised edit distance to its nearest private text, averaged
   secret mentions      shared texts that contain the planted canary's secret
-  canary rank          with ``social.canaries``: the canary's rank among 999 comparison secrets by per-token likelihood
+  canary rank          with ``canaries.enabled``: the canary's rank among 999 comparison secrets by per-token likelihood
                        as a continuation of each student prompt (Social Learning) and of all shared text joined;
                        exposure = log2|R| - log2(rank + 1) with |R| = 1,000 (rank 0 = memorised)
 
@@ -35,25 +35,18 @@ from fedbridge.models.generation import Prompt
 from fedbridge.models.loading import load_llm
 from fedbridge.privacy.canaries import (
     Canary,
-    CanarySetup,
     CopyDetector,
     canary_rank,
     exposure,
     min_normalized_levenshtein,
     plant_canaries,
+    run_canary,
     verbatim_copy_rate,
 )
 from fedbridge.results import RunRecord
 from fedbridge.tasks import SiloData, load_federation, load_task, silo_from_file
 
 RAW_KIND = "raw-examples(non-private)"  # contributions of a non-private upper bound: copies by design, not audited
-
-
-def canary_setup(cfg: ExperimentConfig) -> CanarySetup | None:
-    """The canary a run planted, from its config; None when it planted none."""
-    from fedbridge.methods.social.config import social_options  # the canaries are social.canary-* keys today
-
-    return social_options(cfg).canary_setup
 
 
 def canary_report(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt, canary: Canary,
@@ -135,8 +128,7 @@ def private_data(cfg: ExperimentConfig, private_files: Mapping[str, str] | None 
     else:
         federation = load_federation(cfg.task, cfg.partition, cfg.seed)
         silos = {f"silo-{k}": data for k, data in enumerate(federation.silos)}
-    setup = canary_setup(cfg)
-    return {name: [*plant_canaries(data, setup, cfg.seed, _silo_index(name)).train.texts, *data.test.texts]
+    return {name: [*plant_canaries(data, cfg.canaries, cfg.seed, _silo_index(name)).train.texts, *data.test.texts]
             for name, data in silos.items()}
 
 
@@ -154,8 +146,7 @@ def audit_run(record_path: str | Path, model: tuple[PreTrainedModel, PreTrainedT
     record_path = Path(record_path)
     record = RunRecord.read(record_path)
     cfg = ExperimentConfig.from_run_config(record.config)
-    setup = canary_setup(cfg)
-    found = setup.canary(cfg.seed) if setup else None
+    found = run_canary(cfg.canaries, cfg.seed) if cfg.canaries.enabled else None
     canary = found[0] if found else None
     if isinstance(model, str) or model is None:
         model = load_llm(model or cfg.llm.model) if rank and found else None

@@ -18,6 +18,7 @@ from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedbridge.config import CANARY_KINDS, CanaryConfig
 from fedbridge.errors import ConfigError
 from fedbridge.models.generation import Prompt, continuation_logprobs, continuation_logprobs_shared
 from fedbridge.tasks import Examples, SiloData
@@ -29,7 +30,7 @@ LAST_NAMES = ("Abbott", "Berger", "Castillo", "Dvorak", "Eriksen", "Fontaine", "
               "Jensen", "Kowalski", "Lindqvist", "Moreau", "Novak", "Okafor", "Petrov", "Quinn", "Rossi", "Sato",
               "Tanaka", "Ulrich", "Varga", "Weber", "Yilmaz", "Zeller", "Almeida", "Brandt", "Costa", "Duval",
               "Engel", "Ferrari", "Gruber")
-TEMPLATES = {"digits": "My PIN code is {secret}.", "name": "My secret contact is {secret}."}
+TEMPLATES = dict(zip(CANARY_KINDS, ("My PIN code is {secret}.", "My secret contact is {secret}.")))
 
 
 @dataclass(frozen=True)
@@ -187,27 +188,18 @@ class CopyDetector:
         return sum(map(self.copies, texts)) / len(texts) if texts else 0.0
 
 
-@dataclass(frozen=True)
-class CanarySetup:
-    """A planted canary's recipe (``social.canaries`` and ``social.canary-*``, which plant for any method, so FDKT and
-    CrossLM runs are audited the same way). Silos and auditors rebuild the canary from it and the seed alike."""
-
-    kind: str = "digits"  # digits: "My PIN code is NNNN." | name: "My secret contact is FIRST LAST."
-    copies: int = 1  # copies planted in each silo's training split
-    candidates: int = 999  # comparison secrets the canary is ranked against
-
-    def canary(self, seed: int) -> tuple[Canary, list[str]]:
-        """The run's canary and its comparison secrets."""
-        canary = make_canary(self.kind, seed=seed)
-        return canary, candidate_secrets(canary, self.candidates, seed=seed + 1)
+def run_canary(setup: CanaryConfig, seed: int) -> tuple[Canary, list[str]]:
+    """The run's canary and its comparison secrets: silos, the server and auditors rebuild them alike from the seed."""
+    canary = make_canary(setup.kind, seed=seed)
+    return canary, candidate_secrets(canary, setup.candidates, seed=seed + 1)
 
 
-def plant_canaries(data: SiloData, setup: CanarySetup | None, seed: int, index: int) -> SiloData:
+def plant_canaries(data: SiloData, setup: CanaryConfig, seed: int, index: int) -> SiloData:
     """Silo ``index``'s data with the run's canary planted into its training split (labelled with the silo's most
-    common label); unchanged without a setup. Silos and auditors call this, so both see the same data."""
-    if setup is None or not len(data.train):
+    common label); unchanged unless ``canaries.enabled``. Silos and auditors call this, so both see the same data."""
+    if not setup.enabled or not len(data.train):
         return data
     label = Counter(data.train.labels).most_common(1)[0][0]
-    texts, labels = plant(data.train.texts, data.train.labels, setup.canary(seed)[0], setup.copies, label,
+    texts, labels = plant(data.train.texts, data.train.labels, run_canary(setup, seed)[0], setup.copies, label,
                           seed=f"plant-canary/{seed}/{index}")
     return replace(data, train=Examples.of(texts, labels))

@@ -1,4 +1,4 @@
-"""``social.*``: teachers, aggregators, student, baselines and canaries of a Social Learning run."""
+"""``social.*``: teachers, aggregators, student and baselines of a Social Learning run (its canaries: ``canaries.*``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
 from fedbridge.methods.social.aggregators import AGGREGATORS, get_aggregator
-from fedbridge.privacy.canaries import TEMPLATES, CanarySetup
 
 MODES = p.SOCIAL_MODES
 BASELINES = ("zero-shot", "raw", "original")
@@ -50,11 +49,6 @@ class SocialConfig:
     dp_shots_per_group: int = 1
     dp_public_top_k: int = 100
     noise_seed: int = -1  # -1 = secret OS entropy; >= 0 only for reproducible tests
-    # memorisation: a canary planted in every silo's training split (by the silos, for any method; see the audit)
-    canaries: bool = False
-    canary_kind: str = "digits"  # digits: "My PIN code is NNNN." | name: "My secret contact is FIRST LAST."
-    canary_copies: int = 1  # copies per silo
-    canary_candidates: int = 999  # comparison secrets it is ranked against
     # student (server side)
     max_test: int = 150  # global test examples the student answers per variant (0 = all)
     max_prompt_tokens: int = 2048  # student prompt tokens kept (cut from the left)
@@ -80,9 +74,6 @@ class SocialConfig:
                               "max-prompt-tokens >= 64.")
         if not self.epsilon > 0:
             raise ConfigError("social.epsilon must be > 0 (inf = non-private).")
-        if self.canary_kind not in TEMPLATES or self.canary_copies < 1 or self.canary_candidates < 1:
-            raise ConfigError(f"social.canary-kind must be one of {', '.join(TEMPLATES)}; social.canary-copies and "
-                              "social.canary-candidates >= 1.")
         if self.dp != "none" and self.mode != "examples":
             raise ConfigError(f"social.dp={self.dp} applies to examples mode only; set social.mode=examples.")
 
@@ -93,10 +84,6 @@ class SocialConfig:
     @property
     def baseline_names(self) -> list[str]:
         return [b.strip() for b in self.baselines.split(",") if b.strip()]
-
-    @property
-    def canary_setup(self) -> CanarySetup | None:
-        return CanarySetup(self.canary_kind, self.canary_copies, self.canary_candidates) if self.canaries else None
 
     @property
     def keep(self) -> int:

@@ -16,7 +16,7 @@ it answers the global test set in context. One run:
   4. the student answers the (capped) global test set with each aggregated context, with label-constrained
      answers, next to the baselines: 0-shot, each teacher's own contribution (``raw``), and n original private
      examples (``original``: a NON-PRIVATE upper bound, raw data crosses the wire, off unless asked for);
-  5. with planted canaries (``social.canaries``), each student prompt's canary rank among 999 comparison secrets.
+  5. with planted canaries (``canaries.enabled``), each student prompt's canary rank among 999 comparison secrets.
 Each variant's metrics go to ``server_metrics["variant.<name>.<metric>"]`` (``fedbridge compare`` shows one row
 each); ``global_metrics`` holds the first aggregator's.
 
@@ -54,6 +54,7 @@ from fedbridge.models.generation import (
 from fedbridge.models.llm_classifier import classification_prompt, label_probabilities
 from fedbridge.models.loading import load_llm
 from fedbridge.privacy.audit import RAW_KIND, canary_report
+from fedbridge.privacy.canaries import run_canary
 from fedbridge.tasks import Examples, classification_metrics
 
 # ------------------------------------------------------------------ server side
@@ -105,8 +106,8 @@ class SocialLearning(Method):
             if "raw" in opts.baseline_names:
                 results[f"{opts.mode}:raw"] = _once(session, f"eval/{opts.mode}:raw", lambda: self._evaluate_raw(
                     student, tok, session, test, candidates))
-        if opts.canary_setup is not None:
-            canary = opts.canary_setup.canary(self.cfg.seed)
+        if self.cfg.canaries.enabled:
+            canary = run_canary(self.cfg.canaries, self.cfg.seed)
             with session.phase("canary"):
                 for v in variants:
                     if v.context:  # the student prompt of this variant, as the canary's context
