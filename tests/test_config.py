@@ -211,6 +211,18 @@ def test_pyproject_run_config_matches_dataclass_defaults():
             assert type(value) is type(default) and value == default, (key, value, default)
 
 
+def test_every_run_config_key_is_documented_in_a_config_table():
+    """Each key of the dataclasses (core sections and every method's) names a row of a config table: the first
+    cell of a Markdown table row in README.md or docs/*.md holds it in backticks."""
+    documented = set()
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("|"):
+                documented |= set(re.findall(r"`([a-z][\w.-]*)`", line.split("|")[1]))
+    keys = {**ExperimentConfig().to_run_config(), **method_option_defaults()}
+    assert not (undocumented := sorted(set(keys) - documented)), f"no config table row names {undocumented}"
+
+
 def test_pyproject_run_config_parses_to_the_default_config():
     declared = pyproject_run_config()
     cfg = ExperimentConfig.from_run_config(declared)
