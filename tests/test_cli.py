@@ -202,6 +202,35 @@ def test_compare_grid_sweep_runs_a_method_s_own_keys_only_for_that_method(tmp_pa
     assert (out / "accuracy.png").is_file()
 
 
+def test_one_aggregator_sweep_sets_each_method_s_own_aggregator(tmp_path, monkeypatch, capsys):
+    out, seen = tmp_path / "agg", []
+
+    def fake_run(cfg, engine):
+        options = cfg.method_options
+        seen.append((cfg.method, options.get("fedavg.strategy") or options.get("crosslm.aggregate")
+                     or options.get("social.aggregators")))
+        rec = RunRecord(run_name=cfg.run_name, method=cfg.method, seed=cfg.seed, config=cfg.to_run_config(),
+                        status="ok", global_metrics={"accuracy": 0.5})
+        rec.write(cfg.results_dir)
+        return rec
+
+    import fedbridge.simulations.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "run", fake_run)
+    args = ["compare", "--methods", "local,fedavg,crosslm,pipeline,social", "--seeds", "0", "--engine", "inprocess",
+            "--sweep", "aggregator=FedMedian,Krum,median,trimmed-mean,voting,random", "--out", str(out)]
+    result = runner.invoke(cli, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert seen == [("local", None), ("fedavg", "FedMedian"), ("fedavg", "Krum"), ("crosslm", "median"),
+                    ("crosslm", "trimmed-mean"), ("pipeline", "median"), ("pipeline", "trimmed-mean"),
+                    ("social", "voting,random")]  # Social evaluates several aggregators in one run
+    table = (out / "table.md").read_text()
+    assert "fedavg fedavg.strategy=Krum" in table and "crosslm crosslm.aggregate=trimmed-mean" in table
+    assert "| local |" in table
+    line = _main(monkeypatch, capsys, *args[:-4], "--sweep", "aggregator=FedMedian,avg", "--out", str(out))
+    assert "'avg' is no aggregator of" in line and "crosslm: mean, median, trimmed-mean" in line
+
+
 def test_compare_only_aggregate_without_records_is_an_error(tmp_path):
     result = runner.invoke(cli, ["compare", "--only-aggregate", "--out", str(tmp_path)])
     assert result.exit_code != 0

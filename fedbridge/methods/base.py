@@ -272,6 +272,16 @@ class Session:
             self.record.silo_metrics.setdefault(silo, {}).update(metrics)
 
 
+@dataclass(frozen=True)
+class AggregatorAxis:
+    """The config key of the rule by which a method combines its silos' contributions, and the rule's choices: one
+    axis of comparison (``fedbridge compare --sweep aggregator=...``)."""
+
+    key: str
+    choices: tuple[str, ...]
+    one_run: bool = False  # the key takes a comma list: one run evaluates every listed aggregator on the same data
+
+
 class Method(ABC):
     """A fedbridge method: what the server does in one run. Subclasses set ``name`` and ``description``."""
 
@@ -280,6 +290,7 @@ class Method(ABC):
     note: ClassVar[str | None] = None  # a caveat every record of this method carries
     sections: ClassVar[tuple[str, ...]] = ()  # the config sections it reads besides its own (``fdkt`` for a method
     # built on FDKT's demonstrations)
+    aggregator: ClassVar[AggregatorAxis | None] = None  # how it combines silos' contributions, where it has a choice
     dp_slm: ClassVar[bool] = False  # whether its silos can train a DP SLM (slm.dp-epsilon): what it shares is the
     # SLM or its outputs, or (local) the SLM alone, to measure what DP costs
 

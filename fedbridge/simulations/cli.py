@@ -104,7 +104,9 @@ def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fe
             task: TaskOpt = None,
             sweep: Annotated[list[str] | None, typer.Option(
                 help="key=v1,v2,... (repeatable: the grid of all values), e.g. --sweep fdkt.epsilon=1,4,8,inf "
-                     "--sweep fdkt.mechanism=dp-fewshot,dp-sgd. A method's own keys (fdkt.*) sweep that method only"
+                     "--sweep fdkt.mechanism=dp-fewshot,dp-sgd. A method's own keys (fdkt.*) sweep that method only. "
+                     "--sweep aggregator=FedMedian,Krum,median,voting sets each method's own aggregator "
+                     "(fedavg.strategy, crosslm.aggregate, social.aggregators) to the values it has"
             )] = None,
             engine: EngineOpt = "simulation",
             out: Annotated[Path, typer.Option(help="records go to OUT/runs, table and plot to OUT")] = Path("results/compare"),
@@ -117,6 +119,7 @@ def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fe
     from fedbridge.simulations.runner import run as run_one
 
     sweeps = parse_sweeps(sweep)
+    aggregator_keys = check_aggregators(sweeps, methods.split(","))
     runs_dir, base = out / "runs", parse_sets(set_)
     for key, flag in (("method", "--methods"), ("seed", "--seeds"), ("run-name", "--out")):
         if key in base or key in sweeps:
@@ -144,7 +147,7 @@ def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fe
     records = load_records(runs_dir)
     if not records:
         raise FedbridgeError(f"No successful run records in {runs_dir}.")
-    rows = group(records, list(sweeps))
+    rows = group(records, [*(k for k in sweeps if k != AGGREGATOR), *aggregator_keys])
     print_table(rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(to_markdown(rows))
@@ -163,13 +166,36 @@ def parse_sweeps(specs: list[str] | None) -> dict[str, list]:
     return sweeps
 
 
+AGGREGATOR = "aggregator"  # the sweep axis over each method's own aggregation rule (``Method.aggregator``)
+
+
 def sweep_grid(sweeps: dict[str, list], method: str) -> list[dict]:
     """The swept values that apply to ``method``: keys of another method's section (``fdkt.*`` for ``local``)
-    leave it alone, so baselines run once per seed next to a method's sweep."""
-    from fedbridge.methods.registry import option_applies
+    leave it alone, so baselines run once per seed next to a method's sweep. ``aggregator`` values become the
+    method's own aggregator key, for the values among its choices (one run with all of them where one run
+    evaluates several)."""
+    from fedbridge.methods.registry import get_method, option_applies
 
-    keys = [k for k in sweeps if option_applies(k, method)]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(sweeps[k] for k in keys))]
+    keys = [k for k in sweeps if k != AGGREGATOR and option_applies(k, method)]
+    grid = [dict(zip(keys, combo)) for combo in itertools.product(*(sweeps[k] for k in keys))]
+    axis = get_method(method).aggregator
+    chosen = [v for v in sweeps.get(AGGREGATOR, []) if axis and v in axis.choices]
+    if not chosen:
+        return grid
+    values = [",".join(chosen)] if axis.one_run else chosen
+    return [{**point, axis.key: value} for point in grid for value in values]
+
+
+def check_aggregators(sweeps: dict[str, list], methods: list[str]) -> list[str]:
+    """The aggregator keys an ``aggregator`` sweep sets for these methods; a value none of them has is an error."""
+    from fedbridge.methods.registry import get_method
+
+    axes = {m: get_method(m).aggregator for m in methods if get_method(m).aggregator}
+    unknown = [v for v in sweeps.get(AGGREGATOR, []) if not any(v in a.choices for a in axes.values())]
+    if unknown:
+        known = "; ".join(f"{m}: {', '.join(a.choices)}" for m, a in axes.items()) or "none of them has one"
+        raise FedbridgeError(f"--sweep aggregator: '{unknown[0]}' is no aggregator of {', '.join(methods)} ({known}).")
+    return list(dict.fromkeys(a.key for a in axes.values())) if AGGREGATOR in sweeps else []
 
 
 def _ok(path: Path) -> bool:

@@ -46,7 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
-from fedbridge.methods.base import POLL_SECONDS, Method, RejectedReply, Session, mean_over_silos
+from fedbridge.methods.base import POLL_SECONDS, AggregatorAxis, Method, RejectedReply, Session, mean_over_silos
 from fedbridge.methods.crosslm.config import CHECKPOINT_STEP, SERVER_ENHANCE_EPOCHS, CrossLMConfig
 from fedbridge.methods.selection import select_balanced
 from fedbridge.methods.text import deduplicate, parse_generation
@@ -55,6 +55,7 @@ from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig,
 from fedbridge.models.llm_classifier import label_probabilities
 from fedbridge.models.loading import ModelSpecError, load_llm, load_slm
 from fedbridge.models.reward import (
+    AGGREGATIONS,
     RewardTrainer,
     ScoredExample,
     aggregate,
@@ -184,6 +185,7 @@ class CrossLM(Method):
     name = "crosslm"
     description = "CrossLM: silo SLMs score LLM generations; LLM reward-trained (LoRA + KL), SLMs enhanced, async"
     dp_slm = True
+    aggregator = AggregatorAxis("crosslm.aggregate", AGGREGATIONS)
     note = "crosslm: silo scores of server-written text leave the silos without DP noise (no formal privacy guarantee)"
 
     def __init__(self, cfg: ExperimentConfig) -> None:

@@ -23,8 +23,8 @@ from flwr.serverapp.strategy import Strategy
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
-from fedbridge.methods.base import Method, RejectedReply, Session, mean_over_silos
-from fedbridge.methods.fedavg.config import FedAvgConfig
+from fedbridge.methods.base import AggregatorAxis, Method, RejectedReply, Session, mean_over_silos
+from fedbridge.methods.fedavg.config import STRATEGIES, FedAvgConfig
 from fedbridge.models.loading import load_slm
 from fedbridge.models.slm import predict_proba
 from fedbridge.tasks import classification_metrics
@@ -54,6 +54,7 @@ class FedAvg(Method):
     name = "fedavg"
     description = "identical SLMs averaged by a Flower strategy (fedavg.strategy: FedAvg, FedProx, FedAdam, Krum, ...)"
     dp_slm = True
+    aggregator = AggregatorAxis("fedavg.strategy", STRATEGIES)
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)

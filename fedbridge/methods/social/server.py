@@ -44,7 +44,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig
-from fedbridge.methods.base import Method, Session
+from fedbridge.methods.base import AggregatorAxis, Method, Session
 from fedbridge.methods.social.aggregators import AGGREGATORS, Candidate, get_aggregator
 from fedbridge.methods.social.config import ORIGINAL, ZERO_SHOT, social_options
 from fedbridge.methods.social.teaching import Lesson, examples_context, instructions_context
@@ -73,6 +73,7 @@ class SocialLearning(Method):
     name = "social"
     description = ("Social Learning: teacher silos share synthetic examples or instructions; the server LLM learns "
                    "in context")
+    aggregator = AggregatorAxis("social.aggregators", tuple(AGGREGATORS), one_run=True)
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
