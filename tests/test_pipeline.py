@@ -13,7 +13,7 @@ from test_checkpoint import NODES, assert_same_results, attempt, checkpoint_stat
 from test_crosslm import FAST as FAST_CROSSLM
 from test_fdkt import FAST as FAST_FDKT
 
-import fedbridge.methods.pipeline.server as pipeline
+import fedbridge.methods.crosslm.llm as server_llm
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.errors import ConfigError
@@ -30,14 +30,14 @@ def seeded_run(tmp_path_factory):
     """One in-process run, with every prompt the server LLM wrote a batch from."""
     tmp = tmp_path_factory.mktemp("pipeline")
     prompts = []
-    real = pipeline.write_labelled
+    real = server_llm.write_labelled
 
     def spy(model, tok, batch_prompts, *args, **kwargs):
         prompts.extend(batch_prompts)
         return real(model, tok, batch_prompts, *args, **kwargs)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(pipeline, "write_labelled", spy)
+    mp.setattr(server_llm, "write_labelled", spy)  # what the pipeline's LLM writes every batch with
     cfg = prepare(tiny_config(tmp, method="pipeline", run_name="pipeline", **OPTIONS))
     silos = [{"partition-id": i, "num-partitions": 2, "noise-seed": 0} for i in range(2)]
     grid = InProcessGrid(client_app, cfg.to_run_config(), silos, workers=2)

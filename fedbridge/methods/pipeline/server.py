@@ -25,7 +25,8 @@ from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.methods.base import Session
 from fedbridge.methods.crosslm.config import CrossLMConfig
-from fedbridge.methods.crosslm.server import CrossLM, Generated, _Pending, _Run, write_labelled
+from fedbridge.methods.crosslm.server import CrossLM, _Pending, _Run
+from fedbridge.methods.crosslm.state import Generated
 from fedbridge.methods.fdkt.config import FDKTConfig
 from fedbridge.methods.seeding import filter_demonstrations, keep_demonstrations, read_demonstrations, seeded_prompts
 from fedbridge.tasks import Examples
@@ -59,7 +60,7 @@ class _PipelineRun(_Run):
             silo = self.session.silo_name(node)
             if silo not in self.demos:
                 self.push(node, p.SYNTHESIZE, 0, p.request())
-            elif silo not in self.progress:
+            elif silo not in self.state.progress:
                 self.train_private(node)
 
     def on_demonstrations(self, pend: _Pending, content: RecordDict) -> None:
@@ -93,10 +94,10 @@ class _PipelineRun(_Run):
         sources = sorted(self.demos)
         pool = Examples.of([t for s in sources for t in self.demos[s].texts],
                            [y for s in sources for y in self.demos[s].labels])
-        model, tok = self.trainer.model, self.trainer.tok
-        kept = filter_demonstrations(model, tok, self.task, pool, self.fdkt.llm_filter, seed, self.stats, self.counts)
+        state = self.state
+        kept = filter_demonstrations(self.llm.model, self.llm.tok, self.task, pool, self.fdkt.llm_filter, seed,
+                                     state.stats, state.counts)
         prompts, labels = seeded_prompts(self.task, kept, self.opts.per_label, self.fdkt.demos_per_prompt,
                                          random.Random(seed))
-        self.counts["seeded-batches"] += 1
-        return write_labelled(model, tok, prompts, labels, self.opts, self.history, seed, self.cfg.llm.batch_size,
-                              self.stats, self.counts)
+        state.counts["seeded-batches"] += 1
+        return self.llm.write(prompts, labels, state.history, seed, state.stats, state.counts)
