@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from fedbridge.errors import ConfigError
+from fedbridge.models.device import DEVICE_SETTING
 from fedbridge.models.slm import SLMOptions
 
 Flat = dict[str, bool | int | float | str]
@@ -76,6 +77,24 @@ class LLMConfig:
     calibrate: bool = False  # contextual calibration of label answers (divide by a content-free input's)
 
 
+@dataclass(frozen=True)
+class DeviceConfig:
+    """``device.*``: where models run. ``auto`` is the first CUDA GPU torch sees, else the CPU; each side resolves
+    its own setting on its own machine (frozen models in bfloat16 on a GPU, float32 on the CPU)."""
+
+    server: str = "auto"  # the server's LLM (generation, scoring, CrossLM's LoRA), its SLM copies and embeddings
+    silo: str = "auto"  # each silo's SLM and LLM (FDKT's generator, Social's teacher); node config 'device' overrides
+    gpus_per_silo: float = 0.0  # simulation engine: the GPU share each silo's process gets (0.1: ten silos per GPU)
+    cpus_per_silo: int = 1  # simulation engine: CPU cores each silo's process gets
+
+    def __post_init__(self) -> None:
+        for key, value in (("device.server", self.server), ("device.silo", self.silo)):
+            if not DEVICE_SETTING.fullmatch(value):
+                raise ConfigError(f"{key}='{value}' is not a device: use auto, cpu, cuda or cuda:<index>.")
+        if self.gpus_per_silo < 0 or self.cpus_per_silo < 1:
+            raise ConfigError("device.gpus-per-silo must be >= 0 and device.cpus-per-silo >= 1.")
+
+
 CANARY_KINDS = ("digits", "name")
 
 
@@ -110,6 +129,7 @@ class ExperimentConfig:
     slm: SLMConfig = SLMConfig()
     llm: LLMConfig = LLMConfig()
     canaries: CanaryConfig = CanaryConfig()
+    device: DeviceConfig = DeviceConfig()
     method_options: dict[str, bool | int | float | str] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
@@ -134,7 +154,7 @@ class ExperimentConfig:
 
 
 _SECTIONS: dict[str, type] = {"task": TaskConfig, "partition": PartitionConfig, "slm": SLMConfig, "llm": LLMConfig,
-                              "canaries": CanaryConfig}
+                              "canaries": CanaryConfig, "device": DeviceConfig}
 # keys that moved, old -> new: run records and checkpoints written before the move still read
 RENAMED = {"social.canaries": "canaries.enabled", "social.canary-kind": "canaries.kind",
            "social.canary-copies": "canaries.copies", "social.canary-candidates": "canaries.candidates"}

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, Context
 from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import ConfigError
+from fedbridge.models.device import resolve_device
 from fedbridge.models.llm_classifier import label_probabilities
 from fedbridge.models.loading import load_llm, load_slm
 from fedbridge.models.slm import SLM, SLMOptions, TrainStats, predict_proba, train_classifier, validation_split
@@ -73,6 +74,12 @@ class Silo:
     data: SiloData
     state_dir: Path = DEFAULT_SILO_STATE_DIR  # node config 'state-dir': state that outlives a run
     policy: SiloPolicy = SiloPolicy()  # node config: what this silo lets leave (fedbridge.privacy.policy)
+    device_setting: str = "auto"  # node config 'device', else the run's device.silo
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        """Where this silo's models run, resolved on the silo's own machine."""
+        return resolve_device(self.device_setting, "this silo's device (node config 'device' or device.silo)")
 
     @property
     def name(self) -> str:
@@ -89,7 +96,7 @@ class Silo:
         fitted to the silo's own training texts, so every SLM the silo builds (kept, reloaded, enhanced) reads
         texts the same way."""
         model = load_slm(self.cfg.slm.spec_for(self.index), len(self.labels), self.cfg.seed + self.index, weights,
-                         self.cfg.slm)
+                         self.cfg.slm, self.device)
         model.fit_max_length(self.data.train.texts)
         return model
 
@@ -166,7 +173,7 @@ class Silo:
 
     def evaluate_llm(self) -> dict[str, float]:
         """The public LLM, run inside the silo on the silo's own test split (no data leaves)."""
-        model, tok = load_llm(self.cfg.llm.model)
+        model, tok = load_llm(self.cfg.llm.model, device=self.device)
         task = load_task(self.cfg.task, self.cfg.seed)
         t0 = time.perf_counter()
         probs = label_probabilities(model, tok, self.data.test.texts, self.labels, task.instruction,
@@ -277,4 +284,4 @@ def _silo(run_items: tuple, node_items: tuple) -> Silo:
         data = federation.silos[index]
     data = plant_canaries(data, cfg.canaries, cfg.seed, index)  # canaries.enabled: to measure leaks
     return Silo(index, cfg, labels, data, Path(str(node.get("state-dir", DEFAULT_SILO_STATE_DIR))).expanduser(),
-                SiloPolicy.from_node_config(node))
+                SiloPolicy.from_node_config(node), str(node.get("device", cfg.device.silo)))

@@ -408,7 +408,7 @@ def canary_silo():
 
 def release(canary_silo, monkeypatch, epsilon) -> tuple[list[str], dict]:
     """What silo 0 sends in reply to query.synthesize, at ``epsilon`` (dp-fewshot, fixed noise seed)."""
-    monkeypatch.setattr(fdkt_silo, "load_llm", lambda spec, trainable=False: (canary_silo.model, canary_silo.tok))
+    monkeypatch.setattr(fdkt_silo, "load_llm", lambda spec, trainable=False, device=None: (canary_silo.model, canary_silo.tok))
     options = {"fdkt.mechanism": "dp-fewshot", "fdkt.epsilon": epsilon, "fdkt.groups": 8,
                "fdkt.shots-per-group": 2, "fdkt.max-tokens": 24, "fdkt.public-top-k": 0, "fdkt.num-per-label": 2,
                "fdkt.min-words": 1}

@@ -7,6 +7,7 @@ timeout-aware ``exchange`` with error handling, phase timing, and the record it 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -24,6 +26,7 @@ from fedbridge import protocol as p
 from fedbridge.checkpoint import Checkpoint
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import ConfigError, SiloFailure
+from fedbridge.models.device import resolve_device
 from fedbridge.results import RunRecord, contributions_path
 from fedbridge.tasks import Examples, Task, load_federation, load_task
 
@@ -110,6 +113,11 @@ class Session:
     checkpoint: Checkpoint
     silos: dict[int, str] = field(default_factory=dict)  # node id -> silo name
     started: float = field(default_factory=time.monotonic)
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        """Where the server's models run (``device.server``, resolved on this machine)."""
+        return resolve_device(self.cfg.device.server, "device.server")
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

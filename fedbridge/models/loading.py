@@ -40,9 +40,11 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from fedbridge.errors import ConfigError
+from fedbridge.models.device import inference_dtype
 from fedbridge.models.slm import SLM, SLMOptions
 
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
 
 # transformers builds models under process-wide patches (``no_init_weights`` swaps torch.nn.init for no-ops), so a
 # model built in one thread while another thread runs ``from_pretrained`` can come out with uninitialised tensors:
@@ -145,26 +147,29 @@ def _embedded_llm_dir() -> Path:
 
 @_serialized
 @functools.lru_cache(maxsize=4)
-def _load_llm_cached(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def _load_llm_cached(spec: str, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     if spec == "tiny-llama":
-        return tiny_llm()
+        model, tok = tiny_llm()
+        return model.to(device, inference_dtype(device)), tok
     source = str(_embedded_llm_dir()) if spec in LLM_ALIASES else spec
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=inference_dtype(device))
     except (OSError, ValueError) as err:
         raise ModelSpecError(_not_loadable("LLM", spec, source, err, "'embedded', 'tiny-llama'")) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return model.eval(), tok
+    return model.to(device).eval(), tok
 
 
 @_serialized
-def load_llm(spec: str = "embedded", trainable: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load a causal LM. The frozen instance is shared per process; ``trainable`` returns a private copy."""
-    model, tok = _load_llm_cached(spec)
+def load_llm(spec: str = "embedded", trainable: bool = False,
+             device: torch.device = CPU) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a causal LM onto ``device`` (``resolve_device``). The frozen instance is shared per process and device
+    (bfloat16 on a GPU); ``trainable`` returns a private float32 copy."""
+    model, tok = _load_llm_cached(spec, device)
     if trainable:
-        return copy.deepcopy(model), copy.deepcopy(tok)
+        return copy.deepcopy(model).float(), copy.deepcopy(tok)
     return model, tok
 
 
@@ -175,21 +180,23 @@ _LAYERS = re.compile(r"^minilm-l(\d+)$")
 
 @_serialized
 def load_slm(spec: str, num_labels: int, seed: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
-             options: SLMOptions = SLMOptions()) -> SLM:
-    """A silo's SLM for ``spec``: the pretrained encoder and a new head with ``num_labels`` outputs, seeded; with
-    ``weights`` (an ``SLM.trainable_state()`` of the same spec and options) those instead of the fresh ones. In head
-    mode the frozen encoder is shared by every SLM of the spec in this process."""
-    encoder, tok = _frozen_encoder(spec) if options.mode == "head" else _encoder(spec)
+             options: SLMOptions = SLMOptions(), device: torch.device = CPU) -> SLM:
+    """A silo's SLM for ``spec`` on ``device``: the pretrained encoder and a new head with ``num_labels`` outputs,
+    seeded; with ``weights`` (an ``SLM.trainable_state()`` of the same spec and options) those instead of the fresh
+    ones. In head mode the frozen encoder (bfloat16 on a GPU) is shared by every SLM of the spec in this process;
+    what trains is float32."""
+    encoder, tok = _frozen_encoder(spec, device) if options.mode == "head" else _encoder(spec)
     torch.manual_seed(seed)  # the new classification head (and LoRA's initialisation) is random: seed it
     model = SLM(encoder, tok, num_labels, options, key=spec)
     if weights is not None:
         model.load_trainable_state(weights)
-    return model
+    return model.to(device)
 
 
 @functools.lru_cache(maxsize=8)
-def _frozen_encoder(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    return _encoder(spec)
+def _frozen_encoder(spec: str, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    encoder, tok = _encoder(spec)
+    return encoder.to(device, inference_dtype(device)), tok
 
 
 def _encoder(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

@@ -70,11 +70,16 @@ def _toml_value(value: bool | int | float | str) -> str:
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
-def run_simulation(cfg: ExperimentConfig, cpus_per_silo: int = 1, quiet: bool = False) -> RunRecord:
+def federation_config(cfg: ExperimentConfig) -> str:
+    """Flower's simulation settings for ``cfg``: one SuperNode per silo, each with ``device.cpus-per-silo`` cores and
+    a ``device.gpus-per-silo`` share of a GPU (Ray hides the GPUs from a silo whose share is 0)."""
+    return (f"num-supernodes={cfg.partition.num_silos} client-resources-num-cpus={cfg.device.cpus_per_silo} "
+            f"client-resources-num-gpus={cfg.device.gpus_per_silo:g}")
+
+
+def run_simulation(cfg: ExperimentConfig, quiet: bool = False) -> RunRecord:
     """``flwr run <app> local --stream`` with one SuperNode per silo; raises ``RunFailed`` unless the record is ok."""
-    return run_flwr(cfg, "local", ["--federation-config", f"num-supernodes={cfg.partition.num_silos} "
-                                   f"client-resources-num-cpus={cpus_per_silo} client-resources-num-gpus=0"],
-                    quiet=quiet)
+    return run_flwr(cfg, "local", ["--federation-config", federation_config(cfg)], quiet=quiet)
 
 
 def run_flwr(cfg: ExperimentConfig, connection: str, extra_args: list[str] | None = None,

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedbridge.checkpoint import Checkpoint
 from fedbridge.config import ExperimentConfig
@@ -62,9 +63,10 @@ def write_labelled(model, tok, prompts: list[Prompt], labels: list[int], cfg: Cr
 class ServerLLM:
     """The server's LLM (LoRA adapters on the loaded model) and what it does in a CrossLM run."""
 
-    def __init__(self, cfg: ExperimentConfig, opts: CrossLMConfig, task: Task, steps_path: Path) -> None:
+    def __init__(self, cfg: ExperimentConfig, opts: CrossLMConfig, task: Task, steps_path: Path,
+                 device: torch.device) -> None:
         self.cfg, self.opts, self.task, self.steps_path = cfg, opts, task, steps_path
-        model, tok = load_llm(cfg.llm.model, trainable=True)
+        model, tok = load_llm(cfg.llm.model, trainable=True, device=device)
         self.trainer = RewardTrainer(model, tok, opts.update_config(), task.labels, task.instruction, seed=cfg.seed)
         self.saved_version: int | None = None  # the LLM version whose adapter the checkpoint holds
 

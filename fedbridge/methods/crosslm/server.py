@@ -135,7 +135,7 @@ class _Run:
             self.steps_path.unlink(missing_ok=True)  # an earlier attempt's steps are not this run's
         self.start_silos()  # silos work while the server loads and evaluates its LLM
         with session.phase("server-llm-load"):
-            self.llm = ServerLLM(self.cfg, opts, self.task, self.steps_path)
+            self.llm = ServerLLM(self.cfg, opts, self.task, self.steps_path, session.device)
             eval_set, passages = self.llm.evaluation_data(session.global_test)
         if self.saved is None:
             with session.phase("llm-eval-before"):
@@ -303,7 +303,7 @@ class _Run:
             if not isinstance(spec, str) or not spec:
                 raise p.ProtocolError("upload has no 'slm' record with the model's 'spec'.")
             model = load_slm(spec, self.num_labels, seed=self.cfg.seed, weights=arrays.to_torch_state_dict(),
-                             options=self.cfg.slm)
+                             options=self.cfg.slm, device=self.session.device)
         except (p.ProtocolError, ModelSpecError, RuntimeError) as err:
             self.drop(pend, f"rejected: unusable SLM upload: {err}")
             return False
@@ -406,7 +406,7 @@ class _Run:
         them). A resumed run may send a silo's round again: counted once, by (silo, round)."""
         opts = self.opts
         if opts.diversity and batch.embeddings is None and batch.examples:
-            batch.embeddings = embed(batch.texts)
+            batch.embeddings = embed(batch.texts, device=self.session.device)
         chosen = select_examples(batch.labels, rewards, opts.select_max, opts.min_reward, batch.embeddings,
                                  opts.diversity)
         self.state.selected[f"{self.session.silo_name(node)}/{batch.index}"] = len(chosen)
@@ -449,7 +449,7 @@ class _Run:
         for node, silo in self.session.silos.items():
             if silo in self.state.slm_specs and (arrays := ckpt.load_arrays(f"slm/{silo}")) is not None:
                 self.server_slms[node] = load_slm(self.state.slm_specs[silo], self.num_labels, self.cfg.seed, arrays,
-                                                  self.cfg.slm)
+                                                  self.cfg.slm, self.session.device)
         log.info("crosslm: resumed at LLM version %d with %d batches; silo progress %s", self.state.version,
                  len(self.state.batches), self.state.to_json()["progress"])
 

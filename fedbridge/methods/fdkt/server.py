@@ -74,7 +74,7 @@ class FDKT(Method):
         if math.isinf(cfg.epsilon) and note not in record.notes:
             record.notes.append(note)
         with session.phase("server-llm-load"):
-            model, tok = load_llm(self.cfg.llm.model)
+            model, tok = load_llm(self.cfg.llm.model, device=session.device)
         nodes = {silo: node for node, silo in session.silos.items()}
         demos = {step.split("/", 1)[1]: ckpt.load_examples(step) for step in ckpt.steps("demonstrations/")}
         trained = {step.split("/", 1)[1] for step in ckpt.steps("trained/")}

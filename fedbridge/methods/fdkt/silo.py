@@ -23,14 +23,14 @@ def synthesize(silo: Silo, experiment: str = "") -> tuple[Examples, dict, dict[s
     def release(ledger: RunLedger, noise_seed: int | None) -> SynthesisResult:
         budget = min(cfg.epsilon, ledger.remaining())
         if cfg.mechanism == "dp-sgd":
-            model, tok = load_llm(cfg.generator, trainable=True)
+            model, tok = load_llm(cfg.generator, trainable=True, device=silo.device)
             mech = DPSGDConfig(target_epsilon=budget, max_grad_norm=cfg.clip, epochs=cfg.sgd_epochs,
                                batch_size=cfg.sgd_batch_size, lr=cfg.sgd_lr, num_per_label=cfg.num_per_label,
                                min_words=cfg.min_words, noise_seed=noise_seed, max_length=cfg.sgd_max_length,
                                size_bound=silo.count_bound(per_label=False))
             return dp_sgd_synthesize(model, tok, texts, labels, silo.labels, mech, ledger,
                                      silo.cfg.seed + silo.index)
-        model, tok = load_llm(cfg.generator)
+        model, tok = load_llm(cfg.generator, device=silo.device)
         mech = DPFewShotConfig(num_groups=cfg.groups, shots_per_group=cfg.shots_per_group,
                                max_tokens=cfg.max_tokens, public_top_k=cfg.public_top_k,
                                num_per_label=cfg.num_per_label, min_words=cfg.min_words, noise_seed=noise_seed,

@@ -33,7 +33,7 @@ from fedbridge.tasks import classification_metrics
 def evaluate_shared_model(session: Session, arrays: ArrayRecord, round_: int) -> None:
     """One model for everyone: score it on the global test set here, and on each silo's test split there."""
     model = load_slm(session.cfg.slm.spec_for(0), len(session.task.labels), seed=session.cfg.seed,
-                     weights=arrays.to_torch_state_dict(), options=session.cfg.slm)
+                     weights=arrays.to_torch_state_dict(), options=session.cfg.slm, device=session.device)
     with session.phase("server-eval"):
         probs = predict_proba(model, session.global_test.texts)
         session.record.global_metrics.update(classification_metrics(session.global_test.labels, probs))
@@ -69,7 +69,7 @@ class FedAvg(Method):
     def run(self, session: Session) -> None:
         cfg, ckpt = self.options, session.checkpoint
         model = load_slm(single_slm_spec(session, self.name), len(session.task.labels), seed=self.cfg.seed,
-                         options=self.cfg.slm)
+                         options=self.cfg.slm, device=session.device)
         done = max((int(step.removeprefix("round-")) for step in ckpt.steps("round-")), default=0)
         arrays = ArrayRecord(ckpt.load_arrays(f"global-round-{done}") if done else model.trainable_state())
         if done < self.cfg.rounds:

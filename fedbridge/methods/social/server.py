@@ -91,7 +91,7 @@ class SocialLearning(Method):
         if opts.max_test and len(test) > opts.max_test:
             test = Examples.of(test.texts[:opts.max_test], test.labels[:opts.max_test])
         with session.phase("server-llm-load"):
-            student, tok = load_llm(self.cfg.llm.model)
+            student, tok = load_llm(self.cfg.llm.model, device=session.device)
         with session.phase("teach"):
             candidates = self._teach(session)
         aggregators = [get_aggregator(a, opts.diversity) for a in opts.aggregator_names]

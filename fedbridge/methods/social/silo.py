@@ -31,7 +31,7 @@ def teach(silo: Silo, mode: str, experiment: str = "") -> Lesson:
     privacy = silo.non_private_release(f"Social Learning {mode}", experiment)
     detector = (CopyDetector([*silo.data.train.texts, *silo.data.test.texts], cfg.verbatim_ngram)
                 if silo.policy.verbatim(cfg.verbatim_filter) else None)
-    model, tok = load_llm(cfg.teacher)
+    model, tok = load_llm(cfg.teacher, device=silo.device)
     if mode == "instructions":
         description = load_task(silo.cfg.task, silo.cfg.seed).description
         lesson = write_instruction(model, tok, description, silo.labels, silo.data.train, cfg, seed, detector)
@@ -44,7 +44,7 @@ def _teach_dp(silo: Silo, cfg: SocialConfig, experiment: str) -> Lesson:
     """Examples by DP few-shot generation (charged to this silo's ledger), then the top-k by perplexity given the
     data-free prompt (post-processing). No verbatim filter: reading private data to filter would not be."""
     texts, labels = list(silo.data.train.texts), list(silo.data.train.labels)
-    model, tok = load_llm(cfg.teacher)
+    model, tok = load_llm(cfg.teacher, device=silo.device)
 
     def release(ledger: RunLedger, noise_seed: int | None) -> SynthesisResult:
         mech = DPFewShotConfig(num_groups=cfg.dp_groups, shots_per_group=cfg.dp_shots_per_group,
@@ -80,7 +80,7 @@ def vote(silo: Silo, mode: str, texts: list[str], labels: list[int] | None, expe
     silo.non_private_release("Social Learning votes", experiment)
     rng = random.Random(f"vote/{silo.cfg.seed}/{silo.index}")  # a stream of its own, not the teaching draws
     held = rng.sample(range(len(silo.data.test)), min(cfg.vote_examples, len(silo.data.test)))
-    model, tok = load_llm(cfg.teacher)
+    model, tok = load_llm(cfg.teacher, device=silo.device)
     return vote_scores(model, tok, silo.labels, Examples.of([silo.data.test.texts[i] for i in held],
                                                             [silo.data.test.labels[i] for i in held]),
                        mode, texts, labels, cfg.max_example_chars)

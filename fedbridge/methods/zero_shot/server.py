@@ -18,7 +18,7 @@ class LLMZeroShot(Method):
 
     def run(self, session: Session) -> None:
         with session.phase("server-llm-load"):
-            model, tok = load_llm(self.cfg.llm.model)
+            model, tok = load_llm(self.cfg.llm.model, device=session.device)
         with session.phase("server-llm-eval"):
             probs = label_probabilities(model, tok, session.global_test.texts, session.task.labels,
                                         session.task.instruction, batch_size=self.cfg.llm.batch_size,
