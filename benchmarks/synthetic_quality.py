@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from fedbridge.config import ExperimentConfig
 from fedbridge.methods.centralized.server import train_pooled
 from fedbridge.models.embedding import embed
 from fedbridge.models.slm import predict_proba
+from fedbridge.privacy.audit import read_contributions
 from fedbridge.results import RunRecord
 from fedbridge.simulations.compare import group, load_records
 from fedbridge.tasks import load_federation
@@ -39,12 +39,9 @@ def judge(config_items: tuple):
     return train_pooled(cfg, federation, cfg.slm.spec_for(0))[0]
 
 
-def sent_sets(record: RunRecord) -> list[tuple[list[str], list[int]]]:
+def sent_sets(record: RunRecord, runs: Path) -> list[tuple[list[str], list[int]]]:
     """What the server sent: one (texts, labels) per FDKT augmented set or per CrossLM selection (silo, round)."""
-    path = record.artifacts.get("contributions")
-    if not path or not Path(path).exists():
-        return []
-    lines = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = read_contributions(record, runs / f"{record.run_name}.json")
     return [(line["texts"], line["labels"]) for line in lines
             if line.get("silo") == "server" and line.get("kind") in ("augmented", "selected") and line.get("texts")]
 
@@ -62,8 +59,8 @@ def mean_cosine(texts: list[str]) -> float:
     return float((sims.sum() - len(texts)) / (len(texts) * (len(texts) - 1)))
 
 
-def quality(record: RunRecord) -> dict[str, float] | None:
-    sets = sent_sets(record)
+def quality(record: RunRecord, runs: Path) -> dict[str, float] | None:
+    sets = sent_sets(record, runs)
     if not sets:
         return None
     model = judge(tuple(sorted((k, v) for k, v in record.config.items())))
@@ -86,7 +83,7 @@ def main() -> None:
         records = load_records(directory / "runs")
         local = {r.seed: r.global_metrics.get("macro_f1") for r in records if r.method == "local"}
         for row in group(records):
-            scored = [(r, q) for r in row.records if (q := quality(r)) is not None]
+            scored = [(r, q) for r in row.records if (q := quality(r, directory / "runs")) is not None]
             if not scored:
                 continue
             gains = [100 * (r.global_metrics["macro_f1"] - local[r.seed]) for r, _ in scored if r.seed in local]

@@ -26,6 +26,10 @@ done
 for task in drug-reviews tweets; do  # the pipeline: FDKT's DP demonstrations (same sizes) seed CrossLM's batches
   run "$task" --methods pipeline $MIXED $FDKT
 done
+for task in drug-reviews tweets; do  # how the gain grows with the synthetic examples a silo gets (epsilon 4)
+  run "$task" --methods fdkt --sweep fdkt.augment-per-label=32 $MIXED $FDKT
+  run "$task" --methods fdkt --sweep fdkt.augment-per-label=2 $MIXED $FDKT
+done
 for task in drug-reviews tweets; do  # the baselines' ordering (one architecture: MiniLM-L6)
   run "$task" --methods fedavg,centralized
 done
@@ -36,9 +40,6 @@ done
 for task in drug-reviews tweets; do  # KL off; FDKT's noise levels around 4
   run "$task" --methods crosslm --sweep crosslm.kl-weight=0 $MIXED
   run "$task" --methods fdkt --sweep fdkt.epsilon=1,8 $MIXED $FDKT
-done
-for task in drug-reviews tweets; do  # how the gain grows with the synthetic examples a silo gets (epsilon 4)
-  run "$task" --methods fdkt --sweep fdkt.augment-per-label=2,32 $MIXED $FDKT
 done
 for task in drug-reviews tweets; do  # the other mechanism (the slowest runs, so last)
   run "$task" --methods fdkt --sweep fdkt.epsilon=4 $MIXED $FDKT $DPSGD
