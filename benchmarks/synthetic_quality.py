@@ -5,7 +5,8 @@
 For every FDKT or CrossLM record under DIR/runs, the examples the server sent (``"silo": "server"`` lines of the
 run's contributions file: FDKT's augmented sets, CrossLM's per-silo selections) are scored for
   - label accuracy: how often the ``centralized`` SLM of the same task and seed (``train_pooled``, the baseline's own
-    function, trained on every silo's private data pooled) predicts the label the example was written for;
+    function, trained on every silo's private data pooled) predicts the label the example was written for, beside
+    that judge's accuracy on the real global-test texts (its own error rate);
   - diversity: distinct-2 (unique word bigrams / all bigrams) and the mean pairwise cosine similarity of their
     MiniLM embeddings (1 = all the same);
   - size: examples each silo received;
@@ -33,10 +34,13 @@ from fedbridge.tasks import load_federation
 
 @functools.lru_cache(maxsize=8)
 def judge(config_items: tuple):
-    """The centralized SLM for a run's task, partition, seed and SLM recipe (first spec of a mixed list)."""
+    """The centralized SLM for a run's task, partition, seed and SLM recipe (first spec of a mixed list), and its
+    accuracy on the real global-test texts: the judge's own error rate, what a label accuracy is read against."""
     cfg = ExperimentConfig.from_run_config(dict(config_items))
     federation = load_federation(cfg.task, cfg.partition, cfg.seed)
-    return train_pooled(cfg, federation, cfg.slm.spec_for(0))[0]
+    model = train_pooled(cfg, federation, cfg.slm.spec_for(0))[0]
+    test = federation.global_test
+    return model, float((predict_proba(model, test.texts).argmax(1) == np.array(test.labels)).mean())
 
 
 def sent_sets(record: RunRecord, runs: Path) -> list[tuple[list[str], list[int]]]:
@@ -63,11 +67,12 @@ def quality(record: RunRecord, runs: Path) -> dict[str, float] | None:
     sets = sent_sets(record, runs)
     if not sets:
         return None
-    model = judge(tuple(sorted((k, v) for k, v in record.config.items())))
+    model, real_accuracy = judge(tuple(sorted((k, v) for k, v in record.config.items())))
     texts = [t for ts, _ in sets for t in ts]
     labels = np.array([y for _, ys in sets for y in ys])
     predicted = predict_proba(model, texts).argmax(1)
-    return {"label_accuracy": float((predicted == labels).mean()), "distinct_2": distinct_2(texts),
+    return {"label_accuracy": float((predicted == labels).mean()), "real_accuracy": real_accuracy,
+            "distinct_2": distinct_2(texts),
             "mean_cosine": mean_cosine(texts), "per_silo": float(np.mean([len(ts) for ts, _ in sets])),
             "examples": float(len(texts))}
 
@@ -77,8 +82,8 @@ def main() -> None:
     ap.add_argument("dirs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    lines = ["| task | configuration | seeds | examples per silo | label accuracy (centralized SLM) | distinct-2 | "
-             "mean cosine | macro-F1 gain over local |", "|" + "---|" * 8]
+    lines = ["| task | configuration | seeds | examples per silo | label accuracy (centralized SLM) | the judge on "
+             "real test texts | distinct-2 | mean cosine | macro-F1 gain over local |", "|" + "---|" * 9]
     for directory in args.dirs:
         records = load_records(directory / "runs")
         local = {r.seed: r.global_metrics.get("macro_f1") for r in records if r.method == "local"}
@@ -94,7 +99,7 @@ def main() -> None:
 
             gain = f"{np.mean(gains):+.1f} ± {np.std(gains):.1f}" if gains else "—"
             lines.append(f"| {directory.name} | {row.label} | {len(scored)} | {mean('per_silo', digits=1)} | "
-                         f"{mean('label_accuracy', 100, 1)} % | {mean('distinct_2')} | {mean('mean_cosine')} | {gain} |")
+                         f"{mean('label_accuracy', 100, 1)} % | {mean('real_accuracy', 100, 1)} % | {mean('distinct_2')} | {mean('mean_cosine')} | {gain} |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

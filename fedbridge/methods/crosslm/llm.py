@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.checkpoint import Checkpoint
 from fedbridge.config import ExperimentConfig
@@ -44,8 +45,9 @@ def crosslm_prompts(task: Task, per_label: int, rng: random.Random) -> tuple[lis
     return prompts, labels
 
 
-def write_labelled(model, tok, prompts: list[Prompt], labels: list[int], cfg: CrossLMConfig, history: list[str],
-                   seed: int, batch_size: int, stats: GenerationStats, counts: Counter) -> list[Generated]:
+def write_labelled(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[Prompt], labels: list[int],
+                   cfg: CrossLMConfig, history: list[str], seed: int, batch_size: int, stats: GenerationStats,
+                   counts: Counter) -> list[Generated]:
     """One batch from ``prompts`` (each asking for its label): sampled, parsed, kept if long enough and not a
     near-copy of anything written before (``history``)."""
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -71,11 +73,11 @@ class ServerLLM:
         self.saved_version: int | None = None  # the LLM version whose adapter the checkpoint holds
 
     @property
-    def model(self):
+    def model(self) -> PreTrainedModel:
         return self.trainer.model
 
     @property
-    def tok(self):
+    def tok(self) -> PreTrainedTokenizerBase:
         return self.trainer.tok
 
     def write(self, prompts: list[Prompt], labels: list[int], history: list[str], seed: int, stats: GenerationStats,
