@@ -15,8 +15,10 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+import torch
+
 from fedbridge.errors import ConfigError
-from fedbridge.models.device import DEVICE_SETTING
+from fedbridge.models.device import DEVICE_SETTING, resolve_device
 from fedbridge.models.slm import SLMOptions
 
 Flat = dict[str, bool | int | float | str]
@@ -93,6 +95,10 @@ class DeviceConfig:
                 raise ConfigError(f"{key}='{value}' is not a device: use auto, cpu, cuda or cuda:<index>.")
         if self.gpus_per_silo < 0 or self.cpus_per_silo < 1:
             raise ConfigError("device.gpus-per-silo must be >= 0 and device.cpus-per-silo >= 1.")
+
+    def for_server(self) -> torch.device:
+        """``device.server`` resolved on this machine (the server's, or an auditor's)."""
+        return resolve_device(self.server, "device.server")
 
 
 CANARY_KINDS = ("digits", "name")

@@ -26,7 +26,6 @@ from fedbridge import protocol as p
 from fedbridge.checkpoint import Checkpoint
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import ConfigError, SiloFailure
-from fedbridge.models.device import resolve_device
 from fedbridge.results import RunRecord, contributions_path
 from fedbridge.tasks import Examples, Task, load_federation, load_task
 
@@ -117,7 +116,7 @@ class Session:
     @functools.cached_property
     def device(self) -> torch.device:
         """Where the server's models run (``device.server``, resolved on this machine)."""
-        return resolve_device(self.cfg.device.server, "device.server")
+        return self.cfg.device.for_server()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -31,7 +31,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import DataError
-from fedbridge.models.device import resolve_device
 from fedbridge.models.generation import Prompt
 from fedbridge.models.loading import load_llm
 from fedbridge.privacy.canaries import (
@@ -150,8 +149,7 @@ def audit_run(record_path: str | Path, model: tuple[PreTrainedModel, PreTrainedT
     found = run_canary(cfg.canaries, cfg.seed) if cfg.canaries.enabled else None
     canary = found[0] if found else None
     if isinstance(model, str) or model is None:
-        device = resolve_device(cfg.device.server, "device.server")  # the auditor's machine
-        model = load_llm(model or cfg.llm.model, device=device) if rank and found else None
+        model = load_llm(model or cfg.llm.model, device=cfg.device.for_server()) if rank and found else None
     private = private_data(cfg, private_files)
     shared: dict[str, list[str]] = {}
     for line in read_contributions(record, record_path):

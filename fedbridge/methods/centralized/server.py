@@ -10,7 +10,6 @@ from flwr.app import ArrayRecord
 from fedbridge.config import ExperimentConfig
 from fedbridge.methods.base import Method, Session
 from fedbridge.methods.fedavg.server import evaluate_shared_model, single_slm_spec
-from fedbridge.models.device import resolve_device
 from fedbridge.models.loading import load_slm
 from fedbridge.models.slm import SLM, TrainStats, train_classifier, validation_split
 from fedbridge.tasks import Federation, load_federation
@@ -23,7 +22,7 @@ def train_pooled(cfg: ExperimentConfig, federation: Federation, spec: str) -> tu
     labels = [y for s in federation.silos for y in s.train.labels]
     fit, val = validation_split(labels, cfg.slm.validation_fraction, cfg.seed)
     model = load_slm(spec, len(federation.task.labels), seed=cfg.seed, options=cfg.slm,
-                     device=resolve_device(cfg.device.server, "device.server"))  # the pool is on the server
+                     device=cfg.device.for_server())  # the pool is on the server
     stats = train_classifier(model, [texts[i] for i in fit], [labels[i] for i in fit], cfg.slm, seed=cfg.seed,
                              progress="centralized train",
                              validation=([texts[i] for i in val], [labels[i] for i in val]) if val else None)
