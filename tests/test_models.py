@@ -293,6 +293,22 @@ def test_head_mode_shares_one_frozen_encoder_and_computes_each_text_once(monkeyp
     assert torch.equal(again, first[:3])
 
 
+def test_slms_with_different_max_lengths_share_the_features_of_texts_shorter_than_both(monkeypatch):
+    """Every silo fits its own max length; a global test set of short texts must still be embedded once per
+    process (with 100 silos, once per silo made the run 8x slower), and a long text read as each SLM reads it."""
+    short, long_ = tiny(2, options=dataclasses.replace(FAST, mode="head", max_length=16)), \
+        tiny(2, options=dataclasses.replace(FAST, mode="head", max_length=48))
+    clear_feature_cache()
+    calls = []
+    pool = type(short)._pool
+    monkeypatch.setattr(type(short), "_pool", lambda self, texts: calls.append(list(texts)) or pool(self, texts))
+    texts = ["tiny one", "another", "x" * 40]  # byte tokens: the last has 40 + 2 special tokens, the rest < 16
+    a, b = short.frozen_features(texts), long_.frozen_features(texts)
+    assert calls == [texts, ["x" * 40]]  # the short texts once; the long one again, now read whole
+    assert torch.equal(a[:2], b[:2]) and not torch.allclose(a[2], b[2])
+    assert torch.allclose(b, torch.cat([pool(long_, texts[:2]), pool(long_, texts[2:])]).float(), atol=1e-6)
+
+
 def test_pooling_choices_give_their_feature_sizes():
     sizes = {pooling: tiny(2, options=dataclasses.replace(FAST, pooling=pooling)).head.in_features
              for pooling in ("mean-layers", "mean", "cls")}

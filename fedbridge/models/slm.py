@@ -115,12 +115,17 @@ class TrainStats:
 
 # ------------------------------------------------------------------ the model
 
-_FEATURES: dict[tuple, dict[str, np.ndarray]] = {}  # (encoder key, pooling, max length) -> text -> features
+# (encoder key, pooling) -> (text, tokens read) -> features. Keyed by the tokens a text was read with, not by the
+# SLM's max length: every silo fits its own, and a text shorter than both reads the same, so silos in one process
+# share one embedding of the global test set instead of one per max length.
+_FEATURES: dict[tuple[str, str], dict[tuple[str, int], np.ndarray]] = {}
+_TOKEN_COUNTS: dict[str, dict[str, int]] = {}  # encoder key -> text -> its token count
 
 
 def clear_feature_cache() -> None:
     """Forget every cached frozen feature (a benchmark that must time each silo as if it were its own process)."""
     _FEATURES.clear()
+    _TOKEN_COUNTS.clear()
 
 
 class SLM(torch.nn.Module):
@@ -207,15 +212,21 @@ class SLM(torch.nn.Module):
 
     @torch.no_grad()
     def frozen_features(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Head mode: the frozen encoder's pooled features, each text computed once per process."""
-        cache = _FEATURES.setdefault((self.key, self.options.pooling, self.fit_max_length(texts)), {})
-        todo = list(dict.fromkeys(t for t in texts if t not in cache))
-        for i in range(0, len(todo), batch_size):
+        """Head mode: the frozen encoder's pooled features, each text computed once per process for each number of
+        tokens it is read with (its own length, or this SLM's max length when longer)."""
+        limit = self.fit_max_length(texts)
+        counts = _TOKEN_COUNTS.setdefault(self.key, {})
+        if new := list(dict.fromkeys(t for t in texts if t not in counts)):
+            counts.update(zip(new, map(len, self.tokenizer(new, truncation=False)["input_ids"])))
+        keys = [(t, min(counts[t], limit)) for t in texts]
+        cache = _FEATURES.setdefault((self.key, self.options.pooling), {})
+        todo = list(dict.fromkeys(k for k in keys if k not in cache))
+        for i in range(0, len(todo), batch_size):  # _pool reads at most `limit` tokens: each key's own count
             chunk = todo[i:i + batch_size]
-            cache.update(zip(chunk, self._pool(chunk).float().cpu().numpy()))
+            cache.update(zip(chunk, self._pool([t for t, _ in chunk]).float().cpu().numpy()))
         if not texts:
             return torch.zeros((0, self.head.in_features), device=self.device)
-        return torch.from_numpy(np.stack([cache[t] for t in texts])).to(self.device)
+        return torch.from_numpy(np.stack([cache[k] for k in keys])).to(self.device)
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         features = self.frozen_features(texts) if self.options.mode == "head" else self._pool(texts)
