@@ -215,6 +215,33 @@ def test_llm_filter_needs_no_llm_for_fewer_than_two_texts(monkeypatch):
     assert asked == []
 
 
+def test_silos_that_arrive_together_are_augmented_in_one_llm_pass_each_from_its_own_demonstrations(monkeypatch):
+    import fedbridge.methods.fdkt.server as fdkt_server
+
+    calls = []
+
+    def generate(model, tok, prompts, sampling, seed=None, progress=None):
+        calls.append(len(prompts))  # each new text names the demonstration its prompt showed
+        shown = [prompt[0]["content"].split("Example: ")[1].split("\n")[0] for prompt in prompts]
+        return [f"a new review written from {s}" for s in shown], GenerationStats(prompts=len(prompts))
+
+    monkeypatch.setattr(fdkt_server, "generate", generate)
+    task = SimpleNamespace(description="drug review", labels=("negative", "positive"), instruction="")
+    sets = {"silo-0": Examples.of(["alpha one", "alpha two"], [0, 1]),
+            "silo-1": Examples.of(["beta one", "beta two"], [0, 1])}
+    cfg = dataclasses.replace(fdkt_server.FDKTConfig(), llm_filter=False, label_filter=False, augment_per_label=2,
+                              demos_per_prompt=1, min_words=2)
+    counts = Counter()
+    out = fdkt_server.augment(None, None, task, sets, cfg, 0, GenerationStats(), counts)
+    assert calls == [8]  # 2 silos x 2 labels x 2 prompts, one pass
+    for silo, word in (("silo-0", "alpha"), ("silo-1", "beta")):
+        new = [(t, y) for t, y in zip(out[silo].texts, out[silo].labels) if t.startswith("a new review")]
+        assert new and all(word in t for t, _ in new)  # only its own demonstrations seeded its set
+        assert all(("one" in t) == (y == 0) for t, y in new)  # each with the label its prompt asked for
+    assert {"alpha one", "alpha two"} <= set(out["silo-0"].texts)  # kept demonstrations stay in the set
+    assert counts["generated"] == 8
+
+
 # ------------------------------------------------------------------ in-process rounds
 
 

@@ -18,7 +18,7 @@ from fedbridge.privacy import (
     noisy_average,
     sigma_for_epsilon,
 )
-from fedbridge.privacy.dp_fewshot import GrowingPrompts, _draw_groups, _next_token_probs
+from fedbridge.privacy.dp_fewshot import PackedPrompts, _draw_groups, _next_token_probs
 
 LABELS = ["negative", "positive"]
 TEXTS = [f"review {i} says the film was {'great' if i % 2 else 'dull'}" for i in range(24)]
@@ -127,18 +127,21 @@ def test_sigma_for_epsilon_calibrates_the_charge_of_all_labels():
     assert sigma_for_epsilon(math.inf, 1e-5, [0, 1], 2, cfg) == 0.0
 
 
-def test_growing_prompts_give_the_whole_prompts_distributions():
-    """The KV-cached prompts (each prefix once, then only new tokens; cropped back between demonstrations) give the
-    next-token distribution a full forward pass of prefix + written tokens gives."""
+def test_packed_prompts_give_the_whole_prompts_distributions():
+    """The KV-cached prompts (each prefix once, then only new tokens, all asked prompts packed into one forward;
+    cropped back between demonstrations) give the next-token distribution a full forward pass of prefix + written
+    tokens gives."""
     model, tok = tiny_llm()
     bos, query = tok("")["input_ids"], tok("Label: a\nText:", add_special_tokens=False)["input_ids"]
     demos = [tok(f"Label: a\nText: {t}\n\n", add_special_tokens=False)["input_ids"] for t in TEXTS[:4]]
     prefixes = {-1: bos + query, **{i: bos + d + query for i, d in enumerate(demos)}}
-    cached, out = GrowingPrompts(model, dict(prefixes)), []
+    cached, out = PackedPrompts(model, dict(prefixes)), []
     for step in range(8):
-        for key in (-1, 0, 3, 1 if step % 2 else 2):  # some prefixes skip steps: they catch up in one pass
+        keys = (-1, 0, 3, -1, 1 if step % 2 else 2)  # some prefixes skip steps: they catch up in the same pass
+        packed = cached.probs([(key, out) for key in keys])
+        for key, probs in zip(keys, packed):
             full = _next_token_probs(model, [prefixes[key] + out], tok.pad_token_id)[0]
-            assert torch.allclose(cached.probs(key, out), full, atol=1e-6)
+            assert torch.allclose(probs, full, atol=1e-6)
         out.append(40 + step)
         if step == 4:  # the next demonstration starts from the prefixes again
             cached.reset()

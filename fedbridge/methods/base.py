@@ -206,19 +206,28 @@ class Session:
         Error replies, silos that do not answer within the timeout, and replies over ``max_bytes`` or that ``parse``
         rejects (ProtocolError) are recorded as failures and skipped.
         """
+        for batch in self.reply_batches(pending, message_type, round_, timeout, parse, max_bytes):
+            yield from batch
+
+    def reply_batches(self, pending: dict[str, int], message_type: str, round_: int = 0,
+                      timeout: float | None = None, parse: Callable[[RecordDict], Any] = p.read_reply,
+                      max_bytes: int = p.MAX_REPLY_BYTES) -> Iterator[list[tuple[int, Any]]]:
+        """``replies``, grouped: every valid reply that had arrived when the server looked, together. A server that
+        is busy while several silos answer then handles them in one pass (FDKT's LLM batches across them)."""
         pending, timeout = dict(pending), self.cfg.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
+            batch = []
             for reply in self.grid.pull_messages(list(pending)):
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is None:
                     continue
                 try:
-                    parsed = self.accept(node, reply, message_type, round_, parse, max_bytes)
+                    batch.append((node, self.accept(node, reply, message_type, round_, parse, max_bytes)))
                 except RejectedReply as rejected:
                     self.fail(node, message_type, round_, str(rejected))
-                    continue
-                yield node, parsed
+            if batch:
+                yield batch
             if pending:
                 time.sleep(POLL_SECONDS)
         for node in pending.values():

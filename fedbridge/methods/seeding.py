@@ -11,6 +11,7 @@ import math
 import random
 import re
 from collections import Counter
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 from flwr.app import RecordDict
@@ -41,34 +42,60 @@ def _filter_prompt(task: Task, label: str, texts: list[str]) -> Prompt:
 def llm_filter(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, label: str, texts: list[str],
                seed: int, stats: GenerationStats, counts: Counter) -> list[int]:
     """Cluster the demonstrations (k = ceil(n/4)), ask the LLM per cluster which to keep; unparseable = keep all."""
-    if len(texts) < 2:
-        return list(range(len(texts)))
-    k = math.ceil(len(texts) / 4)
-    clusters = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(embed(texts)) if k > 1 \
-        else np.zeros(len(texts), dtype=int)
-    members = [[i for i in range(len(texts)) if clusters[i] == c] for c in range(k)]
-    answers, st = generate(model, tok, [_filter_prompt(task, label, [texts[i] for i in m]) for m in members],
-                           SamplingConfig(max_new_tokens=24, temperature=0.0, batch_size=8))
-    stats += st
-    kept = []
-    for m, answer in zip(members, answers):
-        picked = parse_kept_indices(answer, len(m))
-        counts["filter-unparseable"] += picked is None
-        kept += [m[j] for j in (picked if picked is not None else range(len(m)))]
-    return sorted(kept)
+    return _llm_filter_all(model, tok, task, [(label, texts)], seed, stats, counts)[0]
+
+
+def _llm_filter_all(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task,
+                    jobs: list[tuple[str, list[str]]], seed: int, stats: GenerationStats,
+                    counts: Counter) -> list[list[int]]:
+    """``llm_filter`` for many (label, texts) sets at once: every cluster's question in one generation pass."""
+    members = []  # per job, its clusters (lists of indices); a set of fewer than two texts is kept whole, unasked
+    for _, texts in jobs:
+        k = math.ceil(len(texts) / 4)
+        clusters = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(embed(texts)) if k > 1 \
+            else np.zeros(len(texts), dtype=int)
+        members.append([[i for i in range(len(texts)) if clusters[i] == c] for c in range(k)]
+                       if len(texts) >= 2 else [])
+    prompts = [_filter_prompt(task, label, [texts[i] for i in m])
+               for (label, texts), clusters in zip(jobs, members) for m in clusters]
+    answers = iter([])
+    if prompts:
+        found, st = generate(model, tok, prompts, SamplingConfig(max_new_tokens=24, temperature=0.0, batch_size=8))
+        stats += st
+        answers = iter(found)
+    kept_all = []
+    for (_, texts), clusters in zip(jobs, members):
+        kept = [] if clusters else list(range(len(texts)))
+        for m in clusters:
+            picked = parse_kept_indices(next(answers), len(m))
+            counts["filter-unparseable"] += picked is None
+            kept += [m[j] for j in (picked if picked is not None else range(len(m)))]
+        kept_all.append(sorted(kept))
+    return kept_all
 
 
 def filter_demonstrations(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, demos: Examples,
                           use_llm: bool, seed: int, stats: GenerationStats, counts: Counter) -> dict[int, list[str]]:
     """The demonstrations of each label that the LLM keeps (all of them when ``use_llm`` is off)."""
-    by_label = {y: [t for t, l in zip(demos.texts, demos.labels) if l == y] for y in range(len(task.labels))}
-    kept: dict[int, list[str]] = {}
-    for y, texts in by_label.items():
-        idx = llm_filter(model, tok, task, task.labels[y], texts, seed, stats, counts) if use_llm \
-            else range(len(texts))
-        kept[y] = [texts[i] for i in idx]
+    return filter_demonstration_sets(model, tok, task, {None: demos}, use_llm, seed, stats, counts)[None]
+
+
+def filter_demonstration_sets(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task,
+                              sets: Mapping[Hashable, Examples], use_llm: bool, seed: int, stats: GenerationStats,
+                              counts: Counter) -> dict[Hashable, dict[int, list[str]]]:
+    """``filter_demonstrations`` of several silos' sets, with one LLM pass for all of them."""
+    jobs = [(key, y, [t for t, label in zip(demos.texts, demos.labels) if label == y])
+            for key, demos in sets.items() for y in range(len(task.labels))]
+    if use_llm:
+        picks = _llm_filter_all(model, tok, task, [(task.labels[y], texts) for _, y, texts in jobs], seed, stats,
+                                counts)
+    else:
+        picks = [range(len(texts)) for *_, texts in jobs]
+    kept: dict[Hashable, dict[int, list[str]]] = {key: {} for key in sets}
+    for (key, y, texts), idx in zip(jobs, picks):
+        kept[key][y] = [texts[i] for i in idx]
         counts["demonstrations"] += len(texts)
-        counts["kept-by-filter"] += len(kept[y])
+        counts["kept-by-filter"] += len(kept[key][y])
     return kept
 
 

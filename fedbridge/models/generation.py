@@ -1,7 +1,7 @@
 """The one batched generation engine every method calls, and the one likelihood scorer.
 
-Keeping both behind these two functions means a faster backend (vLLM, a compiled GPU path) can replace
-HF ``generate`` in one place; HF ``generate`` is overhead-bound on GPU (~30 ms a step for 135M at any batch).
+``generate`` runs fedbridge's decoder (``engine.py``: continuous batching over a preallocated KV cache, CUDA graphs on
+GPU) and keeps HF ``generate`` as the reference, which is overhead-bound on GPU (~30 ms a step for 135M at any batch).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +25,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from fedbridge.models.engine import Decoder, cache_argument, supports_engine
+
+ENGINES = ("fedbridge", "hf")
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
 
@@ -35,8 +38,9 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     stop: tuple[str, ...] = ()
-    batch_size: int = 16
+    batch_size: int = 16  # rows decoded together
     max_prompt_tokens: int = 1024  # longer prompts are cut from the left
+    engine: str = "fedbridge"  # fedbridge (engine.Decoder) | hf (transformers' generate, the reference)
 
 
 @dataclass
@@ -73,12 +77,8 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     return "\n\n".join(m["content"] for m in prompt) + "\n"
 
 
-def _encode_left_padded(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int,
-                        device: torch.device) -> dict[str, torch.Tensor]:
-    ids = [tokenizer(t, add_special_tokens=not t.startswith(tokenizer.bos_token or "\0"))["input_ids"][-max_tokens:]
-           for t in texts]
+def _left_padded(ids: list[list[int]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
     width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
     return {"input_ids": input_ids, "attention_mask": mask}
@@ -111,42 +111,70 @@ class SeededSampler(LogitsProcessor):
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
              sampling: SamplingConfig = SamplingConfig(), seed: int | None = None,
              progress: str | None = None) -> tuple[list[str], GenerationStats]:
-    """Generate one continuation per prompt, in batches with left padding.
+    """Generate one continuation per prompt, ``sampling.batch_size`` rows at a time.
 
     Returns the texts (cut at the first stop string, special tokens removed) and the token/time counts.
     ``generated_tokens`` counts tokens up to and including the end-of-sequence or stop point of each row.
+    fedbridge's decoder (``engine.Decoder``: continuous batching over a preallocated KV cache) runs every model it
+    supports; ``sampling.engine="hf"``, or a model it does not support, uses HF ``generate`` (same greedy tokens).
     """
+    if sampling.engine not in ENGINES:
+        raise ValueError(f"Unknown generation engine '{sampling.engine}': use one of {', '.join(ENGINES)}.")
     rng = torch.Generator(device=model.device)
     rng.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    stats, outputs = GenerationStats(), []
-    greedy = sampling.temperature <= 0
+    ids = [prompt_ids(tokenizer, p)[-sampling.max_prompt_tokens:] for p in prompts]
     eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-    bar = tqdm(total=len(texts), desc=progress, disable=progress is None, unit="prompt")
-    for start in range(0, len(texts), sampling.batch_size):
-        t0 = time.perf_counter()
-        batch = _encode_left_padded(tokenizer, texts[start:start + sampling.batch_size],
-                                    sampling.max_prompt_tokens, model.device)
-        # sampling is done by SeededSampler and handed to greedy decoding: transformers would draw from torch's
-        # global RNG, which other threads (silos training in process) draw from too, and a seed would mean nothing
-        kwargs = dict(do_sample=False, max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
-        if not greedy:
-            kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(sampling, rng)])
-        if sampling.stop:
-            kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
-        out = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:]
-        for row in out.tolist():
-            n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-            text, _ = _cut_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True), sampling.stop)
-            outputs.append(text.strip())
-            stats.generated_tokens += n
-        stats.prompts += len(out)
-        stats.prompt_tokens += int(batch["attention_mask"].sum())
-        stats.seconds += time.perf_counter() - t0
-        bar.update(len(out))
-    bar.close()
+    t0 = time.perf_counter()
+    with tqdm(total=len(ids), desc=progress, disable=progress is None, unit="prompt") as bar:
+        if sampling.engine == "fedbridge" and supports_engine(model):
+            rows = _decode(model, tokenizer, ids, sampling, rng, bar)
+        else:
+            rows = _hf_generate(model, tokenizer, ids, sampling, rng, bar)
+    stats, outputs = GenerationStats(prompts=len(ids), prompt_tokens=sum(map(len, ids))), []
+    for row in rows:
+        n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        text, _ = _cut_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True), sampling.stop)
+        outputs.append(text.strip())
+        stats.generated_tokens += n
+    stats.seconds = time.perf_counter() - t0
     return outputs, stats
+
+
+def _chooser(sampling: SamplingConfig, rng: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Next tokens from (rows, vocab) logits: the argmax, or a sample drawn with ``rng`` (``SeededSampler``)."""
+    if sampling.temperature <= 0:
+        return lambda logits: logits.argmax(-1)
+    sampler = SeededSampler(sampling, rng)
+    return lambda logits: sampler(None, logits.float()).argmax(-1)
+
+
+def _decode(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[list[int]],
+            sampling: SamplingConfig, rng: torch.Generator, bar: tqdm) -> list[list[int]]:
+    tail = max(map(len, sampling.stop), default=0) + 1  # tokens whose text can hold a stop string just completed
+    done = (lambda tokens: any(s in tokenizer.decode(tokens[-tail:]) for s in sampling.stop)) if sampling.stop \
+        else (lambda tokens: False)
+    decoder = Decoder(model, sampling.batch_size, sampling.max_new_tokens, {tokenizer.eos_token_id},
+                      tokenizer.pad_token_id, _chooser(sampling, rng), done)
+    return decoder.run(ids, on_finish=lambda _: bar.update())
+
+
+def _hf_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[list[int]],
+                 sampling: SamplingConfig, rng: torch.Generator, bar: tqdm) -> list[list[int]]:
+    """HF ``generate`` over left-padded batches: the reference the decoder is tested against."""
+    rows = []
+    # sampling is done by SeededSampler and handed to greedy decoding: transformers would draw from torch's
+    # global RNG, which other threads (silos training in process) draw from too, and a seed would mean nothing
+    kwargs = dict(do_sample=False, max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
+    if sampling.temperature > 0:
+        kwargs["logits_processor"] = LogitsProcessorList([SeededSampler(sampling, rng)])
+    if sampling.stop:
+        kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
+    for start in range(0, len(ids), sampling.batch_size):
+        batch = _left_padded(ids[start:start + sampling.batch_size], tokenizer.pad_token_id, model.device)
+        rows += model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:].tolist()
+        bar.update(len(batch["input_ids"]))
+    return rows
 
 
 @torch.no_grad()
@@ -156,55 +184,55 @@ def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     """Sum of log p(continuation | prompt) and its token count, for each pair.
 
     The shared primitive of label scoring, perplexity, canary ranking and voting. Prompts longer than
-    ``max_tokens`` lose tokens from the left; the continuation is always scored whole.
+    ``max_tokens`` lose tokens from the left; the continuation is always scored whole. Pairs are batched by length
+    (least padding), left-padded so every continuation ends at the last column, and the vocabulary projection runs
+    only on the columns that score a continuation token.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-    results: list[tuple[float, int]] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = []
-        for prompt, cont in zip(prompts[start:start + batch_size], continuations[start:start + batch_size]):
-            text = render_prompt(tokenizer, prompt)
-            p_ids = tokenizer(text, add_special_tokens=not text.startswith(tokenizer.bos_token or "\0"))["input_ids"]
-            c_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
-            if not c_ids:
-                raise ValueError(f"continuation {cont!r} has no tokens")
-            p_ids = p_ids[-max(1, max_tokens - len(c_ids)):] or [tokenizer.bos_token_id or tokenizer.pad_token_id]
-            rows.append((p_ids, c_ids))
-        width = max(len(p) + len(c) for p, c in rows)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([p + c + [pad] * (width - len(p) - len(c)) for p, c in rows], device=model.device)
-        mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in rows],
-                            device=model.device)
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for i, (p, c) in enumerate(rows):
-            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=model.device)
-            targets = torch.tensor(c, device=model.device)
-            results.append((float(logprobs[i, positions, targets].sum()), len(c)))
+    rows = []
+    for prompt, cont in zip(prompts, continuations):
+        c_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        if not c_ids:
+            raise ValueError(f"continuation {cont!r} has no tokens")
+        p_ids = prompt_ids(tokenizer, prompt)[-max(1, max_tokens - len(c_ids)):] or [tokenizer.bos_token_id
+                                                                                      or tokenizer.pad_token_id]
+        rows.append((p_ids, c_ids))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = _left_padded([rows[i][0] + rows[i][1] for i in chunk], tokenizer.pad_token_id, model.device)
+        keep = max(len(rows[i][1]) for i in chunk) + 1  # the columns predicting the longest continuation
+        logits = model(**batch, position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=keep).logits.float()
+        for n, i in enumerate(chunk):
+            c_ids = rows[i][1]
+            scored = logits[n, keep - 1 - len(c_ids):keep - 1]  # column j predicts continuation token j
+            logprobs = scored.gather(-1, torch.tensor(c_ids, device=model.device)[:, None])[:, 0] \
+                - torch.logsumexp(scored, dim=-1)
+            results[i] = (float(logprobs.sum()), len(c_ids))
     return results
 
 
 @torch.no_grad()
 def next_token_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
                         token_ids: Sequence[int], batch_size: int = 8, max_tokens: int = 1024) -> np.ndarray:
-    """log p(token | prompt) for each prompt and each of ``token_ids``: one forward pass per prompt.
+    """log p(token | prompt) for each prompt and each of ``token_ids``: one forward pass per prompt, projected on
+    the vocabulary at its last column only.
 
     The same numbers as ``continuation_logprobs`` for one-token continuations, at a fraction of the cost.
     """
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        rows = []
-        for prompt in prompts[start:start + batch_size]:
-            text = render_prompt(tokenizer, prompt)
-            ids = tokenizer(text, add_special_tokens=not text.startswith(tokenizer.bos_token or "\0"))["input_ids"]
-            rows.append(ids[-max(1, max_tokens - 1):])
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows], device=model.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        last = logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])].float()
-        out.append(torch.log_softmax(last, dim=-1)[:, list(token_ids)].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(token_ids)))
+    rows = [prompt_ids(tokenizer, prompt)[-max(1, max_tokens - 1):] for prompt in prompts]
+    out = np.zeros((len(rows), len(token_ids)))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = _left_padded([rows[i] for i in chunk], tokenizer.pad_token_id, model.device)
+        last = model(**batch, position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+                     logits_to_keep=1).logits[:, -1].float()
+        out[chunk] = torch.log_softmax(last, dim=-1)[:, list(token_ids)].cpu().numpy()
+    return out
 
 
 # ---------------------------------------------------------------- one long prompt, many continuations
@@ -260,7 +288,7 @@ def prefix_cached_logprobs(model: PreTrainedModel, prefix: Sequence[int], rows: 
         mask = torch.zeros(visible.shape, dtype=model.dtype, device=device).masked_fill(~visible,
                                                                                        torch.finfo(model.dtype).min)
         logits = model(input_ids=torch.tensor([ids], device=device), attention_mask=mask[None, None],
-                       position_ids=(len(prefix) + step)[None], past_key_values=copy.deepcopy(out.past_key_values)
+                       position_ids=(len(prefix) + step)[None], **{cache_argument(model): copy.deepcopy(out.past_key_values)}
                        ).logits[0].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         for n, i in enumerate(chunk):

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.errors import ConfigError, DataError
+from fedbridge.models.engine import cache_argument
 from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, calibrate_noise, compute_epsilon
 from fedbridge.privacy.synthesis import SynthesisResult, privacy_generator
 
@@ -132,79 +133,172 @@ def _query_head(template: str) -> str:
     return template.split("{text}")[0].rstrip(" ")
 
 
-class GrowingPrompts:
-    """Next-token distributions of prompts that all end in the tokens written so far: ``prefixes[key] + out``.
+class PackedPrompts:
+    """Next-token distributions of many prompts ``prefixes[key] + out`` at once, one forward per call.
 
-    Each fixed prefix (BOS, one private demonstration, the query head) runs through the model once; after that,
-    only the tokens its KV cache does not hold yet. ``reset`` crops every cache back to its prefix for the next
-    demonstration. The distributions are those of the whole prompt (the same causal attention, computed in
-    pieces), so the mechanism's output is exactly the one the accountant charges.
+    Each prompt keeps the KV cache of the tokens it has been fed: its prefix (BOS, one private demonstration, the
+    query head) once, then only the tokens written since it was last asked. A call packs every asked prompt's
+    missing tokens into one sequence after all their caches; a block mask lets each token see its own prompt's
+    cache and its own earlier new tokens only, and its position counts its own prompt's tokens. So the M + 1
+    prompts of every label being written cost one forward per token, and each distribution is exactly what a full
+    forward pass of its whole prompt gives: the mechanism's output is the one the accountant charges.
     """
 
-    def __init__(self, model: PreTrainedModel, prefixes: dict[int, list[int]]) -> None:
+    def __init__(self, model: PreTrainedModel, prefixes: dict[Hashable, list[int]]) -> None:
         self.model, self.prefixes = model, prefixes
-        self._caches: dict[int, tuple[object, int, torch.Tensor | None]] = {}  # key -> (KV cache, tokens held, probs)
+        self.cache_arg = cache_argument(model)
+        self._fed: dict[Hashable, tuple[list[int], torch.Tensor, torch.Tensor]] = {}  # key -> tokens, keys, values
         self.tokens_read = 0
 
     @torch.no_grad()
-    def probs(self, key: int, out: list[int]) -> torch.Tensor:
-        cache, held, last = self._caches.get(key, (None, 0, None))
-        feed = (self.prefixes[key] + out)[held:]
-        if feed:
-            result = self.model(input_ids=torch.tensor([feed], device=self.model.device), past_key_values=cache,
-                                use_cache=True)
-            cache, last = result.past_key_values, result.logits[0, -1].double().softmax(-1).cpu()
-            self.tokens_read += len(feed)
-        self._caches[key] = (cache, len(self.prefixes[key]) + len(out), last)
-        return last
+    def probs(self, asks: Sequence[tuple[Hashable, Sequence[int]]]) -> torch.Tensor:
+        """(len(asks), vocab) float64 distributions on the CPU, one per (key, tokens written) pair."""
+        unique = list(dict.fromkeys((key, tuple(out)) for key, out in asks))
+        if len({key for key, _ in unique}) < len(unique):
+            raise ValueError("one call may ask each prompt for one continuation only (its cache follows one)")
+        rows = []  # (key, tokens, tokens held in its cache)
+        for key, out in unique:
+            tokens = self.prefixes[key] + list(out)
+            fed = self._fed.get(key, ([], None, None))[0]
+            held = min(common_prefix(fed, tokens), len(tokens) - 1)  # at least one token runs: its logits answer
+            rows.append((key, tokens, held))
+        past_k = [self._fed[key][1][:, :, :held] for key, _, held in rows if held]
+        past_v = [self._fed[key][2][:, :, :held] for key, _, held in rows if held]
+        feeds = [tokens[held:] for _, tokens, held in rows]
+        width_past, width_new = sum(held for *_, held in rows), sum(map(len, feeds))
+        device, dtype = self.model.device, self.model.dtype
+        visible = torch.zeros(width_new, width_past + width_new, dtype=torch.bool, device=device)
+        positions, last, at_past, at_new = [], [], 0, 0
+        for (_, _, held), feed in zip(rows, feeds):
+            n = len(feed)
+            visible[at_new:at_new + n, at_past:at_past + held] = True
+            visible[at_new:at_new + n, width_past + at_new:width_past + at_new + n] = torch.ones(
+                n, n, dtype=torch.bool, device=device).tril()
+            positions += range(held, held + n)
+            last.append(at_new + n - 1)
+            at_past, at_new = at_past + held, at_new + n
+        cache = PackedCache(torch.cat(past_k, 2) if past_k else None,
+                            torch.cat(past_v, 2) if past_v else None)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
+        logits = self.model(input_ids=torch.tensor([[t for f in feeds for t in f]], device=device),
+                            attention_mask=mask[None, None], position_ids=torch.tensor([positions], device=device),
+                            logits_to_keep=torch.tensor(last, device=device), use_cache=True,
+                            **{self.cache_arg: cache}).logits[0]
+        new_k, new_v = torch.stack(cache.new_keys, 0)[:, 0], torch.stack(cache.new_values, 0)[:, 0]
+        at_new = 0
+        for (key, tokens, held), feed in zip(rows, feeds):
+            _, keys, values = self._fed.get(key, ([], None, None))
+            span = slice(at_new, at_new + len(feed))
+            keys = new_k[:, :, span] if not held else torch.cat([keys[:, :, :held], new_k[:, :, span]], 2)
+            values = new_v[:, :, span] if not held else torch.cat([values[:, :, :held], new_v[:, :, span]], 2)
+            self._fed[key] = (tokens, keys, values)
+            at_new += len(feed)
+        self.tokens_read += width_new
+        probs = logits.double().softmax(-1).cpu()
+        return probs[[unique.index((key, tuple(out))) for key, out in asks]]
 
     def reset(self) -> None:
-        """Back to the prefixes alone: each cache keeps all but the prefix's last token, which the next call feeds
-        again with the new tokens (so it has that position's distribution without a stored copy)."""
-        for key, (cache, _, _) in list(self._caches.items()):
-            keep = len(self.prefixes[key]) - 1
-            if hasattr(cache, "crop") and keep > 0:
-                cache.crop(keep - cache.get_seq_length())  # transformers 5: a negative count of tokens to drop
-                self._caches[key] = (cache, keep, None)
-            else:
-                del self._caches[key]
+        """Back to the prefixes alone (the next demonstration's tokens differ): each cache keeps its prefix only."""
+        for key, (tokens, keys, values) in self._fed.items():
+            keep = min(len(self.prefixes[key]), len(tokens))
+            self._fed[key] = (tokens[:keep], keys[:, :, :keep], values[:, :, :keep])
 
 
-def _write_demonstration(model: PreTrainedModel, tok: PreTrainedTokenizerBase, demos: list[list[int]],
-                         query: list[int], sample_rate: float, cfg: DPFewShotConfig,
-                         rng: torch.Generator, prompts_cache: GrowingPrompts | None = None) -> tuple[str, int, int]:
-    """One demonstration, one noisy query per token; returns its text, the queries run and the prompt tokens read.
+class PackedCache(Cache):
+    """The KV cache of one packed forward: every layer attends to the given past (all prompts' caches, side by side)
+    then the new tokens; the new tokens' keys and values are kept for the prompts' own caches."""
 
-    With ``prompts_cache`` (one shot per group: every group's prompt is one demonstration's prefix + the tokens
-    written), the M + 1 distributions come from its KV caches; otherwise each token re-reads the M + 1 prompts."""
+    def __init__(self, past_keys: torch.Tensor | None, past_values: torch.Tensor | None) -> None:
+        super().__init__(layers=[])
+        self.past_keys, self.past_values = past_keys, past_values  # (layers, heads, tokens, head_dim)
+        self.new_keys: list[torch.Tensor] = []
+        self.new_values: list[torch.Tensor] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.new_keys.append(key_states)
+        self.new_values.append(value_states)
+        if self.past_keys is None:
+            return key_states, value_states
+        return (torch.cat([self.past_keys[layer_idx][None], key_states], 2),
+                torch.cat([self.past_values[layer_idx][None], value_states], 2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.past_keys is None else self.past_keys.shape[2]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+@dataclass
+class _Writer:
+    """One demonstration being written for one label, one noisy token at a time."""
+
+    label: int
+    demos: list[list[int]]  # the label's private examples, tokenised as demonstrations
+    query: list[int]
+    sample_rate: float
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    queries: int = 0  # noisy queries run (a function of the released text)
+    done: bool = False
+
+    def take(self, token: int, tok: PreTrainedTokenizerBase, cfg: DPFewShotConfig, stop_ids: set[int]) -> None:
+        if token in stop_ids:
+            self.text, self.queries, self.done = self.text.strip(), len(self.out) + 1, True
+            return
+        self.out.append(token)
+        self.text = tok.decode(self.out, skip_special_tokens=True)
+        if cfg.stop and cfg.stop in self.text:
+            self.text, self.done = self.text[:self.text.index(cfg.stop)].strip(), True
+        elif len(self.out) >= cfg.max_tokens:
+            self.text, self.done = self.text.strip(), True
+        self.queries = len(self.out)
+
+
+def _write_together(writers: list[_Writer], model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                    cfg: DPFewShotConfig, rng: torch.Generator, prompts: PackedPrompts | None,
+                    on_done: Callable[[], None] = lambda: None) -> int:
+    """Write one demonstration per writer (one per label), all in step: per token, every unfinished writer draws its
+    groups, one forward answers the M + 1 prompts of all of them, then each adds noise to its own and takes a token.
+    Each demonstration is one run of the mechanism, with fresh draws, exactly as if written alone. Returns the
+    private prompt tokens read.
+
+    With ``prompts`` (one shot per group: every group's prompt is one demonstration's prefix + the tokens written)
+    the distributions come from their KV caches; otherwise every token reads the M + 1 whole prompts again."""
     bos = tok("")["input_ids"]  # the special tokens the tokenizer puts before any text
     stop_ids = {tok.eos_token_id, tok.pad_token_id} - {None}
-    out: list[int] = []
-    text, prompt_tokens = "", 0
-    while len(out) < cfg.max_tokens:
-        groups = _draw_groups(len(demos), sample_rate, cfg.num_groups, cfg.shots_per_group, rng)
-        if prompts_cache is not None:  # key -1: the data-free prompt; an empty group's prompt is that one too
-            before = prompts_cache.tokens_read
-            probs = torch.stack([prompts_cache.probs(key, out) for key in [-1, *(g[0] if g else -1 for g in groups)]])
-            prompt_tokens += prompts_cache.tokens_read - before
-        else:
-            prompts = [bos + query + out]  # row 0: the data-free prompt, for the public top-k
-            prompts += [bos + [t for i in g for t in demos[i]] + query + out for g in groups]
-            probs = _next_token_probs(model, prompts, tok.pad_token_id)
-            prompt_tokens += sum(len(p) for p in prompts)
-        private = probs[1:]
-        if cfg.public_top_k:  # renormalised: still probability vectors, so the sensitivity stays √2/M
-            allowed = probs[0].topk(min(cfg.public_top_k, probs.shape[1])).indices
-            private = private[:, allowed] / private[:, allowed].sum(1, keepdim=True)
-        pick = noisy_argmax(private, cfg.sigma, rng)
-        token = int(allowed[pick]) if cfg.public_top_k else pick
-        if token in stop_ids:
-            return text.strip(), len(out) + 1, prompt_tokens
-        out.append(token)
-        text = tok.decode(out, skip_special_tokens=True)
-        if cfg.stop and cfg.stop in text:
-            return text[:text.index(cfg.stop)].strip(), len(out), prompt_tokens
-    return text.strip(), len(out), prompt_tokens
+    read, width = 0, cfg.num_groups + 1
+    while active := [w for w in writers if not w.done]:
+        groups = [_draw_groups(len(w.demos), w.sample_rate, cfg.num_groups, cfg.shots_per_group, rng) for w in active]
+        if prompts is not None:  # key (label, -1): the data-free prompt; an empty group's prompt is that one too
+            before = prompts.tokens_read
+            probs = prompts.probs([((w.label, key), w.out) for w, g in zip(active, groups)
+                                   for key in [-1, *(m[0] if m else -1 for m in g)]])
+            read += prompts.tokens_read - before
+        else:  # row 0 of each writer: the data-free prompt, for the public top-k
+            rows = []
+            for w, g in zip(active, groups):
+                rows += [bos + w.query + w.out, *(bos + [t for i in m for t in w.demos[i]] + w.query + w.out for m in g)]
+            probs = _next_token_probs(model, rows, tok.pad_token_id)
+            read += sum(map(len, rows))
+        for n, writer in enumerate(active):
+            writer.take(_noisy_token(probs[n * width:(n + 1) * width], cfg, rng), tok, cfg, stop_ids)
+            if writer.done:
+                on_done()
+    return read
+
+
+def _noisy_token(probs: torch.Tensor, cfg: DPFewShotConfig, rng: torch.Generator) -> int:
+    """Row 0: the data-free prompt's distribution (public: it picks the top-k vocabulary); rows 1..M: the groups'."""
+    private = probs[1:]
+    if not cfg.public_top_k:
+        return noisy_argmax(private, cfg.sigma, rng)
+    allowed = probs[0].topk(min(cfg.public_top_k, probs.shape[1])).indices
+    # renormalised: still probability vectors, so the sensitivity stays √2/M
+    private = private[:, allowed] / private[:, allowed].sum(1, keepdim=True)
+    return int(allowed[noisy_argmax(private, cfg.sigma, rng)])
 
 
 def dp_fewshot_synthesize(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str],
@@ -229,28 +323,27 @@ def dp_fewshot_synthesize(model: PreTrainedModel, tok: PreTrainedTokenizerBase, 
     ledger.charge(events)
 
     rng = privacy_generator(cfg.noise_seed)
-    examples: list[tuple[str, int]] = []
-    generated = prompt_tokens = 0  # generated: noisy queries run, a function of the released text
+    bos = tok("")["input_ids"]
+    demos = [[tok(prompt_template.format(label=name, text=" ".join(t.split())[:cfg.max_text_chars]),
+                  add_special_tokens=False)["input_ids"] for t in private] for name, private in zip(label_names, by_label)]
+    queries = [tok(head.format(label=name), add_special_tokens=False)["input_ids"] for name in label_names]
+    prompts = None
+    if cfg.shots_per_group == 1 and cfg.kv_cache:
+        prompts = PackedPrompts(model, {(y, i): bos + d + queries[y] for y in range(len(label_names))
+                                        for i, d in [(-1, []), *enumerate(demos[y])]})
+    written: list[_Writer] = []
+    prompt_tokens = 0
     t0 = time.perf_counter()
     with tqdm(total=len(label_names) * cfg.num_per_label, desc="DP few-shot", unit="demo") as bar:
-        for label, (name_y, private, event) in enumerate(zip(label_names, by_label, events)):
-            demos = [tok(prompt_template.format(label=name_y, text=" ".join(t.split())[:cfg.max_text_chars]),
-                         add_special_tokens=False)["input_ids"] for t in private]
-            query = tok(head.format(label=name_y), add_special_tokens=False)["input_ids"]
-            cache = None
-            if cfg.shots_per_group == 1 and cfg.kv_cache:
-                bos = tok("")["input_ids"]
-                cache = GrowingPrompts(model, {-1: bos + query, **{i: bos + d + query for i, d in enumerate(demos)}})
-            for _ in range(cfg.num_per_label):
-                text, queries, read = _write_demonstration(model, tok, demos, query, event.sample_rate, cfg, rng,
-                                                           cache)
-                if cache is not None:
-                    cache.reset()
-                generated += queries
-                prompt_tokens += read
-                if len(text.split()) >= max(cfg.min_words, 1):
-                    examples.append((text, label))
-                bar.update()
+        for _ in range(cfg.num_per_label):  # one demonstration of every label at a time, written together
+            writers = [_Writer(y, demos[y], queries[y], event.sample_rate) for y, event in enumerate(events)]
+            prompt_tokens += _write_together(writers, model, tok, cfg, rng, prompts, on_done=bar.update)
+            if prompts is not None:
+                prompts.reset()
+            written += writers
+    written.sort(key=lambda w: w.label)  # label by label, as the server reads them
+    examples = [(w.text, w.label) for w in written if len(w.text.split()) >= max(cfg.min_words, 1)]
+    generated = sum(w.queries for w in written)
     return SynthesisResult(
         examples=examples, mechanism=cfg.mechanism, epsilon=compute_epsilon(events, ledger.delta),
         epsilon_total=ledger.spent(), delta=ledger.delta, steps=sum(e.steps for e in events),

@@ -7,7 +7,8 @@ One round, as the paper:
      near-duplicate ones, then prompts the LLM with 1-2 kept demonstrations to write new examples, which it
      parses, filters (length, label) and deduplicates (against each other and the demonstrations);
   3. each silo receives its augmented set (or one pooled set) as soon as it is ready, trains its SLM on
-     private + augmented data, and reports metrics.
+     private + augmented data, and reports metrics. Silos whose demonstrations arrive together are augmented in one
+     pass of the LLM (each still gets its own set).
 Everything the server does is post-processing of DP outputs, so it costs no further privacy.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Mapping
 
 from flwr.app import RecordDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -24,7 +26,12 @@ from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.methods.base import Method, Session, mean_over_silos
 from fedbridge.methods.fdkt.config import FDKTConfig
-from fedbridge.methods.seeding import filter_demonstrations, keep_demonstrations, read_demonstrations, seeded_prompts
+from fedbridge.methods.seeding import (
+    filter_demonstration_sets,
+    keep_demonstrations,
+    read_demonstrations,
+    seeded_prompts,
+)
 from fedbridge.methods.text import deduplicate, parse_generation
 from fedbridge.models.generation import GenerationStats, SamplingConfig, generate
 from fedbridge.models.llm_classifier import label_probabilities
@@ -34,13 +41,19 @@ from fedbridge.tasks import Examples, Task
 # ------------------------------------------------------------------ server pipeline
 
 
-def augment(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, demos: Examples, cfg: FDKTConfig,
-            seed: int, stats: GenerationStats, counts: Counter) -> Examples:
-    """FDKT's server step for one set of DP demonstrations; returns kept demonstrations + new examples."""
-    kept = filter_demonstrations(model, tok, task, demos, cfg.llm_filter, seed, stats, counts)
-    prompts, intended = seeded_prompts(task, kept, cfg.augment_per_label, cfg.demos_per_prompt, random.Random(seed))
+def augment(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, sets: Mapping[str, Examples],
+            cfg: FDKTConfig, seed: int, stats: GenerationStats, counts: Counter) -> dict[str, Examples]:
+    """FDKT's server step for the DP demonstrations of one or more silos (or one pool): per set, its kept
+    demonstrations + new examples. Each stage runs once over all the sets (one filter pass, one generation pass,
+    one label check), so silos that arrive together share the LLM's batches; each set's prompts and deduplication
+    are its own."""
+    kept = filter_demonstration_sets(model, tok, task, sets, cfg.llm_filter, seed, stats, counts)
+    prompts, intended, owner = [], [], []
+    for key in sets:
+        mine, labels = seeded_prompts(task, kept[key], cfg.augment_per_label, cfg.demos_per_prompt, random.Random(seed))
+        prompts, intended, owner = prompts + mine, intended + labels, owner + [key] * len(mine)
     outs, st = generate(model, tok, prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=8), seed=seed, progress="augment")
+                        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=16), seed=seed, progress="augment")
     stats += st
     texts = [parse_generation(o) for o in outs]
     counts["generated"] += len(texts)
@@ -49,12 +62,15 @@ def augment(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, de
         probs = label_probabilities(model, tok, [texts[i] for i in ok], task.labels, task.instruction)
         ok = [i for i, row in zip(ok, probs) if row[intended[i]] > row.min() or len(task.labels) == 1]
     counts["after-length-label-filter"] += len(ok)
-    all_kept = [t for ts in kept.values() for t in ts]
-    new = [ok[j] for j in deduplicate([texts[i] for i in ok], all_kept, cfg.near_duplicate)]
-    counts["after-dedup"] += len(new)
-    out_texts = all_kept + [texts[i] for i in new]
-    out_labels = [y for y, ts in kept.items() for _ in ts] + [intended[i] for i in new]
-    return Examples.of(out_texts, out_labels)
+    augmented = {}
+    for key in sets:
+        all_kept = [t for ts in kept[key].values() for t in ts]
+        mine = [i for i in ok if owner[i] == key]
+        new = [mine[j] for j in deduplicate([texts[i] for i in mine], all_kept, cfg.near_duplicate)]
+        counts["after-dedup"] += len(new)
+        augmented[key] = Examples.of(all_kept + [texts[i] for i in new],
+                                     [y for y, ts in kept[key].items() for _ in ts] + [intended[i] for i in new])
+    return augmented
 
 
 class FDKT(Method):
@@ -84,27 +100,31 @@ class FDKT(Method):
             request = self._train_request(session, augmented)
             pending.update(session.push(p.TRAIN_AUGMENTED, {nodes[s]: request for s in silos}, 2))
 
+        def augment_each(silos: list[str]) -> None:  # per-silo sets, one LLM pass for all of them
+            sets = self._augmented(session, {silo: ([silo], demos[silo]) for silo in silos}, model, tok)
+            for silo in silos:
+                session.event(nodes[silo], "processed", p.SYNTHESIZE, 1)
+                send([silo], sets[silo])
+
         with session.phase("silo-synthesize+server-augment"):
             if not cfg.pooled:  # resumed: silos whose demonstrations are here already get their sets first
-                for silo in sorted(demos.keys() & nodes.keys() - trained):
-                    send([silo], self._augmented(session, silo, [silo], demos[silo], model, tok))
+                augment_each(sorted(demos.keys() & nodes.keys() - trained))
             ask = {node: p.request() for silo, node in nodes.items() if silo not in demos}
-            for node, (examples, privacy, metrics) in session.iter_replies(
-                    p.SYNTHESIZE, ask, round_=1, parse=lambda content: read_demonstrations(content, num_labels),
+            for batch in session.reply_batches(
+                    session.push(p.SYNTHESIZE, ask, 1), p.SYNTHESIZE, 1,
+                    parse=lambda content: read_demonstrations(content, num_labels),
                     max_bytes=p.MAX_EXAMPLES_REPLY_BYTES):
-                silo = session.silos[node]
-                demos[silo] = examples
-                keep_demonstrations(session, node, 1, examples, privacy, metrics)
-                if not cfg.pooled:  # per-silo: this silo's set goes back as soon as it is ready
-                    augmented = self._augmented(session, silo, [silo], examples, model, tok)
-                    session.event(node, "processed", p.SYNTHESIZE, 1)
-                    send([silo], augmented)
+                for node, (examples, privacy, metrics) in batch:
+                    demos[session.silos[node]] = examples
+                    keep_demonstrations(session, node, 1, examples, privacy, metrics)
+                if not cfg.pooled:  # per-silo: the sets of the silos that arrived together go back at once
+                    augment_each([session.silos[node] for node, _ in batch])
             if cfg.pooled and demos:
                 sources = sorted(demos)
                 pooled = Examples.of([t for s in sources for t in demos[s].texts],
                                      [y for s in sources for y in demos[s].labels])
                 send(sorted(demos.keys() & nodes.keys() - trained),
-                     self._augmented(session, "pooled", sources, pooled, model, tok))
+                     self._augmented(session, {"pooled": (sources, pooled)}, model, tok)["pooled"])
         with session.phase("silo-train-eval"):
             for node, reply in session.replies(pending, p.TRAIN_AUGMENTED, 2):
                 silo = session.silos[node]
@@ -115,24 +135,32 @@ class FDKT(Method):
             raise session.no_silo_completed("FDKT training")
         mean_over_silos(record)
 
-    def _augmented(self, session: Session, key: str, sources: list[str], demos: Examples, model: PreTrainedModel,
-                   tok: PreTrainedTokenizerBase) -> Examples:
-        """The augmented set for ``key`` (a silo, or 'pooled') made from the ``sources`` silos' demonstrations:
-        from the checkpoint if a resumed run made it already, else made, counted in the record, and checkpointed."""
-        ckpt, record, step = session.checkpoint, session.record, f"augmented/{key}"
-        done = ckpt.done(step)
-        if done is not None and done["sources"] == sources:
-            return ckpt.load_examples(step)
+    def _augmented(self, session: Session, jobs: Mapping[str, tuple[list[str], Examples]], model: PreTrainedModel,
+                   tok: PreTrainedTokenizerBase) -> dict[str, Examples]:
+        """The augmented set of each key (a silo, or 'pooled') from its (source silos, their demonstrations): from the
+        checkpoint where a resumed run made it already; the others made in one ``augment`` call, counted in the
+        record, and checkpointed."""
+        ckpt, record, out, todo = session.checkpoint, session.record, {}, {}
+        for key, (sources, demos) in jobs.items():
+            done = ckpt.done(f"augmented/{key}")
+            if done is not None and done["sources"] == sources:
+                out[key] = ckpt.load_examples(f"augmented/{key}")
+            else:
+                todo[key] = demos
+        if not todo:
+            return out
         stats, counts = GenerationStats(), Counter()
-        augmented = augment(model, tok, session.task, demos, self.options, self.cfg.seed, stats, counts)
+        out |= augment(model, tok, session.task, todo, self.options, self.cfg.seed, stats, counts)
         for name, value in {**counts, "llm-seconds": stats.seconds}.items():
             record.server_metrics[f"fdkt.{name}"] = record.server_metrics.get(f"fdkt.{name}", 0) + value
         record.tokens["prompt"] += stats.prompt_tokens
         record.tokens["generated"] += stats.generated_tokens
-        ckpt.save_examples(step, augmented)
-        ckpt.complete(step, sources=sources)
-        session.save_contribution(None, "augmented", 1, augmented, set=key, sources=sources)
-        return augmented
+        for key in todo:
+            sources = jobs[key][0]
+            ckpt.save_examples(f"augmented/{key}", out[key])
+            ckpt.complete(f"augmented/{key}", sources=sources)
+            session.save_contribution(None, "augmented", 1, out[key], set=key, sources=sources)
+        return out
 
     def _train_request(self, session: Session, augmented: Examples) -> RecordDict:
         return p.request({"synthetic-weight": self.options.synthetic_weight}, global_test=session.global_test,
