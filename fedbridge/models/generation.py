@@ -208,7 +208,7 @@ def continuation_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
                        logits_to_keep=keep).logits.float()
         for n, i in enumerate(chunk):
             c_ids = rows[i][1]
-            scored = logits[n, keep - 1 - len(c_ids):keep - 1]  # column j predicts continuation token j
+            scored = logits[n, -1 - len(c_ids):-1]  # from the end: the last columns predict the continuation
             logprobs = scored.gather(-1, torch.tensor(c_ids, device=model.device)[:, None])[:, 0] \
                 - torch.logsumexp(scored, dim=-1)
             results[i] = (float(logprobs.sum()), len(c_ids))
