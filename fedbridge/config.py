@@ -88,6 +88,7 @@ class DeviceConfig:
     silo: str = "auto"  # each silo's SLM and LLM (FDKT's generator, Social's teacher); node config 'device' overrides
     gpus_per_silo: float = 0.0  # simulation engine: the GPU share each silo's process gets (0.1: ten silos per GPU)
     cpus_per_silo: int = 1  # simulation engine: CPU cores each silo's process gets
+    ray_address: str = ""  # simulation engine: a running Ray cluster (head's host:port) to run on; "" = Ray of its own
 
     def __post_init__(self) -> None:
         for key, value in (("device.server", self.server), ("device.silo", self.silo)):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import ssl
@@ -28,28 +27,25 @@ from pathlib import Path
 import psutil
 
 from fedbridge.config import ExperimentConfig
-from fedbridge.errors import FedbridgeError
 from fedbridge.privacy.policy import POLICIES
 from fedbridge.results import RunRecord
-from fedbridge.simulations.runner import _toml_value, app_dir, flwr_env, run_flwr
+from fedbridge.simulations.runner import (  # noqa: F401 (DeploymentError, free_port, write_connection: re-exported)
+    DeploymentError,
+    _toml_value,
+    app_dir,
+    flwr_env,
+    free_port,
+    run_flwr,
+    write_connection,
+)
 
 CONNECTION = "fedbridge-loopback"
 SIGTERM_GRACE_SECONDS = 20.0  # a SuperNode deactivates itself at the SuperLink on SIGTERM; that takes a few seconds
 GONE = (ProcessLookupError, psutil.NoSuchProcess)  # a process that exited meanwhile
 
 
-class DeploymentError(FedbridgeError):
-    """A deployment process did not start, or did not come up in time."""
-
-
 def scripts_dir() -> Path:
     return app_dir() / "deploy"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_config_arg(node_config: Mapping[str, bool | int | float | str]) -> str:
@@ -69,23 +65,6 @@ def node_config_arg(node_config: Mapping[str, bool | int | float | str]) -> str:
                               "flower-supernode --node-config cannot carry; use a TOML file for --node-config.")
 
     return " ".join(f"{key}={value(v)}" for key, v in node_config.items())
-
-
-def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None,
-                     insecure: bool = False) -> Path:
-    """Add the SuperLink connection ``name`` to ``flwr_home/config.toml`` (what ``flwr run . <name>`` reads)."""
-    path = flwr_home / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else ""
-    if re.search(rf"^\[superlink\.{re.escape(name)}\]", text, re.M):
-        raise DeploymentError(f"{path} already defines the connection '{name}'.")
-    lines = [f"\n[superlink.{name}]", f"address = {json.dumps(address)}"]
-    if root_certificates is not None:
-        lines.append(f"root-certificates = {json.dumps(str(root_certificates))}")
-    if insecure:
-        lines.append("insecure = true")
-    path.write_text(text + "\n".join(lines) + "\n")
-    return path
 
 
 class LoopbackDeployment:

@@ -47,3 +47,28 @@ def test_a_server_side_failure_raises_run_failed(tmp_path):
     assert "unknown label 'b'" in str(info.value)
     record = RunRecord.read(tmp_path / "sim-fails.json")
     assert record.status == "failed" and record.error.startswith("DataError")
+
+
+def test_a_run_spreads_its_silos_over_the_nodes_of_a_ray_cluster(tmp_path):
+    """Two Ray nodes of one CPU each on this machine (Ray's own multi-node test cluster); with device.ray-address the
+    run goes through a simulation SuperLink of its own that joins the cluster, and the silos' actors run on both
+    nodes (one CPU each, so the second actor cannot fit on the head)."""
+    import ray
+    from ray._private.state import actors
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        cfg = tiny_config(tmp_path, method="local", run_name="ray-cluster",
+                          **{"task.max-examples": 200, "partition.num-silos": 4, "partition.kind": "iid",
+                             "device.ray-address": cluster.address})
+        record = run_simulation(cfg, quiet=True)
+        assert record.status == "ok" and set(record.silo_metrics) == {f"silo-{i}" for i in range(4)}
+        ray.init(address=cluster.address)
+        silos = [a for a in actors().values() if a["ActorClassName"].endswith("ClientAppActor")]
+        assert len({a["Address"]["NodeID"] for a in silos}) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -6,14 +6,20 @@ it must exist and say ``status: ok``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedbridge.config import ExperimentConfig
@@ -30,6 +36,10 @@ FLWR_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_I
 
 class RunFailed(FedbridgeError):
     """The run did not produce an ``ok`` record."""
+
+
+class DeploymentError(FedbridgeError):
+    """A deployment process did not start, or did not come up in time."""
 
 
 def app_dir() -> Path:
@@ -78,8 +88,72 @@ def federation_config(cfg: ExperimentConfig) -> str:
 
 
 def run_simulation(cfg: ExperimentConfig, quiet: bool = False) -> RunRecord:
-    """``flwr run <app> local --stream`` with one SuperNode per silo; raises ``RunFailed`` unless the record is ok."""
-    return run_flwr(cfg, "local", ["--federation-config", federation_config(cfg)], quiet=quiet)
+    """``flwr run <app> local --stream`` with one SuperNode per silo; raises ``RunFailed`` unless the record is ok.
+    With ``device.ray-address``, on that Ray cluster instead, through a simulation SuperLink of the run's own."""
+    extra = ["--federation-config", federation_config(cfg)]
+    if not cfg.device.ray_address:
+        return run_flwr(cfg, "local", extra, quiet=quiet)
+    with ray_cluster_superlink(cfg.device.ray_address) as (connection, env):
+        return run_flwr(cfg, connection, extra, env=env, quiet=quiet)
+
+
+@contextlib.contextmanager
+def ray_cluster_superlink(address: str, timeout: float = 60.0) -> Iterator[tuple[str, dict[str, str]]]:
+    """A simulation SuperLink whose simulations join the running Ray cluster at ``address`` (Flower's Ray backend
+    calls ``ray.init()``, which connects to ``RAY_ADDRESS``): yields the connection name and the environment
+    ``flwr run`` needs to reach it. Stopped, and its Flower home removed, on exit. Every Ray node must have this
+    environment and source tree at the same paths (Ray runs the silos' actors there)."""
+    home, port = Path(tempfile.mkdtemp(prefix="fedbridge-ray-")), free_port()
+    env = {**flwr_env(), "FLWR_HOME": str(home), "RAY_ADDRESS": address}
+    write_connection(home, "ray-cluster", f"127.0.0.1:{port}", insecure=True)
+    cmd = [str(Path(sys.executable).with_name("flower-superlink")), "--insecure", "--simulation",
+           "--disable-runtime-dependency-installation", "--database", str(home / "state.db"),
+           "--host", "127.0.0.1", "--port", str(port)]
+    with (home / "superlink.log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        if not wait_for_port(port, timeout, proc):
+            raise DeploymentError(f"The simulation SuperLink for Ray cluster {address} did not come up: "
+                                  f"{(home / 'superlink.log').read_text()[-2000:]}")
+        yield "ray-cluster", env
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Whether 127.0.0.1:``port`` accepts a TCP connection within ``timeout`` s (False at once if ``proc`` exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None,
+                     insecure: bool = False) -> Path:
+    """Add the SuperLink connection ``name`` to ``flwr_home/config.toml`` (what ``flwr run . <name>`` reads)."""
+    path = flwr_home / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else ""
+    if re.search(rf"^\[superlink\.{re.escape(name)}\]", text, re.M):
+        raise DeploymentError(f"{path} already defines the connection '{name}'.")
+    lines = [f"\n[superlink.{name}]", f"address = {json.dumps(address)}"]
+    if root_certificates is not None:
+        lines.append(f"root-certificates = {json.dumps(str(root_certificates))}")
+    if insecure:
+        lines.append("insecure = true")
+    path.write_text(text + "\n".join(lines) + "\n")
+    return path
 
 
 def run_flwr(cfg: ExperimentConfig, connection: str, extra_args: list[str] | None = None,
