@@ -124,3 +124,24 @@ def test_batched_scorers_equal_one_unpadded_forward_per_pair(llm):
         alone = sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(c_ids))
         assert n == len(c_ids) and total == pytest.approx(alone, abs=1e-3)
         assert row == pytest.approx(logp[len(p_ids) - 1, [5, 17, 40]].numpy(), abs=1e-3)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 0, 0.9), (1.0, 20, 0.95), (1.3, 50, 1.0), (0.7, 0, 1.0),
+                                                      (2.0, 0, 0.999)])
+def test_sampling_candidates_are_hfs_warped_distribution(temperature, top_k, top_p):
+    """The sampler's support and probabilities equal HF's temperature / top-k / top-p warpers' (a flat temperature-2
+    row puts its 0.999 nucleus far beyond the first 1,024 candidates: the whole-vocabulary path)."""
+    from fedbridge.models.generation import SeededSampler, candidates
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5000) * torch.tensor([[0.5], [1], [2], [4], [8], [16]])
+    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    theirs = torch.softmax(SeededSampler(cfg, torch.Generator()).warpers(None, logits.clone()), dim=-1)
+    ids, probs = candidates(logits, cfg)
+    ours = torch.zeros_like(logits).scatter_(1, ids, probs)
+    ours /= ours.sum(-1, keepdim=True)
+    boundary = (ours > 0) != (theirs > 0)  # HF sums the nucleus from its tail, we from its head: float rounding
+    assert boundary.sum(-1).max() <= 1 and float(torch.maximum(ours, theirs)[boundary].sum()) < 1e-3
+    same = ~boundary.any(-1)  # may move one token across the cut of a 0.999 nucleus of ~5,000; no more
+    assert same.sum() >= 5 and torch.allclose(ours[same], theirs[same], atol=1e-6)
+    assert torch.allclose(ours, theirs, atol=1e-3)
