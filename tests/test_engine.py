@@ -46,6 +46,25 @@ def test_greedy_tokens_equal_hf_generate_at_any_batch_size(llm, batch_size):
     assert our_stats.prompt_tokens == their_stats.prompt_tokens and our_stats.generated_tokens > 0
 
 
+def test_a_shared_prompt_prefix_runs_once_and_gives_the_same_tokens(llm):
+    """Prompts that start alike (a chat template, an instruction): the shared tokens run once, batch 1, and are
+    copied into every row; the greedy tokens still equal HF's."""
+    model, tok = llm
+    prompts = [[{"role": "user", "content": f"Write a review like this one, please.\nReview: {p}"}] for p in PROMPTS]
+    fed = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    cfg = SamplingConfig(temperature=0, max_new_tokens=12, batch_size=4)
+    try:
+        ours, _ = generate(model, tok, prompts, cfg)
+    finally:
+        hook.remove()
+    assert fed[0][0] == 1 and fed[0][1] > 40  # the template and the instruction, once
+    longest = max(len(prompt_ids(tok, p)) for p in prompts)
+    assert all(width <= longest - fed[0][1] for _, width in fed[1:])  # then only what follows it, and steps
+    assert ours == generate(model, tok, prompts, dataclasses.replace(cfg, engine="hf"))[0]
+
+
 def test_greedy_tokens_equal_hf_generate_with_stop_strings_and_eos(llm):
     model, tok = llm
     ours, theirs, _, _ = _both(llm, max_new_tokens=40, batch_size=4, stop=("e",))

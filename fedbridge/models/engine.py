@@ -5,6 +5,8 @@ whole batch ends, and on a GPU spends its ~30 ms a step launching kernels. Here:
 - every layer's keys and values live in one (slots, heads, capacity, head_dim) tensor, written in place;
 - a slot whose row has finished takes the next prompt at once: the new prompts' prefill runs on their slots alone
   and they join the decoding batch at the next step;
+- the tokens every prompt starts with (a chat template's system prompt, a shared instruction) run once, and their
+  keys and values are copied into each row;
 - every row writes the step's token into one shared cache column ``t``; a row's own columns are the ones since it
   joined, picked by a mask, and its position ids count its own tokens only, so the model computes exactly what it
   would for that prompt alone (the equality with HF ``generate`` is tested);
@@ -23,6 +25,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 log = logging.getLogger(__name__)
+MIN_SHARED_PREFIX = 8  # tokens every prompt starts with, from which they are computed once and copied
 
 
 def supports_engine(model: PreTrainedModel) -> bool:
@@ -49,9 +52,9 @@ class SlotCache(Cache):
     one another only, so a slot's earlier occupant is never read.
     """
 
-    def __init__(self, slots: int, capacity: int) -> None:
+    def __init__(self, slots: int, capacity: int, prefix: PastCache | None = None) -> None:
         super().__init__(layers=[])
-        self.slots, self.capacity = slots, capacity
+        self.slots, self.capacity, self.prefix = slots, capacity, prefix
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.column: torch.Tensor | None = None  # decoding: a (1,) long tensor, updated in place
@@ -66,7 +69,12 @@ class SlotCache(Cache):
             rows, columns = self.fill
             keys[rows, :, columns] = key_states
             values[rows, :, columns] = value_states
-            return key_states, value_states
+            if self.prefix is None:
+                return key_states, value_states
+            shared_k, shared_v = self.prefix.new_keys[layer_idx], self.prefix.new_values[layer_idx]
+            n = key_states.shape[0]  # the shared prompt prefix's columns come first, then the new tokens
+            return (torch.cat([shared_k.expand(n, -1, -1, -1), key_states], 2),
+                    torch.cat([shared_v.expand(n, -1, -1, -1), value_states], 2))
         keys.index_copy_(2, self.column, key_states)
         values.index_copy_(2, self.column, value_states)
         return keys, values
@@ -79,10 +87,51 @@ class SlotCache(Cache):
         for tensor in (*self.keys, *self.values):
             tensor[:, :, :self.capacity - columns] = tensor[:, :, columns:].clone()
 
+    def write_prefix(self, rows: torch.Tensor, columns: slice) -> None:
+        """Copy the shared prompt prefix's keys and values into ``rows`` at ``columns``."""
+        for keys, values, shared_k, shared_v in zip(self.keys, self.values, self.prefix.new_keys,
+                                                    self.prefix.new_values):
+            keys[rows, :, columns] = shared_k
+            values[rows, :, columns] = shared_v
+
     def keep_slots(self, slots: torch.Tensor) -> None:
         self.keys = [k.index_select(0, slots) for k in self.keys]
         self.values = [v.index_select(0, slots) for v in self.values]
         self.slots = len(slots)
+
+
+class PastCache(Cache):
+    """The KV cache of one forward pass over new tokens that follow a given past (or none): every layer attends to
+    the past, then the new tokens, and the new tokens' keys and values are kept (``new_keys``, ``new_values``)."""
+
+    def __init__(self, past_keys: torch.Tensor | None = None, past_values: torch.Tensor | None = None) -> None:
+        super().__init__(layers=[])
+        self.past_keys, self.past_values = past_keys, past_values  # (layers, heads, tokens, head_dim), batch 1
+        self.new_keys: list[torch.Tensor] = []
+        self.new_values: list[torch.Tensor] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.new_keys.append(key_states)
+        self.new_values.append(value_states)
+        if self.past_keys is None:
+            return key_states, value_states
+        return (torch.cat([self.past_keys[layer_idx][None], key_states], 2),
+                torch.cat([self.past_values[layer_idx][None], value_states], 2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.past_keys is None else self.past_keys.shape[2]
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix every row shares, leaving each row at least one token of its own."""
+    if not rows:
+        return 0
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for i in range(max(n, 0)):
+        if any(r[i] != first[i] for r in rows):
+            return i
+    return max(n, 0)
 
 
 @dataclass
@@ -126,7 +175,15 @@ class Decoder:
         slots = min(self.slots, len(prompts))
         slack = max(16, self.max_new)
         self.capacity = self.longest + self.max_new + slack
-        self.cache = SlotCache(slots, self.capacity)
+        self.shared = common_prefix_length(prompts) if len(prompts) > 1 else 0
+        prefix = None
+        if self.shared >= MIN_SHARED_PREFIX:  # a chat template's system prompt, an instruction: run once
+            prefix = PastCache()
+            self.model(input_ids=torch.tensor([list(prompts[0][:self.shared])], device=self.device), use_cache=True,
+                       logits_to_keep=1, **{self.cache_arg: prefix})
+        else:
+            self.shared = 0
+        self.cache = SlotCache(slots, self.capacity, prefix)
         self.visible = torch.zeros(slots, self.capacity, dtype=torch.bool, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.next_tokens = torch.full((slots,), self.pad, dtype=torch.long, device=self.device)
@@ -161,28 +218,35 @@ class Decoder:
                 self._shrink()
                 return
             slots = free[:len(taken)]
-            width = max(len(self.prompts[i]) for i in taken)
+            shared, suffixes = self.shared, [self.prompts[i][self.shared:] for i in taken]
+            width = max(map(len, suffixes))
             ids = torch.full((len(taken), width), self.pad, dtype=torch.long, device=self.device)
             real = torch.zeros(len(taken), width, dtype=torch.bool, device=self.device)
-            for n, i in enumerate(taken):
-                ids[n, width - len(self.prompts[i]):] = torch.tensor(self.prompts[i], device=self.device)
-                real[n, width - len(self.prompts[i]):] = True
+            for n, suffix in enumerate(suffixes):
+                ids[n, width - len(suffix):] = torch.tensor(suffix, device=self.device)
+                real[n, width - len(suffix):] = True
             causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
             visible = causal[None] & real[:, None, :]
             visible |= torch.eye(width, dtype=torch.bool, device=self.device)  # padding rows see themselves
+            if shared:  # every new token also sees the shared prefix, whose columns come first
+                visible = torch.cat([visible.new_ones(len(taken), width, shared), visible], dim=2)
             index = torch.tensor(slots, device=self.device)
             self.cache.fill = (index, slice(self.t - width, self.t))
             try:
                 logits = self.model(input_ids=ids, attention_mask=_additive(visible[:, None], self.dtype),
-                                    position_ids=(real.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                                    position_ids=shared + (real.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                                     logits_to_keep=1, **{self.cache_arg: self.cache}).logits[:, -1]
             finally:
                 self.cache.fill = None
+            start = self.t - width - shared
+            if shared:
+                self.cache.write_prefix(index, slice(start, self.t - width))
             self.visible[index] = False
+            self.visible[index, start:self.t - width] = True
             self.visible[index, self.t - width:self.t] = real
-            self.positions[index] = real.sum(-1)
+            self.positions[index] = shared + real.sum(-1)
             for slot, i in zip(slots, taken):
-                self.rows[slot] = _Row(i, self.t - len(self.prompts[i]))
+                self.rows[slot] = _Row(i, start)
             for slot, token in zip(slots, self.choose(logits).tolist()):
                 self._accept(slot, token)
 

@@ -25,7 +25,12 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from fedbridge.models.engine import Decoder, cache_argument, supports_engine
+from fedbridge.models.engine import (  # noqa: F401 (common_prefix_length: re-exported)
+    Decoder,
+    cache_argument,
+    common_prefix_length,
+    supports_engine,
+)
 
 ENGINES = ("fedbridge", "hf")
 Prompt = str | list[dict[str, str]]  # plain text, or chat messages [{"role": ..., "content": ...}]
@@ -342,15 +347,3 @@ def continuation_logprobs_shared(model: PreTrainedModel, tokenizer: PreTrainedTo
     head = prefix_cached_logprobs(model, ids, [shared])[0][0].sum() if shared else 0.0
     own, _ = prefix_cached_logprobs(model, ids + shared, [c[len(shared):] for c in cont_ids])
     return [(float(head + s.sum()), len(shared) + len(s)) for s in own]
-
-
-def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix every row shares, leaving each row at least one token of its own."""
-    if not rows:
-        return 0
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for i in range(max(n, 0)):
-        if any(r[i] != first[i] for r in rows):
-            return i
-    return max(n, 0)

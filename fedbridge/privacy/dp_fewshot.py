@@ -28,10 +28,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.errors import ConfigError, DataError
-from fedbridge.models.engine import cache_argument
+from fedbridge.models.engine import PastCache, cache_argument
 from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, calibrate_noise, compute_epsilon
 from fedbridge.privacy.synthesis import SynthesisResult, privacy_generator
 
@@ -177,7 +177,7 @@ class PackedPrompts:
             positions += range(held, held + n)
             last.append(at_new + n - 1)
             at_past, at_new = at_past + held, at_new + n
-        cache = PackedCache(torch.cat(past_k, 2) if past_k else None,
+        cache = PastCache(torch.cat(past_k, 2) if past_k else None,
                             torch.cat(past_v, 2) if past_v else None)
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
         logits = self.model(input_ids=torch.tensor([[t for f in feeds for t in f]], device=device),
@@ -202,28 +202,6 @@ class PackedPrompts:
         for key, (tokens, keys, values) in self._fed.items():
             keep = min(len(self.prefixes[key]), len(tokens))
             self._fed[key] = (tokens[:keep], keys[:, :, :keep], values[:, :, :keep])
-
-
-class PackedCache(Cache):
-    """The KV cache of one packed forward: every layer attends to the given past (all prompts' caches, side by side)
-    then the new tokens; the new tokens' keys and values are kept for the prompts' own caches."""
-
-    def __init__(self, past_keys: torch.Tensor | None, past_values: torch.Tensor | None) -> None:
-        super().__init__(layers=[])
-        self.past_keys, self.past_values = past_keys, past_values  # (layers, heads, tokens, head_dim)
-        self.new_keys: list[torch.Tensor] = []
-        self.new_values: list[torch.Tensor] = []
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.new_keys.append(key_states)
-        self.new_values.append(value_states)
-        if self.past_keys is None:
-            return key_states, value_states
-        return (torch.cat([self.past_keys[layer_idx][None], key_states], 2),
-                torch.cat([self.past_values[layer_idx][None], value_states], 2))
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.past_keys is None else self.past_keys.shape[2]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
