@@ -6,10 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+from tqdm.auto import tqdm
 
 from fedbridge.models.engine import Decoder, SlotCache, supports_engine
 from fedbridge.models.generation import (
     SamplingConfig,
+    _hf_generate,
     continuation_logprobs,
     generate,
     next_token_logprobs,
@@ -92,6 +94,28 @@ def test_the_cache_is_compacted_when_its_columns_run_out(llm):
     assert decoder.steps > 2 * decoder.capacity  # the columns ran out more than twice
     ours = [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
     assert ours == generate(model, tok, prompts, dataclasses.replace(cfg, engine="hf"))[0]
+
+
+def test_the_cuda_graph_path_gives_the_same_tokens_through_its_fixed_buffers(llm, monkeypatch):
+    """The GPU path copies each step's inputs into fixed buffers and replays one captured step. Here the capture is
+    an eager stand-in (no GPU): the buffers, the shared column, compaction and the re-capture after the batch shrinks
+    are what is tested, against HF generate."""
+    import fedbridge.models.engine as engine
+
+    model, tok = llm
+    captured = []
+    monkeypatch.setattr(engine, "CapturedStep", lambda step: captured.append(step) or step)
+    prompts = [f"{i} " * (1 + i % 7) for i in range(12)]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    decoder = Decoder(model, 4, 20, {tok.eos_token_id}, tok.pad_token_id, lambda logits: logits.argmax(-1),
+                      done=lambda tokens: len(tokens) >= 3 and tokens[-1] % 3 == 0,  # rows end at different steps
+                      cuda_graph=True)
+    with torch.no_grad():
+        rows = decoder.run(ids)
+    assert decoder.use_graph and len(captured) >= 2  # captured again once the batch shrank
+    cfg = SamplingConfig(temperature=0, max_new_tokens=20, batch_size=4)
+    theirs = _hf_generate(model, tok, ids, cfg, torch.Generator(), tqdm(disable=True))
+    assert all(len(r) >= 3 and r == t[:len(r)] for r, t in zip(rows, theirs))
 
 
 def test_sampled_generation_is_seeded(llm):

@@ -301,9 +301,9 @@ class Decoder:
         self.t -= shift
 
     def _replay(self) -> torch.Tensor:
-        """The decoding step as a CUDA graph: its inputs are copied into fixed buffers and the graph replayed.
-        Captured at the first step (and again after the batch shrinks); a model whose forward cannot be captured
-        falls back to eager steps, with a warning."""
+        """The decoding step through fixed buffers, replayed as a CUDA graph (``CapturedStep``): its inputs are
+        copied in, then the graph runs. Captured at the first step (and again after the batch shrinks); a model whose
+        forward cannot be captured falls back to eager steps, with a warning."""
         if self.graph is None:
             slots = len(self.rows)
             self.static = {"ids": torch.zeros(slots, 1, dtype=torch.long, device=self.device),
@@ -317,19 +317,30 @@ class Decoder:
         buffers["column"].fill_(self.t)
         if self.graph is None:
             try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up runs write the same column the graph will: harmless
-                    for _ in range(2):
-                        self._forward(buffers["ids"], buffers["positions"], buffers["mask"], buffers["column"])
-                torch.cuda.current_stream().wait_stream(side)
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.static_logits = self._forward(buffers["ids"], buffers["positions"], buffers["mask"],
-                                                       buffers["column"])
+                self.graph = CapturedStep(lambda: self._forward(buffers["ids"], buffers["positions"], buffers["mask"],
+                                                                buffers["column"]))
             except RuntimeError as error:
                 log.warning("CUDA graph capture failed (%s); decoding without it", str(error).splitlines()[0])
                 self.use_graph, self.graph = False, None
                 return self._forward(buffers["ids"], buffers["positions"], buffers["mask"], buffers["column"])
+        return self.graph()
+
+
+class CapturedStep:
+    """A function of fixed-address tensors captured once as a CUDA graph; each call replays it and returns its
+    output tensor, refreshed. The two warm-up runs write the same cache column the graph will: harmless."""
+
+    def __init__(self, step: Callable[[], torch.Tensor]) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = step()
+
+    def __call__(self) -> torch.Tensor:
         self.graph.replay()
-        return self.static_logits
+        return self.output
