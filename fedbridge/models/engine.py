@@ -38,6 +38,14 @@ def supports_engine(model: PreTrainedModel) -> bool:
             and bool(getattr(model, "_can_compile_fullgraph", False) or getattr(model, "_supports_static_cache", False)))
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one (rows, longest) tensor padded on the left, and the boolean mask of the real tokens."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
+    real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
+    return ids, real
+
+
 def cache_argument(model: PreTrainedModel) -> str:
     """The name the model's forward takes its KV cache under (``cache`` from transformers 5.x, before that
     ``past_key_values``)."""
@@ -49,8 +57,8 @@ class SlotCache(Cache):
 
     Decoding: every row's new token goes to column ``column`` and attention reads the whole cache (the mask picks
     each row's columns). Prefill (``fill`` set): the new prompts go to their slots' columns ``fill[1]`` and attend to
-    one another only, so a slot's earlier occupant is never read.
-    """
+    the shared prompt prefix (``prefix``, if any) and their own tokens only, so a slot's earlier occupant is never
+    read."""
 
     def __init__(self, slots: int, capacity: int, prefix: PastCache | None = None) -> None:
         super().__init__(layers=[])
@@ -218,13 +226,9 @@ class Decoder:
                 self._shrink()
                 return
             slots = free[:len(taken)]
-            shared, suffixes = self.shared, [self.prompts[i][self.shared:] for i in taken]
-            width = max(map(len, suffixes))
-            ids = torch.full((len(taken), width), self.pad, dtype=torch.long, device=self.device)
-            real = torch.zeros(len(taken), width, dtype=torch.bool, device=self.device)
-            for n, suffix in enumerate(suffixes):
-                ids[n, width - len(suffix):] = torch.tensor(suffix, device=self.device)
-                real[n, width - len(suffix):] = True
+            shared = self.shared
+            ids, real = left_padded([self.prompts[i][shared:] for i in taken], self.pad, self.device)
+            width = ids.shape[1]
             causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
             visible = causal[None] & real[:, None, :]
             visible |= torch.eye(width, dtype=torch.bool, device=self.device)  # padding rows see themselves

@@ -29,6 +29,7 @@ from fedbridge.models.engine import (  # noqa: F401 (common_prefix_length: re-ex
     Decoder,
     cache_argument,
     common_prefix_length,
+    left_padded,
     supports_engine,
 )
 
@@ -83,10 +84,8 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
 
 
 def _left_padded(ids: list[list[int]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(x) for x in ids)
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-    return {"input_ids": input_ids, "attention_mask": mask}
+    input_ids, real = left_padded(ids, pad, device)
+    return {"input_ids": input_ids, "attention_mask": real.long()}
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.errors import ConfigError, DataError
-from fedbridge.models.engine import PastCache, cache_argument
+from fedbridge.models.engine import PastCache, cache_argument, left_padded
 from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, calibrate_noise, compute_epsilon
 from fedbridge.privacy.synthesis import SynthesisResult, privacy_generator
 
@@ -86,9 +86,8 @@ def noisy_argmax(prob_matrix: torch.Tensor, sigma: float, generator: torch.Gener
 @torch.no_grad()
 def _next_token_probs(model: PreTrainedModel, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
     """Next-token distributions of token-id prompts, left padded, as float64 on CPU (where the noise RNG is)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    ids, real = left_padded(prompts, pad_id, model.device)
+    mask = real.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # models with absolute positions must not see the padding
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
     return logits.double().softmax(-1).cpu()
@@ -177,8 +176,7 @@ class PackedPrompts:
             positions += range(held, held + n)
             last.append(at_new + n - 1)
             at_past, at_new = at_past + held, at_new + n
-        cache = PastCache(torch.cat(past_k, 2) if past_k else None,
-                            torch.cat(past_v, 2) if past_v else None)
+        cache = PastCache(torch.cat(past_k, 2) if past_k else None, torch.cat(past_v, 2) if past_v else None)
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
         logits = self.model(input_ids=torch.tensor([[t for f in feeds for t in f]], device=device),
                             attention_mask=mask[None, None], position_ids=torch.tensor([positions], device=device),
