@@ -115,6 +115,7 @@ def plot(cells: list[dict], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("silos")
         ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
     fig.suptitle("fedbridge on Flower's simulation engine, tweets, 2 CPU cores")
