@@ -149,7 +149,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)  # generated so far
 
 
-def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask as the additive one HF models take (0 where visible, the dtype's minimum elsewhere:
     a row that sees nothing then averages, rather than giving NaN)."""
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
@@ -237,7 +237,7 @@ class Decoder:
             index = torch.tensor(slots, device=self.device)
             self.cache.fill = (index, slice(self.t - width, self.t))
             try:
-                logits = self.model(input_ids=ids, attention_mask=_additive(visible[:, None], self.dtype),
+                logits = self.model(input_ids=ids, attention_mask=additive_mask(visible[:, None], self.dtype),
                                     position_ids=shared + (real.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                                     logits_to_keep=1, **{self.cache_arg: self.cache}).logits[:, -1]
             finally:
@@ -276,7 +276,7 @@ class Decoder:
             logits = self._replay()
         else:
             logits = self._forward(self.next_tokens[:, None], self.positions[:, None],
-                                   _additive(self.visible[:, None, None], self.dtype),
+                                   additive_mask(self.visible[:, None, None], self.dtype),
                                    torch.tensor([self.t], device=self.device))
         self.positions += 1
         self.t += 1
@@ -317,7 +317,7 @@ class Decoder:
         buffers = self.static
         buffers["ids"].copy_(self.next_tokens[:, None])
         buffers["positions"].copy_(self.positions[:, None])
-        buffers["mask"].copy_(_additive(self.visible[:, None, None], self.dtype))
+        buffers["mask"].copy_(additive_mask(self.visible[:, None, None], self.dtype))
         buffers["column"].fill_(self.t)
         if self.graph is None:
             try:

@@ -27,6 +27,7 @@ from transformers import (
 
 from fedbridge.models.engine import (  # noqa: F401 (common_prefix_length: re-exported)
     Decoder,
+    additive_mask,
     cache_argument,
     common_prefix_length,
     left_padded,
@@ -314,8 +315,7 @@ def prefix_cached_logprobs(model: PreTrainedModel, prefix: Sequence[int], rows: 
         step = torch.tensor([j for i in chunk for j in range(len(rows[i]))], device=device)
         same = (segment[:, None] == segment[None, :]) & (step[None, :] <= step[:, None])
         visible = torch.cat([torch.ones(len(ids), len(prefix), dtype=torch.bool, device=device), same], dim=1)
-        mask = torch.zeros(visible.shape, dtype=model.dtype, device=device).masked_fill(~visible,
-                                                                                       torch.finfo(model.dtype).min)
+        mask = additive_mask(visible, model.dtype)
         logits = model(input_ids=torch.tensor([ids], device=device), attention_mask=mask[None, None],
                        position_ids=(len(prefix) + step)[None], **{cache_argument(model): copy.deepcopy(out.past_key_values)}
                        ).logits[0].float()

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.errors import ConfigError, DataError
-from fedbridge.models.engine import PastCache, cache_argument, left_padded
+from fedbridge.models.engine import PastCache, additive_mask, cache_argument, left_padded
 from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, calibrate_noise, compute_epsilon
 from fedbridge.privacy.synthesis import SynthesisResult, privacy_generator
 
@@ -177,7 +177,7 @@ class PackedPrompts:
             last.append(at_new + n - 1)
             at_past, at_new = at_past + held, at_new + n
         cache = PastCache(torch.cat(past_k, 2) if past_k else None, torch.cat(past_v, 2) if past_v else None)
-        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
+        mask = additive_mask(visible, dtype)
         logits = self.model(input_ids=torch.tensor([[t for f in feeds for t in f]], device=device),
                             attention_mask=mask[None, None], position_ids=torch.tensor([positions], device=device),
                             logits_to_keep=torch.tensor(last, device=device), use_cache=True,
