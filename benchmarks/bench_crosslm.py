@@ -44,8 +44,9 @@ from flwr.app import ArrayRecord, RecordDict
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.methods.crosslm import silo as crosslm_silo
 from fedbridge.methods.crosslm.config import CrossLMConfig
-from fedbridge.methods.crosslm.llm import crosslm_prompts, generation_prompt, write_labelled
+from fedbridge.methods.crosslm.llm import crosslm_prompts, write_labelled
 from fedbridge.methods.crosslm.silo import KEPT_SLM
+from fedbridge.methods.seeding import generation_prompt
 from fedbridge.models.generation import GenerationStats
 from fedbridge.models.loading import load_llm, load_slm
 from fedbridge.models.reward import LLMUpdateConfig, RewardTrainer, ScoredExample

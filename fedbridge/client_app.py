@@ -195,6 +195,19 @@ def vote(msg: Message, context: Context) -> Message:
                   votes=ConfigRecord({"scores": scores}))
 
 
+@app.query("dp_vote")
+def dp_vote(msg: Message, context: Context) -> Message:
+    """Private Evolution and every DP-scored method: the silo's DP nearest-neighbour vote histogram of the server's
+    candidates; only the noisy histogram and its privacy cost leave."""
+    silo, config = _silo(msg, context)
+    epsilon, releases, k, noise_seed = p.read_vote_request(config)
+    candidates = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
+    t0 = time.perf_counter()
+    histogram, privacy = silo.dp_vote(candidates.texts, epsilon, releases, k, noise_seed, p.read_experiment(config))
+    return _reply(silo, msg, {"vote.candidates": len(candidates), "vote.seconds": time.perf_counter() - t0},
+                  histogram=p.histogram_record(histogram), privacy=ConfigRecord(privacy))
+
+
 @app.query("share_raw")
 def share_raw(msg: Message, context: Context) -> Message:
     """Social Learning's NON-PRIVATE upper bound only: n raw training examples (refused unless the run asks for it)."""

@@ -25,6 +25,9 @@ Message types (Flower ``<category>.<action>``), request -> reply:
                    privacy, metrics: teach.*  (Social Learning: the silo as a teacher; nothing else leaves it)
 ``query.vote``     config (mode), examples or instructions (the candidates) -> votes, metrics: vote.*  (Social
                    Learning: the teacher's score of every candidate against its held-out examples)
+``query.dp_vote``  config (epsilon, releases, k, noise-seed), examples (the candidates; labels are the ones the LLM was
+                   asked for, which the silo ignores) -> histogram, privacy, metrics: vote.*  (Private Evolution and
+                   every DP-scored method: the silo's DP nearest-neighbour vote histogram, candidates x labels)
 ``query.share_raw`` config (n)                               -> examples (n RAW private examples), privacy, metrics
                    (Social Learning's NON-PRIVATE upper bound only; never part of a private method)
 
@@ -43,6 +46,8 @@ Records:
   ``provenance``   ConfigRecord: how a teacher made its contribution (mode, teacher model, shots, samples, top-k,
                    temperature, conditioning, verbatim-filter, perplexities (list[float]) ...); informational
   ``votes``        ConfigRecord: scores (list[float]) — one length-normalised log-likelihood per candidate
+  ``histogram``    ConfigRecord: counts (list[float], row-major candidates x num-labels), num-labels (int) — a DP vote
+                   histogram (noisy: any finite value)
   ``config["experiment"]``  the server's experiment id (stable across a resumed run): a silo keys its persistent
                    state (the privacy ledger) on it, so a restarted server cannot spend the same budget twice
 
@@ -88,6 +93,9 @@ VOTE = "query.vote"
 SHARE_RAW = "query.share_raw"
 INSTRUCTIONS, PROVENANCE, VOTES = "instructions", "provenance", "votes"
 SOCIAL_MODES = ("examples", "instructions")
+DP_VOTE = "query.dp_vote"  # Private Evolution and every DP-scored method
+HISTOGRAM = "histogram"
+MAX_VOTE_K = 64  # nearest candidates one private record votes for
 MAX_EXAMPLES = 100_000  # a larger examples record is refused: a broken or hostile peer, not a real set
 MAX_TEXT_CHARS = 100_000  # one longer text is refused: a whole book, not an example
 MAX_REPLY_BYTES = 1 << 30  # default cap on one reply's serialised size (Session.replies); methods pass tighter ones
@@ -350,6 +358,31 @@ def read_probabilities(content: RecordDict, key: str, n: int, num_labels: int) -
     if n and not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
         raise ProtocolError(f"'{key}' rows must each sum to 1 (class probabilities).")
     return probs
+
+
+def histogram_record(histogram: np.ndarray) -> ConfigRecord:
+    """A (candidates, labels) vote histogram as a ``histogram`` record."""
+    histogram = np.asarray(histogram, dtype=float)
+    return ConfigRecord({"counts": [float(v) for v in histogram.reshape(-1)], "num-labels": int(histogram.shape[1])})
+
+
+def read_histogram(content: RecordDict, n: int, num_labels: int) -> np.ndarray:
+    """A DP vote histogram (n candidates, num_labels): finite numbers (noise makes any value possible)."""
+    record = content.get(HISTOGRAM)
+    if not isinstance(record, ConfigRecord) or record.get("num-labels") != num_labels:
+        raise ProtocolError(f"Message has no '{HISTOGRAM}' record of votes over {num_labels} labels.")
+    return np.array(read_floats(content, HISTOGRAM, "counts", n * num_labels)).reshape(n, num_labels)
+
+
+def read_vote_request(config: Mapping[str, Any]) -> tuple[float, int, int, int]:
+    """A ``query.dp_vote`` request's (epsilon, releases, k, noise-seed): ε > 0 (inf = non-private, which the silo's
+    policy must allow), the releases the run plans (σ is calibrated for all of them), k nearest candidates."""
+    epsilon = _number(config.get("epsilon"), "config 'epsilon'", low=0.0, allow_inf=True)
+    if not epsilon > 0:
+        raise ProtocolError("config 'epsilon' must be > 0 (inf = non-private).")
+    return (epsilon, int(read_number(config, "releases", low=1, high=10_000, integer=True)),
+            int(read_number(config, "k", 1, low=1, high=MAX_VOTE_K, integer=True)),
+            int(read_number(config, "noise-seed", -1, low=-1, high=2**62, integer=True)))
 
 
 # ------------------------------------------------------------------ Social Learning

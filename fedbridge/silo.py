@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -38,6 +38,7 @@ from fedbridge.privacy.accounting import calibrate_noise, compute_epsilon
 from fedbridge.privacy.canaries import plant_canaries
 from fedbridge.privacy.dp_slm import MECHANISM as DP_SLM
 from fedbridge.privacy.dp_slm import dp_plan, dp_train_classifier
+from fedbridge.privacy.dp_votes import VoteRelease, dp_vote
 from fedbridge.privacy.policy import RunLedger, SiloLedger, SiloPolicy, data_identity
 from fedbridge.tasks import Examples, SiloData, classification_metrics, load_federation, load_task, silo_from_file
 from fedbridge.tasks.task import BUILTIN_TASKS
@@ -169,6 +170,30 @@ class Silo:
             out.update({f"{split}.{k}": v for k, v in classification_metrics(ex.labels, probs).items()})
         return out
 
+    # ------------------------------------------------------------ DP votes on server-written text
+
+    def features(self, texts: Sequence[str]) -> np.ndarray:
+        """Features of ``texts`` by this silo's pretrained SLM encoder (frozen, its pooling), each read with at most
+        ``VOTE_MAX_TOKENS`` tokens: a fixed length, so one record's features never depend on another record (a
+        length fitted to the private texts would let one record move every vote)."""
+        options = self.cfg.slm.options(mode="head", max_length=VOTE_MAX_TOKENS)
+        model = load_slm(self.cfg.slm.spec_for(self.index), len(self.labels), 0, None, options, self.device)
+        return model.frozen_features(list(texts)).float().cpu().numpy()
+
+    def dp_vote(self, candidates: Sequence[str], epsilon: float, releases: int, k: int, requested_seed: int,
+                experiment: str = "") -> tuple[np.ndarray, dict]:
+        """The silo's DP nearest-neighbour vote histogram (candidates x labels) of the server's candidates, from
+        its private training split (``fedbridge.privacy.dp_votes``): one release of the ``releases`` the run plans at
+        ``epsilon``, charged to the lifetime ledger. Returns the noisy histogram and its privacy record."""
+        train = self.data.train
+
+        def release(ledger: RunLedger, noise_seed: int | None) -> VoteRelease:
+            return dp_vote(self.features(train.texts), train.labels, self.features(candidates), len(self.labels), k,
+                           epsilon, releases, ledger, noise_seed)
+
+        result, privacy = self.dp_release("DP votes", epsilon, requested_seed, experiment, release)
+        return result.histogram, privacy
+
     # ------------------------------------------------------------ LLM
 
     def evaluate_llm(self) -> dict[str, float]:
@@ -257,6 +282,7 @@ def train_metrics(stats: TrainStats) -> dict[str, float]:
             "train.best-epoch": stats.best_epoch, "train.validation": stats.validation}
 
 
+VOTE_MAX_TOKENS = 128  # tokens each text is read with for DP votes (public, fixed)
 COUNT_DERIVED = ("seconds", "examples", "validation", "tokens", "num-", "epochs", ".n", "loss")  # and a loss
 
 

@@ -7,12 +7,13 @@ from fedbridge.methods.crosslm.server import CrossLM
 from fedbridge.methods.fdkt.server import FDKT
 from fedbridge.methods.fedavg.server import FedAvg
 from fedbridge.methods.local.server import Local
+from fedbridge.methods.pe.server import PrivateEvolution
 from fedbridge.methods.pipeline.server import Pipeline
 from fedbridge.methods.social.server import SocialLearning
 from fedbridge.methods.zero_shot.server import LLMZeroShot
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, FedAvg, Centralized, LLMZeroShot, FDKT, CrossLM,
-                                                        SocialLearning, Pipeline)}
+                                                        SocialLearning, Pipeline, PrivateEvolution)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -99,6 +99,25 @@ def filter_demonstration_sets(model: PreTrainedModel, tok: PreTrainedTokenizerBa
     return kept
 
 
+STYLES = ("", "Keep it short.", "Write two or three sentences.", "Write it in the first person.",
+          "Use plain, everyday words.", "Include one concrete detail.", "Make it sound like a real person wrote it.")
+
+
+def generation_prompt(task: Task, label: str, style: str = "") -> Prompt:
+    """The random API: one new example of a label, from the task's description alone."""
+    hint = f" {style}" if style else ""
+    return [{"role": "user", "content": f"Write one {task.description} with label '{label}'.{hint} "
+                                        "Reply with the text only."}]
+
+
+def variation_prompt(task: Task, label: str, text: str, style: str = "") -> Prompt:
+    """The variation API: a new example that says what ``text`` says, in other words."""
+    hint = f" {style}" if style else ""
+    return [{"role": "user", "content": f"Here is a {task.description} with label '{label}':\n\n{text[:500]}\n\n"
+                                        f"Rewrite it as a new {task.description} with label '{label}', in different "
+                                        f"words, keeping its topic and tone.{hint} Reply with the text only."}]
+
+
 def _augment_prompt(task: Task, label: str, demos: list[str]) -> Prompt:
     shown = "\n\n".join(f"Example: {d[:500]}" for d in demos)
     return [{"role": "user", "content":

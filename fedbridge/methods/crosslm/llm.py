@@ -18,21 +18,13 @@ from fedbridge.config import ExperimentConfig
 from fedbridge.errors import ConfigError
 from fedbridge.methods.crosslm.config import CrossLMConfig
 from fedbridge.methods.crosslm.state import Batch, Generated
+from fedbridge.methods.seeding import STYLES, generation_prompt
 from fedbridge.methods.text import deduplicate, parse_generation
 from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
 from fedbridge.models.llm_classifier import label_probabilities
 from fedbridge.models.loading import load_llm
 from fedbridge.models.reward import RewardTrainer, ScoredExample, general_text, perplexity
 from fedbridge.tasks import Examples, Task, classification_metrics
-
-STYLES = ("", "Keep it short.", "Write two or three sentences.", "Write it in the first person.",
-          "Use plain, everyday words.", "Include one concrete detail.", "Make it sound like a real person wrote it.")
-
-
-def generation_prompt(task: Task, label: str, style: str = "") -> Prompt:
-    hint = f" {style}" if style else ""
-    return [{"role": "user", "content": f"Write one {task.description} with label '{label}'.{hint} "
-                                        "Reply with the text only."}]
 
 
 def crosslm_prompts(task: Task, per_label: int, rng: random.Random) -> tuple[list[Prompt], list[int]]:
