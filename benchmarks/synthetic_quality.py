@@ -44,10 +44,11 @@ def judge(config_items: tuple):
 
 
 def sent_sets(record: RunRecord, runs: Path) -> list[tuple[list[str], list[int]]]:
-    """What the server sent: one (texts, labels) per FDKT augmented set or per CrossLM selection (silo, round)."""
+    """What the server sent: one (texts, labels) per FDKT augmented set, CrossLM selection (silo, round) or Private
+    Evolution synthetic set."""
     lines = read_contributions(record, runs / f"{record.run_name}.json")
     return [(line["texts"], line["labels"]) for line in lines
-            if line.get("silo") == "server" and line.get("kind") in ("augmented", "selected") and line.get("texts")]
+            if line.get("silo") == "server" and line.get("kind") in ("augmented", "selected", "synthetic") and line.get("texts")]
 
 
 def distinct_2(texts: list[str]) -> float:

@@ -161,7 +161,7 @@ def test_a_run_votes_each_iteration_trains_every_silo_on_the_voted_set_and_recor
     for silo in ("silo-0", "silo-1"):
         privacy = record.privacy[silo]
         assert privacy["mechanism"] == "dp-nn-votes" and privacy["private"] is True
-        assert 0 < privacy["epsilon"] < privacy["epsilon-total"] <= privacy["budget"] == 2.0
+        assert 1.9 < privacy["epsilon"] == privacy["epsilon-total"] <= privacy["budget"] == 2.0  # both releases
         assert record.silo_metrics[silo]["train.synthetic"] > 0 and "global-test.macro_f1" in record.silo_metrics[silo]
     # what was sent carries the federation's labels: recompute them from the silos' released histograms
     sent = {m.metadata.dst_node_id: m for m in grid.sent if m.metadata.message_type == p.TRAIN_AUGMENTED}

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.rdp import RDPAccountant
@@ -107,7 +108,8 @@ def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
     accountant = PRVAccountant()
     accountant.history = list(history)
     try:
-        return float(accountant.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+        with np.errstate(divide="ignore"):  # q = 1 (no subsampling): Opacus takes log(1 - q) = -inf, harmlessly
+            return float(accountant.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
     except (ValueError, ArithmeticError, RuntimeError, MemoryError):  # extreme σ or q: the domain does not fit
         return math.inf
 

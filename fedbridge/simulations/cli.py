@@ -114,7 +114,7 @@ def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fe
             only_aggregate: Annotated[bool, typer.Option(help="only tabulate records already in OUT/runs")] = False,
             ) -> None:
     """Run every method x seed (x swept values) not already done, then print and save the comparison."""
-    from fedbridge.simulations.compare import group, load_records, plot, print_table, to_markdown
+    from fedbridge.simulations.compare import epsilon_plot, group, load_records, plot, print_table, to_markdown
     from fedbridge.simulations.runner import RunFailed
     from fedbridge.simulations.runner import run as run_one
 
@@ -153,7 +153,9 @@ def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fe
     (out / "table.md").write_text(to_markdown(rows))
     numeric = next((k for k, v in sweeps.items() if _numeric(v)), None)
     png = plot(rows, out / "accuracy.png", numeric)
-    typer.echo(f"table: {out / 'table.md'}  plot: {png}  ({time.perf_counter() - t0:.0f} s)")
+    privacy_png = epsilon_plot(rows, out / "f1-vs-epsilon.png")  # where some method was run at several ε
+    extra = f"  F1 vs ε: {privacy_png}" if privacy_png else ""
+    typer.echo(f"table: {out / 'table.md'}  plot: {png}{extra}  ({time.perf_counter() - t0:.0f} s)")
 
 
 def parse_sweeps(specs: list[str] | None) -> dict[str, list]:

@@ -263,6 +263,58 @@ def plot(rows: Sequence[Row], path: Path, sweep_key: str | None = None) -> Path:
     return path
 
 
+def spent_epsilon(row: Row) -> float | None:
+    """The row's ε per silo as a number (the largest any silo spent, mean over seeds); None where nothing left."""
+    label = row.epsilon
+    return None if label == "—" else math.inf if label == "∞" else float(label)
+
+
+REFERENCES = ("local", "centralized", "fedavg")  # drawn as lines across an ε plot: no ε of their own to vary
+
+
+def epsilon_plot(rows: Sequence[Row], path: Path) -> Path | None:
+    """The privacy-utility picture: global macro-F1 against the ε per silo each row spent, one line per method (DP
+    rows only), with ``local``, ``centralized`` and ``fedavg`` (ε = ∞) as reference lines. None where no method has
+    two finite ε to draw a line through."""
+    lines: dict[str, list[tuple[float, Row]]] = defaultdict(list)
+    for row in rows:
+        eps = spent_epsilon(row)
+        if row.method not in REFERENCES or (row.method == "fedavg" and eps is not None and math.isfinite(eps)):
+            if eps is not None and math.isfinite(eps):
+                lines["DP-FedAvg" if row.method == "fedavg" else row.method].append((eps, row))
+    if not any(len({x for x, _ in pts}) > 1 for pts in lines.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    for method, pts in sorted(lines.items()):
+        pts.sort(key=lambda p: p[0])
+        stats = [r.stat("global_metrics.macro_f1") for _, r in pts]
+        ax.errorbar([x for x, _ in pts], [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o",
+                    capsize=3, label=method)
+    for row in rows:
+        eps = spent_epsilon(row)
+        if row.method in REFERENCES and (eps is None or math.isinf(eps)):
+            mean = 100 * row.stat("global_metrics.macro_f1")[0]
+            ax.axhline(mean, linestyle="--" if row.method == "local" else ":", color="grey", alpha=0.8)
+            ax.annotate(f"{row.label} ({'no release' if eps is None else 'ε = ∞'})", (0.01, mean),
+                        xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε per silo (δ = 1e-5)")
+    ax.set_ylabel("global macro-F1 (%)")
+    ax.set_title("fedbridge: macro-F1 against privacy (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def load_records(directory: Path) -> list[RunRecord]:
     """Every ok record under a directory (failed runs are reported in the notes of the runs that retried them)."""
     records = [RunRecord.read(p) for p in sorted(directory.glob("*.json"))]

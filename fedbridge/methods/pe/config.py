@@ -11,10 +11,10 @@ from fedbridge.protocol import MAX_VOTE_K
 @dataclass(frozen=True)
 class PEConfig:
     epsilon: float = 4.0  # ε asked of each silo for all its vote releases together (at the silo's δ); inf = no noise
-    iterations: int = 3  # vote rounds (each one DP release per silo); variations are written between them
-    candidates_per_label: int = 64  # population the LLM keeps per label in every iteration
+    iterations: int = 2  # vote rounds (each one DP release per silo); variations are written between them
+    candidates_per_label: int = 48  # population the LLM keeps per label in every iteration
     keep: float = 0.25  # fraction of each label's population kept as parents for the next iteration's variations
-    k: int = 4  # nearest candidates each private record votes for (weight 1/sqrt(k) each: sensitivity 1)
+    k: int = 16  # nearest candidates each private record votes for (weight 1/sqrt(k) each: sensitivity 1)
     balance: bool = True  # label a candidate by votes relative to each label's total (class-balanced), not raw votes
     threshold: float = 1.0  # keep a candidate only if its votes reach this many standard deviations of the summed noise
     num_per_label: int = 64  # synthetic examples per (voted) label sent to every silo, the best-voted of all iterations

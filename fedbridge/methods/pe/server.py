@@ -158,7 +158,8 @@ class PrivateEvolution(Method):
         for node, (histogram, privacy) in session.iter_replies(p.DP_VOTE, {n: request for n in session.silos},
                                                                iteration, parse=parse):
             total, variance, replied = total + histogram, variance + privacy["noise-multiplier"] ** 2, replied + 1
-            session.record.privacy[session.silo_name(node)] = privacy
+            # the run's total on this silo (every vote so far), as the comparison's ε column reads it
+            session.record.privacy[session.silo_name(node)] = {**privacy, "epsilon": privacy["epsilon-total"]}
             session.event(node, "processed", p.DP_VOTE, iteration)
         if not replied:
             raise session.no_silo_completed(f"Private Evolution's vote {iteration}")
