@@ -12,10 +12,10 @@ OUT=${1:-benchmarks/results/dp-transfer}
 TWEETS="--task tweets --set partition.kind=dirichlet --set task.max-examples=1000 --engine inprocess"
 compare() { .venv/bin/fedbridge compare "$@" --out "$OUT/tweets"; }
 compare --methods local,centralized,fedavg --seeds 0,1,2 $TWEETS                    # the references
-compare --methods pe --seeds 0,1,2 --sweep pe.epsilon=4 $TWEETS                     # the headline, ε = 4
-compare --methods fedavg --seeds 0,1,2 --sweep slm.dp-epsilon=4 $TWEETS             # DP-FedAvg at the same ε
+compare --methods fedavg --seeds 0,1,2 --sweep slm.dp-epsilon=4 $TWEETS             # DP-FedAvg at ε = 4
+compare --methods pe --seeds 0,1,2 --sweep pe.epsilon=4 $TWEETS                     # the headline, the same ε
 compare --methods pe,fedavg --seeds 0 --sweep pe.epsilon=1,8 --sweep slm.dp-epsilon=1,8 $TWEETS  # other ε, seed 0
-compare --methods pe --seeds 0 --sweep pe.num-per-label=8,16 --sweep pe.epsilon=4 $TWEETS  # volume, seed 0
+compare --methods pe --seeds 0 --sweep pe.num-per-label=8,64 --sweep pe.epsilon=4 $TWEETS  # volume, seed 0
 compare --methods local,centralized,fedavg,pe --only-aggregate --sweep pe.epsilon=1,4,8 \
-  --sweep slm.dp-epsilon=1,4,8,inf --sweep pe.num-per-label=8,16,64
+  --sweep slm.dp-epsilon=1,4,8,inf --sweep pe.num-per-label=8,32,64
 .venv/bin/python benchmarks/synthetic_quality.py "$OUT/tweets" --out "$OUT/synthetic-quality.md"

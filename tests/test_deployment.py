@@ -187,6 +187,22 @@ def test_the_pipeline_runs_deployed_with_each_silo_on_its_own_file(deployment, t
 
 
 @pytest.mark.slow
+def test_private_evolution_runs_deployed_and_each_silo_votes_from_its_own_file(deployment, tmp_path):
+    """Every SuperNode's DP votes, from its own file, label the server's candidates; the voted set goes back over
+    TLS; the record carries each silo's ε over its vote releases."""
+    from test_pe import FAST as FAST_PE
+
+    cfg = config(deployment, tmp_path, method="pe", run_name="deployed-pe", **{**FAST_PE, "timeout": 300.0})
+    record = deployment.run(cfg)
+    assert record.status == "ok" and record.failures == [] and record.method == "pe"
+    for i in range(len(ROWS)):
+        privacy = record.privacy[f"silo-{i}"]
+        assert privacy["mechanism"] == "dp-nn-votes" and 1.9 < privacy["epsilon"] <= 2.0
+        assert record.silo_metrics[f"silo-{i}"]["train.synthetic"] > 0
+    assert record.communication["by_message_type"][p.DP_VOTE]["received"] > 0
+
+
+@pytest.mark.slow
 def test_an_unregistered_supernode_is_refused(deployment):
     deployment.script("make_supernode_keys.sh", str(deployment.workdir / "unregistered"), "intruder")
     before = {n["node-id"] for n in deployment.nodes()}

@@ -190,3 +190,21 @@ def test_a_resumed_run_never_asks_for_the_same_iterations_votes_twice(tmp_path):
     assert sorted(m.metadata.group_id for m in grid.sent if m.metadata.message_type == p.DP_VOTE) == ["2", "2"]
     for silo in ("silo-0", "silo-1"):  # both attempts' releases, and no more, on the silo's ledger
         assert record.privacy[silo]["epsilon-total"] <= 2.0
+
+
+@pytest.mark.slow
+def test_pe_on_the_simulation_engine(tmp_path):
+    """Through ``flwr run`` (Ray, a local SuperLink): every pe.* key travels as run config, each silo votes in each
+    iteration and trains on the voted set, and the record carries ε per silo."""
+    from conftest import simulate
+
+    on_disk = simulate(tmp_path, "pe", dict(FAST),
+                       **{"task.max-examples": 200, "partition.num-silos": 2, "partition.kind": "iid"})
+    assert on_disk.config["pe.k"] == 2 and on_disk.config["pe.iterations"] == 2
+    assert set(on_disk.privacy) == {"silo-0", "silo-1"}
+    for silo, privacy in on_disk.privacy.items():
+        assert privacy["mechanism"] == "dp-nn-votes" and privacy["private"] is True
+        assert 1.9 < privacy["epsilon"] <= privacy["budget"] == 2.0
+        assert on_disk.silo_metrics[silo]["train.synthetic"] > 0
+    by_type = on_disk.communication["by_message_type"]
+    assert by_type[p.DP_VOTE]["received"] > 0 and by_type[p.TRAIN_AUGMENTED]["sent"] > 0

@@ -14,10 +14,10 @@ class PEConfig:
     iterations: int = 2  # vote rounds (each one DP release per silo); variations are written between them
     candidates_per_label: int = 48  # population the LLM keeps per label in every iteration
     keep: float = 0.25  # fraction of each label's population kept as parents for the next iteration's variations
-    k: int = 16  # nearest candidates each private record votes for (weight 1/sqrt(k) each: sensitivity 1)
+    k: int = 48  # nearest candidates each private record votes for (weight 1/sqrt(k) each: sensitivity 1)
     balance: bool = True  # label a candidate by votes relative to each label's total (class-balanced), not raw votes
-    threshold: float = 1.0  # keep a candidate only if its votes reach this many standard deviations of the summed noise
-    num_per_label: int = 64  # synthetic examples per (voted) label sent to every silo, the best-voted of all iterations
+    threshold: float = 1.0  # keep a candidate only if its label's lead reaches this many standard deviations of noise
+    num_per_label: int = 32  # synthetic examples per (voted) label sent to every silo, the clearest of all iterations
     synthetic_weight: float = 1.0  # loss weight of the synthetic examples in the silo's SLM training
     noise_seed: int = -1  # -1 = secret OS entropy (the guarantee needs it); >= 0 only for reproducible tests
     temperature: float = 0.9

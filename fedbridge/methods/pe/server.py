@@ -5,10 +5,10 @@ not the LLM, decide which synthetic examples exist and what label each carries.
     for t in 1..T:
         H = sum over silos of DP vote histograms of the population      # (candidates x labels), one release per silo
         label(c) = argmax_y H[c, y] / H[:, y].sum()                     # (balance) the federation's label, not the LLM's
-        votes(c) = H[c, label(c)];   keep c if votes(c) >= threshold x noise std of H
-        if t < T: parents = the best-voted keep-fraction of each label; population = parents + LLM variations of
+        margin(c) = how far label(c)'s votes lead the runner-up's;   keep c if the margin clears the noise
+        if t < T: parents = the clearest keep-fraction of each label; population = parents + LLM variations of
                   them (+ fresh candidates where a label has too few parents)
-    synthetic set = the best num-per-label of each label among every kept candidate of every iteration
+    synthetic set = the clearest num-per-label of each label among the kept candidates of every iteration
     every silo: SLM on private + synthetic -> metrics
 
 Each silo spends pe.epsilon over its T vote releases (σ calibrated on the silo); everything the server does with the
@@ -42,21 +42,29 @@ class Tally:
     """The federation's summed DP votes on one population, read as labels and scores."""
 
     labels: np.ndarray  # (candidates,) the voted label
-    votes: np.ndarray  # (candidates,) votes for that label
-    kept: np.ndarray  # (candidates,) bool: votes reach the threshold
+    margins: np.ndarray  # (candidates,) votes for that label minus the runner-up's: how clearly it is that label
+    kept: np.ndarray  # (candidates,) bool: the margin clears the noise
 
 
 def tally(histogram: np.ndarray, noise_std: float, balance: bool, threshold: float) -> Tally:
-    """Labels and scores from the summed histogram (pure post-processing of the DP releases)."""
-    relative = histogram / np.maximum(histogram.sum(axis=0, keepdims=True), 1.0) if balance else histogram
-    labels = relative.argmax(axis=1) if len(histogram) else np.zeros(0, dtype=int)
-    votes = histogram[np.arange(len(histogram)), labels]
-    return Tally(labels, votes, (votes > 0) & (votes >= threshold * noise_std))
+    """Labels and margins from the summed histogram (pure post-processing of the DP releases). ``balance`` rescales
+    each label's column to the mean column total first, so a label most silos hold many records of does not win every
+    candidate. A candidate is kept if its margin reaches ``threshold`` standard deviations of the difference of two
+    noisy cells (√2 x the summed noise's std)."""
+    if balance and len(histogram):
+        totals = np.maximum(histogram.sum(axis=0, keepdims=True), 1.0)
+        histogram = histogram / totals * totals.mean()
+    if histogram.shape[1] < 2:
+        return Tally(np.zeros(len(histogram), dtype=int), histogram[:, 0] if len(histogram) else np.zeros(0),
+                     np.ones(len(histogram), dtype=bool))
+    ordered = np.sort(histogram, axis=1)
+    margins = ordered[:, -1] - ordered[:, -2]
+    return Tally(histogram.argmax(axis=1), margins, margins >= max(threshold * math.sqrt(2) * noise_std, 1e-9))
 
 
 def best_per_label(labels: np.ndarray, votes: np.ndarray, eligible: np.ndarray, num_labels: int,
                    n: int) -> list[int]:
-    """Indices of the ``n`` best-voted eligible candidates of each label."""
+    """Indices of the ``n`` eligible candidates of each label with the highest ``votes`` (margins)."""
     chosen = []
     for y in range(num_labels):
         mine = np.flatnonzero(eligible & (labels == y))
@@ -102,7 +110,7 @@ class PrivateEvolution(Method):
                 histogram = np.array(done["histogram"]).reshape(len(population), len(task.labels))
                 noise_std = done["noise_std"]
             result = tally(histogram, noise_std, opts.balance, opts.threshold)
-            pool += [(population.texts[i], int(result.labels[i]), float(result.votes[i]))
+            pool += [(population.texts[i], int(result.labels[i]), float(result.margins[i]))
                      for i in np.flatnonzero(result.kept)]
             counts["candidates-voted"] += len(population)
             counts["candidates-kept"] += int(result.kept.sum())
@@ -110,7 +118,7 @@ class PrivateEvolution(Method):
             counts["candidates-relabelled"] += int((result.kept & (result.labels != intended)).sum())
             n_parents = max(1, round(opts.keep * opts.candidates_per_label))
             parents = [(population.texts[i], int(result.labels[i])) for i in best_per_label(
-                result.labels, result.votes, result.kept, len(task.labels), n_parents)]
+                result.labels, result.margins, result.kept, len(task.labels), n_parents)]
         synthetic = self._synthetic(pool, len(task.labels))
         self._record(session, stats, counts, synthetic)
         with session.phase("silo-train-eval"):
@@ -166,8 +174,8 @@ class PrivateEvolution(Method):
         return total, math.sqrt(variance)
 
     def _synthetic(self, pool: list[tuple[str, int, float]], num_labels: int) -> Examples:
-        """The best-voted ``num-per-label`` of each label among the kept candidates of all iterations (a text voted
-        in several iterations counts with its latest votes)."""
+        """The ``num-per-label`` of each label with the clearest margins among the kept candidates of all iterations
+        (a text voted in several iterations counts with its latest votes)."""
         latest = {text: (y, votes) for text, y, votes in pool}
         texts = list(latest)
         labels, votes = np.array([latest[t][0] for t in texts]), np.array([latest[t][1] for t in texts])
