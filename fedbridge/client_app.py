@@ -3,21 +3,54 @@ in each method's ``silo.py``. Nothing here imports server code."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedbridge import protocol as p
+from fedbridge.errors import ConfigError, PrivacyBudgetExceeded, SiloFailure
 from fedbridge.faults import fault_mod
 from fedbridge.methods.crosslm import silo as crosslm
 from fedbridge.methods.fdkt import silo as fdkt
 from fedbridge.methods.social import silo as social
 from fedbridge.methods.social.teaching import lesson_records
+from fedbridge.privacy.dp_votes import vote_shares
+from fedbridge.privacy.policy import SiloPolicy
+from fedbridge.protocol import ProtocolError
 from fedbridge.silo import Silo, train_metrics
 
-app = ClientApp(mods=[fault_mod])
+log = logging.getLogger("fedbridge.silo")
+
+
+def wire_safe_errors(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A deployed (strict) silo's errors cross the wire as a category and a fix, never its data: Flower returns an
+    exception's text to the server, and a data error would quote the silo's rows, labels or paths. Refusals
+    (``PrivacyBudgetExceeded``), protocol errors (about the server's own message) and config errors pass as they
+    are; anything else is replaced, and its detail goes to the silo's own log."""
+    try:
+        return call_next(msg, context)
+    except (PrivacyBudgetExceeded, ProtocolError, ConfigError):
+        raise
+    except Exception as err:
+        if not _strict(context.node_config):
+            raise
+        log.warning("%s failed: %s: %s", msg.metadata.message_type, type(err).__name__, err, exc_info=True)
+        raise SiloFailure(f"{type(err).__name__} on this silo while handling {msg.metadata.message_type}; the detail "
+                          "is in the silo's own log. Check the run config against the silo's node config.") from None
+
+
+def _strict(node_config: dict) -> bool:
+    try:
+        return SiloPolicy.from_node_config(node_config).name == "strict"
+    except ConfigError:
+        return True
+
+
+app = ClientApp(mods=[wire_safe_errors, fault_mod])
 
 
 def _reply(silo: Silo, msg: Message, metrics: dict, dp_slm: dict | None = None, **records) -> Message:
@@ -125,17 +158,23 @@ def train_private(msg: Message, context: Context) -> Message:
 
 @app.query("score")
 def score(msg: Message, context: Context) -> Message:
-    """CrossLM: class probabilities of the server's batch ``round`` by the SLM of the round before; only these
-    probabilities leave."""
+    """CrossLM: S(y|x) of the server's batch ``round``: with a vote request in the config (``crosslm.scores=dp-votes``)
+    the shares of the silo's DP nearest-neighbour votes, with their privacy cost; else the class probabilities of
+    the SLM of the round before (released without DP unless that SLM is DP). Only these leave."""
     silo, config = _silo(msg, context)
     round_, experiment, _ = _crosslm_round(config)
     examples = p.read_examples(msg.content, p.EXAMPLES, len(silo.labels))
-    silo.release_slm("SLM scores", experiment)
-    t0 = time.perf_counter()
-    probs = crosslm.score(silo, context.state, examples.texts, max(round_ - 1, 0), experiment)
+    t0, records = time.perf_counter(), {}
+    if "epsilon" in config:
+        epsilon, releases, k, noise_seed = p.read_vote_request(config)
+        histogram, privacy = silo.dp_vote(examples.texts, epsilon, releases, k, noise_seed, experiment)
+        probs, records = vote_shares(histogram), {"privacy": ConfigRecord(privacy)}
+    else:
+        silo.release_slm("SLM scores", experiment)
+        probs = crosslm.score(silo, context.state, examples.texts, max(round_ - 1, 0), experiment)
     agreement = float((probs.argmax(axis=1) == np.array(examples.labels)).mean()) if len(examples) else 0.0
     metrics = {"score.examples": len(examples), "score.seconds": time.perf_counter() - t0, "score.agreement": agreement}
-    return _reply(silo, msg, metrics, scores=p.probabilities_record(probs))
+    return _reply(silo, msg, metrics, scores=p.probabilities_record(probs), **records)
 
 
 @app.query("upload")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,8 +26,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 
-from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR
-from fedbridge.config import ExperimentConfig
+from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR, atomic_write
+from fedbridge.config import ExperimentConfig, TaskConfig
 from fedbridge.errors import ConfigError
 from fedbridge.models.device import resolve_device
 from fedbridge.models.llm_classifier import label_probabilities
@@ -40,7 +42,15 @@ from fedbridge.privacy.dp_slm import MECHANISM as DP_SLM
 from fedbridge.privacy.dp_slm import dp_plan, dp_train_classifier
 from fedbridge.privacy.dp_votes import VoteRelease, dp_vote
 from fedbridge.privacy.policy import RunLedger, SiloLedger, SiloPolicy, data_identity
-from fedbridge.tasks import Examples, SiloData, classification_metrics, load_federation, load_task, silo_from_file
+from fedbridge.tasks import (
+    Examples,
+    SiloData,
+    SiloFile,
+    classification_metrics,
+    load_federation,
+    load_task,
+    silo_from_file,
+)
 from fedbridge.tasks.task import BUILTIN_TASKS
 
 
@@ -76,6 +86,7 @@ class Silo:
     state_dir: Path = DEFAULT_SILO_STATE_DIR  # node config 'state-dir': state that outlives a run
     policy: SiloPolicy = SiloPolicy()  # node config: what this silo lets leave (fedbridge.privacy.policy)
     device_setting: str = "auto"  # node config 'device', else the run's device.silo
+    source_id: str = ""  # a deployed silo: its data file's identity (``silo_from_file``); "" = its examples' hash
 
     @functools.cached_property
     def device(self) -> torch.device:
@@ -184,14 +195,27 @@ class Silo:
                 experiment: str = "") -> tuple[np.ndarray, dict]:
         """The silo's DP nearest-neighbour vote histogram (candidates x labels) of the server's candidates, from
         its private training split (``fedbridge.privacy.dp_votes``): one release of the ``releases`` the run plans at
-        ``epsilon``, charged to the lifetime ledger. Returns the noisy histogram and its privacy record."""
+        ``epsilon``, charged to the lifetime ledger. Returns the noisy histogram and its privacy record.
+
+        The same request in the same experiment gets the same answer from the silo's disk, charged once: a resumed
+        server that asks again spends nothing, and a server that repeats a query cannot average the noise away."""
         train = self.data.train
+        asked = json.dumps([list(candidates), epsilon, releases, k, requested_seed])
+        answered = (self.state_dir / experiment / "votes" / f"{hashlib.sha256(asked.encode()).hexdigest()[:32]}.json"
+                    if experiment else None)
+        if answered is not None and answered.exists():
+            kept = json.loads(answered.read_text())
+            return np.array(kept["histogram"]).reshape(len(candidates), len(self.labels)), kept["privacy"]
 
         def release(ledger: RunLedger, noise_seed: int | None) -> VoteRelease:
             return dp_vote(self.features(train.texts), train.labels, self.features(candidates), len(self.labels), k,
                            epsilon, releases, ledger, noise_seed)
 
-        result, privacy = self.dp_release("DP votes", epsilon, requested_seed, experiment, release)
+        # its own run cap beside the run's other releases (the pipeline's demonstrations); the lifetime composes all
+        result, privacy = self.dp_release("DP votes", epsilon, requested_seed, f"{experiment}/votes" if experiment
+                                          else "", release)
+        if answered is not None:
+            atomic_write(answered, json.dumps({"histogram": result.histogram.reshape(-1).tolist(), "privacy": privacy}))
         return result.histogram, privacy
 
     # ------------------------------------------------------------ LLM
@@ -211,8 +235,9 @@ class Silo:
 
     @functools.cached_property
     def data_id(self) -> str:
-        """The identity of this silo's data (a content hash): its lifetime privacy ledger's name."""
-        return data_identity([*self.data.train.texts, *self.data.test.texts],
+        """The identity of this silo's data: its lifetime privacy ledger's name. A deployed silo's is its file's
+        (every row, whatever the order, the sampling or the split); a simulated partition's, a hash of its examples."""
+        return self.source_id or data_identity([*self.data.train.texts, *self.data.test.texts],
                              [*self.data.train.labels, *self.data.test.labels])
 
     def run_ledger(self, run_budget: float, experiment: str = "") -> RunLedger:
@@ -232,7 +257,9 @@ class Silo:
         seed, private = self.policy.noise_seed_for(self.name, requested_seed)
         ledger = self.run_ledger(run_budget, experiment)
         ledger.check_can_release(self.name)
-        result = release(ledger, None if seed is None else seed + self.index)
+        # a seeded silo draws fresh noise for every release: the seed, its index and how many charges its data has had
+        noise_seed = None if seed is None else release_seed(seed, self.index, ledger.ledger.charges())
+        result = release(ledger, noise_seed)
         mechanism = result.mechanism if private else f"{result.mechanism} with a server-chosen noise seed (non-private)"
         return result, ledger.record(mechanism, result.epsilon, result.noise_multiplier, result.steps, private)
 
@@ -276,6 +303,12 @@ class Silo:
                 or k.startswith("global-test.") or not any(word in k for word in COUNT_DERIVED)}
 
 
+def release_seed(seed: int, index: int, charges: int) -> int:
+    """The noise seed of one release of a silo with a fixed seed: never the same twice for one data source (the
+    same noise in two releases would let the server subtract it)."""
+    return int(np.random.SeedSequence([seed, index, charges]).generate_state(1)[0])
+
+
 def train_metrics(stats: TrainStats) -> dict[str, float]:
     """What a silo reports about one SLM training: seconds, examples seen, epochs run and the epoch kept."""
     return {"train.seconds": stats.seconds, "train.examples": stats.examples, "train.epochs": stats.epochs,
@@ -293,21 +326,41 @@ def _silo(run_items: tuple, node_items: tuple) -> Silo:
     if "partition-id" not in node:
         raise ConfigError("This SuperNode has no 'partition-id' in its node config. Start it with "
                           "--node-config \"partition-id=<k> ...\" (and data-path=<file> for its own data).")
-    index = int(node["partition-id"])
-    if "data-path" in node and cfg.task.labels and cfg.task.name not in BUILTIN_TASKS:
-        labels = cfg.task.labels  # what the server's task file or dataset resolves to; the silo need not have it
+    index, source_id = int(node["partition-id"]), ""
+    if "data-path" in node:  # a deployed silo: its node config alone defines its data
+        labels = deployed_labels(cfg.task, node)
+        data, source_id = silo_from_file(SiloFile.from_node_config(node), labels)
+        if _node_flag(node, "canaries", "allow"):  # planted only where the silo opted in, at most its cap of copies
+            copies = min(cfg.canaries.copies, int(node.get("canary-copies", 1)))
+            data = plant_canaries(data, dataclasses.replace(cfg.canaries, copies=copies), cfg.seed, index)
     else:
         labels = load_task(cfg.task, cfg.seed).labels
-    if "data-path" in node:
-        file_cfg = dataclasses.replace(cfg.task, text_column=str(node.get("text-column", cfg.task.text_column)),
-                                       label_column=str(node.get("label-column", cfg.task.label_column)))
-        data = silo_from_file(file_cfg, str(node["data-path"]), labels, cfg.seed + index)
-    else:
         federation = load_federation(cfg.task, cfg.partition, cfg.seed)
         if not 0 <= index < len(federation.silos):
             raise ConfigError(f"partition-id {index} is outside 0..{len(federation.silos) - 1} "
                               f"(partition.num-silos={cfg.partition.num_silos}). Match num-supernodes to it.")
-        data = federation.silos[index]
-    data = plant_canaries(data, cfg.canaries, cfg.seed, index)  # canaries.enabled: to measure leaks
+        data = plant_canaries(federation.silos[index], cfg.canaries, cfg.seed, index)  # canaries.enabled: leaks
     return Silo(index, cfg, labels, data, Path(str(node.get("state-dir", DEFAULT_SILO_STATE_DIR))).expanduser(),
-                SiloPolicy.from_node_config(node), str(node.get("device", cfg.device.silo)))
+                SiloPolicy.from_node_config(node), str(node.get("device", cfg.device.silo)), source_id)
+
+
+def deployed_labels(task: TaskConfig, node: Mapping) -> tuple[str, ...]:
+    """A deployed silo's label set, in the server's order (label indices must agree): the server's declared labels
+    (``task.labels``, or a built-in task's fixed set), checked against the node config's ``labels`` where it has
+    them; never read from the data (a server-chosen column would make private values a public vocabulary)."""
+    declared = task.labels or (BUILTIN_TASKS[task.name].labels if task.name in BUILTIN_TASKS else ())
+    own = tuple(s.strip() for s in str(node.get("labels", "")).split(",") if s.strip())
+    if own and declared and set(own) != set(declared):
+        raise ConfigError("The run's label set differs from this silo's node config 'labels'. Run with the "
+                          "silo's labels in task.labels.")
+    if not declared and not own:
+        raise ConfigError("This silo does not know its label set: the run sends no task.labels and its node config "
+                          "has no 'labels'. Set task.labels in the run config, or labels=... in the node config.")
+    return declared or tuple(sorted(own))
+
+
+def _node_flag(node: Mapping, key: str, allowed: str) -> bool:
+    value = str(node.get(key, "")).strip().lower()
+    if value not in ("", allowed, "deny"):
+        raise ConfigError(f"Node config {key}={value!r}: use {allowed} or deny.")
+    return value == allowed

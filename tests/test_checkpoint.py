@@ -392,13 +392,19 @@ def crosslm_uninterrupted(tmp_path_factory) -> dict[str, RunRecord]:
     out = {}
     for mode, score_on in CROSSLM_VARIANTS:
         record, _ = attempt(tmp_path_factory.mktemp(f"reference-{mode}"), f"crosslm-{mode}-{score_on}",
-                            crosslm_options={"crosslm.mode": mode, "crosslm.score-on": score_on})
+                            crosslm_options=crosslm_variant(mode, score_on))
         assert record.status == "ok" and record.failures == []
         out[mode, score_on] = record
     return out
 
 
 CROSSLM_VARIANTS = [("async", "silo"), ("sync", "silo"), ("async", "server"), ("sync", "server")]
+
+
+def crosslm_variant(mode: str, score_on: str) -> dict:
+    """score-on=silo with the default DP-vote scores; score-on=server scores with the uploaded SLMs."""
+    return {"crosslm.mode": mode, "crosslm.score-on": score_on, **({"crosslm.scores": "slm"} if score_on == "server"
+                                                                   else {})}
 
 
 @pytest.mark.parametrize("mode,score_on", CROSSLM_VARIANTS)
@@ -408,7 +414,7 @@ def test_crosslm_resumes_with_its_llm_adapter_batches_and_silo_rounds(tmp_path, 
     saw it; the LLM has been updated on batch 1. The resumed run reloads the adapter, its optimizer and batch 1,
     writes batch 2 only, asks silo 1 for round 1 again (answered from its disk, not retrained), and ends with exactly
     the numbers of an uninterrupted run."""
-    name, options = f"crosslm-{mode}-{score_on}", {"crosslm.mode": mode, "crosslm.score-on": score_on}
+    name, options = f"crosslm-{mode}-{score_on}", crosslm_variant(mode, score_on)
     first, _ = attempt(tmp_path, name, crosslm_options=options, die_on_reply=is_(p.ENHANCE, NODES[1], "1"))
     assert first is None
     state = checkpoint_state(tmp_path, name)["steps"]["crosslm"]

@@ -357,8 +357,9 @@ def test_score_on_silo_never_sends_weights(mixed_run):
             assert not msg.has_error()
             assert not msg.content.array_records
             assert not any(isinstance(r, ArrayRecord) for r in msg.content.values())
-        if request.metadata.message_type == p.SCORE:
-            assert set(reply.content.keys()) == {p.METRICS, p.SCORES}
+        if request.metadata.message_type == p.SCORE:  # DP votes (the default scores): their cost beside them
+            assert set(reply.content.keys()) == {p.METRICS, p.SCORES, p.PRIVACY}
+            assert p.read_privacy(reply.content)["mechanism"] == "dp-nn-votes"
             assert set(reply.content[p.METRICS]) == {"score.examples", "score.seconds", "score.agreement"}
             n = len(request.content[p.EXAMPLES]["texts"])
             assert len(reply.content[p.SCORES]["probs"]) == n * 3
@@ -444,7 +445,7 @@ def test_soft_targets_distil_the_silos_combined_probabilities(tmp_path):
 
 
 def test_score_on_server_uploads_once_and_returns_enhanced_weights(tmp_path, tiny_distilbert):
-    record, grid = start(tmp_path, "crosslm-server", **{"crosslm.score-on": "server",
+    record, grid = start(tmp_path, "crosslm-server", **{"crosslm.score-on": "server", "crosslm.scores": "slm",
                                                         "slm.model": f"{tiny_distilbert},tiny-bert"})
     assert record.status == "ok" and record.failures == []
     assert any("score-on=server" in note and "weaker privacy" in note for note in record.notes)

@@ -47,4 +47,5 @@ def test_the_pipeline_on_the_simulation_engine(tmp_path):
     for silo in ("silo-0", "silo-1"):
         processed = [e["message_type"] for e in on_disk.timelines[silo] if e["event"] == "processed"]
         assert processed[:2] == [p.SYNTHESIZE, p.TRAIN_PRIVATE] and processed.count(p.ENHANCE) == 2
-        assert 0 < on_disk.privacy[silo]["epsilon-dp"] <= 4.0
+        privacy = on_disk.privacy[silo]  # demonstrations + DP-vote scores, each within its ε
+        assert privacy["private"] is True and 0 < privacy["other"]["epsilon"] <= 4.0 < privacy["epsilon"] <= 8.0

@@ -34,7 +34,7 @@ from fedbridge.deploy import (
     silo_node_configs,
     write_connection,
 )
-from fedbridge.errors import DataError
+from fedbridge.errors import ConfigError
 from fedbridge.server_app import run_experiment
 from fedbridge.silo import _silo
 from fedbridge.simulations.inprocess import InProcessGrid
@@ -92,8 +92,11 @@ def test_a_deployed_silo_needs_the_label_list_not_the_servers_task_file(tmp_path
     examples = zip(silo.data.train.texts + silo.data.test.texts, silo.data.train.labels + silo.data.test.labels)
     assert all(f"{silo.labels[y]}word" in text for text, y in examples)  # toy_frame writes the label into the text
     without_labels = tiny_config(tmp_path, **{"task.name": str(tmp_path / "only-on-the-server.csv")})
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not know its label set"):  # never read from a server-named file
         _silo(tuple(sorted(without_labels.to_run_config().items())), tuple(sorted(node.items())))
+    own_labels = {**node, "labels": "neg,pos"}  # or from its own node config, in the order the server uses
+    assert _silo(tuple(sorted(without_labels.to_run_config().items())), tuple(sorted(own_labels.items()))).labels == \
+        ("neg", "pos")
 
 
 class GridWithAHostDown(InProcessGrid):
@@ -183,7 +186,8 @@ def test_the_pipeline_runs_deployed_with_each_silo_on_its_own_file(deployment, t
     for i in range(len(ROWS)):
         metrics = record.silo_metrics[f"silo-{i}"]
         assert metrics["synth.examples"] > 0 and 0.0 <= metrics["round-2.global-test.accuracy"] <= 1.0
-        assert 0 < record.privacy[f"silo-{i}"]["epsilon-dp"] <= 4.0
+        privacy = record.privacy[f"silo-{i}"]  # demonstrations + DP-vote scores, each within its ε
+        assert privacy["private"] is True and 0 < privacy["other"]["epsilon"] <= 4.0 < privacy["epsilon"] <= 8.0
 
 
 @pytest.mark.slow

@@ -353,10 +353,13 @@ def test_every_slm_mode_runs_every_method(tmp_path, method, mode):
     # every release is accounted or labelled: weights, scores and pooled raw data are epsilon inf, in the record
     # and in the table; only local, whose silos release nothing but their silo-test metrics, shows '—'
     [row] = group([record])
-    if method in ("fedavg", "crosslm", "centralized"):
+    if method in ("fedavg", "centralized"):
         assert record.privacy and all(math.isinf(v["epsilon"]) and v["private"] is False
                                       for v in record.privacy.values())
         assert row.epsilon == "∞"
+    elif method == "crosslm":  # DP votes (crosslm.scores=dp-votes): the run's total per silo, within what it asked
+        assert record.privacy and all(v["mechanism"] == "dp-nn-votes" and 3.9 < v["epsilon"] <= 4.0
+                                      for v in record.privacy.values())
     else:
         assert row.epsilon == ("—" if method == "local" else f"{EPSILON_DEFAULT:.2f}")
     if method == "fedavg":

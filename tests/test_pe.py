@@ -112,8 +112,8 @@ def silo_nodes(tmp_path: Path, **node) -> list[dict]:
             for i in range(2)]
 
 
-def vote_request(experiment: str, epsilon: float = 2.0, releases: int = 2) -> Message:
-    texts = ["a short candidate", "another candidate text", "a third one"]
+def vote_request(experiment: str, epsilon: float = 2.0, releases: int = 2, round_: int = 1) -> Message:
+    texts = ["a short candidate", "another candidate text", f"a third one, round {round_}"]
     return Message(p.request({"epsilon": epsilon, "releases": releases, "k": 2, p.EXPERIMENT: experiment},
                              examples=p.examples_record(SimpleNamespace(texts=texts, labels=[0, 1, 2]))),
                    dst_node_id=NODES[0], message_type=p.DP_VOTE, group_id="1")
@@ -127,14 +127,14 @@ def test_a_strict_silo_charges_its_lifetime_ledger_for_every_vote_and_refuses_vo
     try:
         silo = Silo.from_context(grid.contexts[NODES[0]])
         ledger = SiloLedger(silo.state_dir / "privacy" / f"{silo.data_id}.json", silo.policy)
-        replies = [grid.send_and_receive([vote_request("votes")], timeout=60)[0] for _ in range(2)]
+        replies = [grid.send_and_receive([vote_request("votes", round_=r)], timeout=60)[0] for r in (1, 2)]
         assert not any(r.has_error() for r in replies)
         privacy = [p.read_privacy(r.content) for r in replies]
         histogram = p.read_histogram(replies[0].content, 3, 3)
         assert histogram.shape == (3, 3) and privacy[0]["private"] and privacy[0]["mechanism"] == "dp-nn-votes"
         assert privacy[1]["epsilon-total"] == pytest.approx(ledger.spent()) and 1.9 < ledger.spent() <= 2.0
         # a third release is past what the run asked for; ε = inf is refused by the strict policy
-        for refused in (vote_request("votes"), vote_request("other", epsilon=math.inf)):
+        for refused in (vote_request("votes", round_=3), vote_request("other", epsilon=math.inf)):
             [reply] = grid.send_and_receive([refused], timeout=60)
             assert reply.has_error() and "PrivacyBudgetExceeded" in reply.error.reason
         assert ledger.spent() == pytest.approx(privacy[1]["epsilon-total"])

@@ -4,7 +4,6 @@ asynchronously; it resumes like CrossLM and never asks a silo for its demonstrat
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -72,12 +71,15 @@ def test_each_silo_synthesizes_once_then_trains_scores_and_is_enhanced(seeded_ru
         assert record.silo_metrics[silo]["synth.examples"] > 0
 
 
-def test_the_record_has_the_demonstrations_epsilon_and_labels_the_scores_non_private(seeded_run):
+def test_the_record_has_the_demonstrations_epsilon_plus_the_dp_scores_epsilon(seeded_run):
     record, _, _ = seeded_run
     for silo in ("silo-0", "silo-1"):
         privacy = record.privacy[silo]
-        assert 1.9 < privacy["epsilon-dp"] <= 2.0  # what the silo's ledger charged, within the asked ε
-        assert math.isinf(privacy["epsilon"]) and privacy["non-private"] == "SLM scores"
+        assert 1.9 < privacy["other"]["epsilon"] <= 2.0  # the demonstrations, within the asked ε
+        assert privacy["other"]["mechanism"] == "dp-fewshot" and "dp-nn-votes" in privacy["mechanism"]
+        votes = privacy["epsilon-total"]  # both score rounds, within crosslm.epsilon
+        assert 3.9 < votes <= 4.0 and privacy["epsilon"] == pytest.approx(privacy["other"]["epsilon"] + votes)
+        assert privacy["private"] is True and "non-private" not in privacy
     assert record.tokens["silo-generated"] > 0 and record.tokens["generated"] > 0
 
 
@@ -99,5 +101,5 @@ def test_a_restarted_server_resumes_without_asking_for_demonstrations_again(tmp_
     resumed, grid = attempt(tmp_path, "pipeline-r", resume=True, crosslm_options={})
     assert resumed.status == "ok" and resumed.failures == []
     assert sent(grid, p.SYNTHESIZE) == [] and sent(grid, p.TRAIN_PRIVATE) == []  # nothing private asked again
-    assert resumed.privacy["silo-1"]["epsilon-dp"] == reference.privacy["silo-1"]["epsilon-dp"]
+    assert resumed.privacy["silo-1"]["epsilon"] == reference.privacy["silo-1"]["epsilon"]  # nothing charged twice
     assert_same_results(resumed, reference)

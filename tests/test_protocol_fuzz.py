@@ -19,7 +19,7 @@ from fedbridge.tasks import Examples
 
 NUM_LABELS = 3
 LIKE = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32)), "b": Array(np.zeros(2, np.float32))})
-SIZE_CAP = 3600  # a little above the valid message below: mutations land on both sides
+SIZE_CAP = 4000  # a little above the valid message below: mutations land on both sides
 
 # ------------------------------------------------------------------ strategies
 
@@ -99,7 +99,8 @@ def valid_content() -> RecordDict:
     """One message that every parser accepts: the starting point of the mutations below."""
     return RecordDict({
         p.CONFIG: ConfigRecord({"protocol": p.PROTOCOL_VERSION, "epochs": 2, "values": [0.1, 0.5, 1.0],
-                                p.EXPERIMENT: uuid.uuid4().hex, "mode": p.SOCIAL_MODES[0]}),
+                                p.EXPERIMENT: uuid.uuid4().hex, "mode": p.SOCIAL_MODES[0], "epsilon": 4.0,
+                                "releases": 2, "k": 4}),
         p.EXAMPLES: ConfigRecord({"texts": ["good", "bad"], "labels": [2, 0]}),
         p.GLOBAL_TEST: ConfigRecord({"texts": ["fine"], "labels": [1]}),
         p.METRICS: MetricRecord({"partition-id": 1, "num-train": 10, "num-test": 3, "silo-test.accuracy": 0.5,
@@ -111,6 +112,7 @@ def valid_content() -> RecordDict:
                                      "private": True}),
         p.ARRAYS: ArrayRecord({"w": Array(np.ones((2, 2), np.float32)), "b": Array(np.zeros(2, np.float32))}),
         p.SCORES: ConfigRecord({"probs": [0.2, 0.3, 0.5], "num-labels": NUM_LABELS}),
+        p.HISTOGRAM: ConfigRecord({"counts": [1.5, -0.3, 2.0], "num-labels": NUM_LABELS}),
         p.INSTRUCTIONS: ConfigRecord({"texts": ["Read the review, then answer."]}),
         p.PROVENANCE: ConfigRecord({"mode": "examples", "shots": 2}),
     })
@@ -221,6 +223,11 @@ PARSERS = {  # name -> (call on the content, check of its value)
     "read_experiment": (lambda c: p.read_experiment(c.get(p.CONFIG) or {}), check_experiment),
     "read_probabilities": (lambda c: p.read_probabilities(c, p.SCORES, 1, NUM_LABELS),
                            lambda v, c: v.shape == (1, NUM_LABELS) and np.allclose(v.sum(axis=1), 1, atol=1e-3)),
+    "read_histogram": (lambda c: p.read_histogram(c, 1, NUM_LABELS),
+                       lambda v, c: v.shape == (1, NUM_LABELS) and np.isfinite(v).all()),
+    "read_vote_request": (lambda c: p.read_vote_request(c.get(p.CONFIG) or {}), lambda v, c: (
+        v[0] > 0 and 1 <= v[1] <= 10_000 and 1 <= v[2] <= p.MAX_VOTE_K and -1 <= v[3] and all(
+            isinstance(x, int) for x in v[1:]))),
     "read_texts": (lambda c: p.read_texts(c, p.INSTRUCTIONS),
                    lambda v, c: all(isinstance(t, str) and len(t) <= p.MAX_TEXT_CHARS for t in v)),
     "read_mode": (lambda c: p.read_mode(c.get(p.CONFIG) or {}), lambda v, c: v in p.SOCIAL_MODES),

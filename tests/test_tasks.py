@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from conftest import SMS_SPAM, toy_frame
 
 from fedbridge.config import PartitionConfig, TaskConfig
 from fedbridge.errors import ConfigError, DataError
-from fedbridge.tasks import classification_metrics, load_federation, load_task, partition, silo_from_file
+from fedbridge.tasks import SiloFile, classification_metrics, load_federation, load_task, partition, silo_from_file
 from fedbridge.tasks.task import _read_file
 
 ENTITY = re.compile(r"&(#\d+|#x[0-9a-fA-F]+|[a-zA-Z]+);")
@@ -375,11 +376,13 @@ def test_load_federation_is_shared_per_config(tmp_path):
 
 def test_silo_from_file_checks_the_federation_labels(tmp_path):
     own = _write(toy_frame(30), tmp_path / "own.csv")
-    cfg = TaskConfig(text_column="review", label_column="sentiment", silo_test_fraction=0.2)
-    data = silo_from_file(cfg, str(own), ("neg", "pos"), seed=0)
+    file = SiloFile(str(own), text_column="review", label_column="sentiment", test_fraction=0.2)
+    data, source = silo_from_file(file, ("neg", "pos"))
     assert len(data.train) + len(data.test) == 30 and len(data.test) == 6
+    # the source's identity: every row, whatever the label order, the sampling or the split
+    assert silo_from_file(replace(file, max_examples=20, split_seed=3, test_fraction=0.5), ("pos", "neg"))[1] == source
     with pytest.raises(DataError, match="unknown label"):
-        silo_from_file(cfg, str(own), ("neg", "other"), seed=0)
+        silo_from_file(file, ("neg", "other"))
 
 
 # ---------------------------------------------------------------- metrics

@@ -44,7 +44,7 @@ from fedbridge.privacy.canaries import (
     verbatim_copy_rate,
 )
 from fedbridge.results import RunRecord
-from fedbridge.tasks import SiloData, load_federation, load_task, silo_from_file
+from fedbridge.tasks import SiloData, SiloFile, load_federation, load_task, silo_from_file
 
 RAW_KIND = "raw-examples(non-private)"  # contributions of a non-private upper bound: copies by design, not audited
 
@@ -123,8 +123,9 @@ def private_data(cfg: ExperimentConfig, private_files: Mapping[str, str] | None 
     silos: dict[str, SiloData] = {}
     if private_files:
         for name, path in private_files.items():
-            index = _silo_index(name)
-            silos[name] = silo_from_file(cfg.task, str(path), task.labels, cfg.seed + index)
+            file = SiloFile(str(path), cfg.task.text_column or "text", cfg.task.label_column or "label",
+                            cfg.task.encoding)  # the node-config defaults of a deployed silo's data settings
+            silos[name] = silo_from_file(file, task.labels)[0]
     else:
         federation = load_federation(cfg.task, cfg.partition, cfg.seed)
         silos = {f"silo-{k}": data for k, data in enumerate(federation.silos)}

@@ -89,3 +89,12 @@ def dp_vote(private: np.ndarray, labels: Sequence[int], candidates: np.ndarray, 
         hist = hist + sigma * SENSITIVITY * torch.randn(hist.shape, generator=rng, dtype=torch.float64).numpy()
     return VoteRelease(hist, MECHANISM, compute_epsilon([event], ledger.delta), sigma, 1)
 
+
+
+def vote_shares(histogram: np.ndarray) -> np.ndarray:
+    """Each candidate's votes as a distribution over labels (post-processing): the positive part of its noisy row,
+    normalised; uniform where no label has a positive count. CrossLM reads them as S(y|x)."""
+    positive = np.clip(np.asarray(histogram, dtype=float), 0.0, None)
+    totals = positive.sum(axis=1, keepdims=True)
+    uniform = np.full_like(positive, 1.0 / max(positive.shape[1], 1))
+    return np.where(totals > 0, positive / np.where(totals > 0, totals, 1.0), uniform)

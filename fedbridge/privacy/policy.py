@@ -156,6 +156,10 @@ class SiloLedger:
             {"run": run, "event": {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate,
                                    "steps": e.steps, "mechanism": e.mechanism}} for run, e in charges]}))
 
+    def charges(self) -> int:
+        """How many charges this data has had, every run together."""
+        return len(self._events())
+
     def spent(self, run: str | None = None) -> float:
         """ε spent on this data in all (or one run's) releases."""
         return compute_epsilon([e for r, e in self._events() if run is None or r == run], self.policy.delta)
@@ -174,12 +178,10 @@ class SiloLedger:
                         if math.isfinite(self.policy.epsilon_budget) else math.nan)  # unlimited: nothing to check
             in_run = compute_epsilon([*(e for r, e in charges if r == run), *events], self.policy.delta)
             names = ", ".join(sorted({e.mechanism for e in events}))
-            if lifetime > self.policy.epsilon_budget:
-                spent = compute_epsilon([e for _, e in charges], self.policy.delta)
+            if lifetime > self.policy.epsilon_budget:  # what was spent, and by how many runs, stays on the silo
                 raise PrivacyBudgetExceeded(
-                    f"Refused {names}: this silo's lifetime epsilon for its data would reach {lifetime:.4g} > its "
-                    f"node config epsilon-budget {self.policy.epsilon_budget:.4g} (spent {spent:.4g} over "
-                    f"{len({r for r, _ in charges})} runs, delta={self.policy.delta:g}). Nothing was released.")
+                    f"Refused {names}: this silo's lifetime privacy budget for its data (node config epsilon-budget "
+                    f"{self.policy.epsilon_budget:g}) does not allow it. Nothing was released.")
             if in_run > run_budget:
                 raise PrivacyBudgetExceeded(
                     f"Refused {names}: this run's epsilon on this silo would reach {in_run:.4g} > the {run_budget:.4g} "
@@ -210,7 +212,7 @@ class RunLedger(PrivacyLedger):
         lifetime = self.ledger.remaining() <= MIN_RELEASE_EPSILON
         if lifetime or self.remaining() <= MIN_RELEASE_EPSILON:
             which = (f"its lifetime budget (node config epsilon-budget={self.ledger.policy.epsilon_budget:g}) is "
-                     f"spent: epsilon {self.ledger.spent():.4g}" if lifetime else
+                     "spent" if lifetime else
                      f"this run's epsilon {self.spent():.4g} of the {self.epsilon_budget:g} it asked for is spent")
             raise PrivacyBudgetExceeded(f"{silo}: {which}, delta {self.delta:g}; this silo releases nothing more "
                                         "of this data in this run.")

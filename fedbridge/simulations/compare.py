@@ -273,16 +273,16 @@ REFERENCES = ("local", "centralized", "fedavg")  # drawn as lines across an ε p
 
 
 def epsilon_plot(rows: Sequence[Row], path: Path) -> Path | None:
-    """The privacy-utility picture: global macro-F1 against the ε per silo each row spent, one line per method (DP
-    rows only), with ``local``, ``centralized`` and ``fedavg`` (ε = ∞) as reference lines. None where no method has
-    two finite ε to draw a line through."""
+    """The privacy-utility picture: global macro-F1 against the ε per silo each row spent, one line (or point) per
+    DP method, with ``local``, ``centralized`` and ``fedavg`` (ε = ∞) as reference lines. None where no row spent a
+    finite ε."""
     lines: dict[str, list[tuple[float, Row]]] = defaultdict(list)
     for row in rows:
         eps = spent_epsilon(row)
         if row.method not in REFERENCES or (row.method == "fedavg" and eps is not None and math.isfinite(eps)):
             if eps is not None and math.isfinite(eps):
                 lines["DP-FedAvg" if row.method == "fedavg" else row.method].append((eps, row))
-    if not any(len({x for x, _ in pts}) > 1 for pts in lines.values()):
+    if not lines:
         return None
     import matplotlib
 

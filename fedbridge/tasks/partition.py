@@ -5,10 +5,13 @@ Silo assignment uses flwr-datasets partitioners on an in-memory ``datasets.Datas
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import hashlib
+import json
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
@@ -96,7 +99,62 @@ def load_federation(task_cfg: TaskConfig, partition_cfg: PartitionConfig, seed: 
     return partition(task, partition_cfg, task_cfg.global_test_fraction, task_cfg.silo_test_fraction, seed)
 
 
-def silo_from_file(task_cfg: TaskConfig, path: str, labels: tuple[str, ...], seed: int) -> SiloData:
-    """A deployed silo's own data file, split into train/test, checked against the federation's label set."""
-    task = load_task(dataclasses.replace(task_cfg, name=path, labels=labels), seed)
-    return SiloData(*_split(list(task.data["text"]), list(task.data["label"]), task_cfg.silo_test_fraction, seed))
+@dataclass(frozen=True)
+class SiloFile:
+    """A deployed silo's own data as its node config alone defines it: the file, its columns and encoding, how many
+    rows it uses and how it splits them. Nothing in the server's run config reshapes it."""
+
+    path: str
+    text_column: str = "text"
+    label_column: str = "label"
+    encoding: str = "utf-8"
+    max_examples: int = 0  # 0 = every row; else a sample of this many, drawn with split-seed
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any]) -> SiloFile:
+        """From node config keys ``data-path``, ``text-column``, ``label-column``, ``encoding``, ``max-examples``,
+        ``test-fraction`` and ``split-seed``."""
+        try:
+            file = cls(str(node["data-path"]), str(node.get("text-column", "text")),
+                       str(node.get("label-column", "label")), str(node.get("encoding", "utf-8")),
+                       int(node.get("max-examples", 0)), float(node.get("test-fraction", 0.2)),
+                       int(node.get("split-seed", 0)))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"Node config: max-examples and split-seed must be whole numbers, test-fraction a "
+                              f"number ({err}).") from None
+        if file.max_examples < 0 or not 0 < file.test_fraction < 1:
+            raise ConfigError("Node config: max-examples must be >= 0 and test-fraction in (0, 1).")
+        return file
+
+
+def silo_from_file(file: SiloFile, labels: tuple[str, ...]) -> tuple[SiloData, str]:
+    """A deployed silo's own data file, checked against the federation's label set and split into train/test; and
+    the identity of its source (every row, independent of their order, of sampling and of the split), which names
+    the silo's lifetime privacy ledger: every subset of the file charges the same budget."""
+    task = load_task(TaskConfig(name=file.path, text_column=file.text_column, label_column=file.label_column,
+                                labels=labels, encoding=file.encoding), 0)
+    # canonical order, split stratified by label *name*: neither the file's row order nor the order of the server's
+    # label list changes which rows train and which test
+    rows = sorted(zip(task.data["text"], (labels[int(y)] for y in task.data["label"])))
+    source = source_identity([t for t, _ in rows], [y for _, y in rows])
+    if file.max_examples and len(rows) > file.max_examples:
+        keep = np.random.default_rng(file.split_seed).choice(len(rows), file.max_examples, replace=False)
+        rows = [rows[i] for i in sorted(keep)]
+    counts = Counter(y for _, y in rows)
+    stratify = [y for _, y in rows] if min(counts.values()) >= 2 and len(rows) * file.test_fraction >= len(counts) \
+        else None
+    train, test = train_test_split(rows, test_size=file.test_fraction, random_state=file.split_seed, stratify=stratify)
+    index = {name: i for i, name in enumerate(labels)}
+    return SiloData(*(Examples.of([t for t, _ in part], [index[y] for _, y in part]) for part in (train, test))), source
+
+
+def source_identity(texts: Sequence[str], label_names: Sequence[str]) -> str:
+    """A hash of a data source's (text, label name) rows as a multiset: the same for any order of the rows and any
+    order of the label set."""
+    digest = hashlib.sha256()
+    for row in sorted(json.dumps([t, str(y)], ensure_ascii=False) for t, y in zip(texts, label_names)):
+        digest.update(row.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]

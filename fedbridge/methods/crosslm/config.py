@@ -9,8 +9,9 @@ from fedbridge.models.reward import (
     AGGREGATIONS,
     LLMUpdateConfig,
 )
+from fedbridge.protocol import MAX_VOTE_K
 
-MODES, SCORE_ON, TARGETS = ("async", "sync"), ("silo", "server"), ("hard", "soft")
+MODES, SCORE_ON, TARGETS, SCORES = ("async", "sync"), ("silo", "server"), ("hard", "soft"), ("dp-votes", "slm")
 SERVER_ENHANCE_EPOCHS = 2  # score-on=server with enhance-epochs=0: the server has no validation split to stop on
 CHECKPOINT_STEP = "crosslm"  # the one checkpoint step, rewritten after every silo's step
 
@@ -29,6 +30,10 @@ class CrossLMConfig:
     min_words: int = 5
     near_duplicate: float = 0.8  # character 5-gram Jaccard at or above which a text is a duplicate
     # rewards
+    scores: str = "dp-votes"  # dp-votes: each silo's DP nearest-neighbour votes (fedbridge.privacy.dp_votes) give S(y|x),
+    # with a finite ε | slm: its SLM's class probabilities, released without DP (ε = inf), as the paper
+    epsilon: float = 4.0  # scores=dp-votes: ε per silo for all its score releases (one per round) together
+    vote_k: int = 4  # scores=dp-votes: nearest candidates each private record votes for
     aggregate: str = "median"  # mean | median | trimmed-mean, over the silos that scored a batch
     trim: float = 0.25  # trimmed-mean: floor(trim * silos) values cut from each end, at least 1 from 3 silos on
     min_scorers: int = 3  # a batch updates the LLM only once this many silos (or all live ones, if fewer) scored it
@@ -62,11 +67,16 @@ class CrossLMConfig:
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("mode", self.mode, MODES), ("score-on", self.score_on, SCORE_ON),
+                                    ("scores", self.scores, SCORES),
                                     ("aggregate", self.aggregate, AGGREGATIONS), ("targets", self.targets, TARGETS)):
             if value not in allowed:
                 raise ConfigError(f"Unknown crosslm.{key} '{value}'. Use one of: {', '.join(allowed)}.")
         if self.rounds < 1 or self.per_label < 1 or self.min_scorers < 1 or self.max_staleness < 0:
             raise ConfigError("crosslm.rounds, per-label and min-scorers must be >= 1, max-staleness >= 0.")
+        if not self.epsilon > 0 or not 1 <= self.vote_k <= MAX_VOTE_K:
+            raise ConfigError(f"crosslm.epsilon must be > 0 (inf = no noise) and crosslm.vote-k in 1..{MAX_VOTE_K}.")
+        if self.scores == "dp-votes" and self.score_on == "server":
+            raise ConfigError("crosslm.score-on=server scores with uploaded SLMs, not DP votes: set crosslm.scores=slm.")
         if not 0.0 <= self.trim < 0.5:
             raise ConfigError(f"crosslm.trim must be in [0, 0.5), got {self.trim}.")
         if min(self.quality_weight, self.task_weight, self.kl_weight) < 0:

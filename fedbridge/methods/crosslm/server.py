@@ -88,7 +88,8 @@ class CrossLM(Method):
     description = "CrossLM: silo SLMs score LLM generations; LLM reward-trained (LoRA + KL), SLMs enhanced, async"
     dp_slm = True
     aggregator = AggregatorAxis("crosslm.aggregate", AGGREGATIONS)
-    note = "crosslm: silo scores of server-written text leave the silos without DP noise (no formal privacy guarantee)"
+    note = ("crosslm: crosslm.scores=slm: silo scores of server-written text leave the silos without DP noise (no "
+            "formal privacy guarantee)")
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
@@ -96,11 +97,14 @@ class CrossLM(Method):
         if cfg.slm.private and self.options.with_private and self.options.score_on == "silo":
             raise ConfigError("slm.dp-epsilon with crosslm.with-private=true would fine-tune each silo's DP SLM on its "
                               "private data again every round. Set crosslm.with-private=false.")
-        if cfg.slm.private:
-            self.note = None  # the scores are post-processing of DP SLMs: the record's privacy field has their ε
+        if cfg.slm.private and self.options.scores == "dp-votes":
+            raise ConfigError("slm.dp-epsilon makes the SLM's scores DP already: set crosslm.scores=slm with it "
+                              "(crosslm.scores=dp-votes releases votes of the private data instead).")
+        if cfg.slm.private or self.options.scores == "dp-votes":
+            self.note = None  # DP votes, or post-processing of DP SLMs: the record's privacy field has their ε
 
     def non_private(self) -> tuple[str, ...]:
-        if self.cfg.slm.private:  # a DP SLM's scores and weights: post-processing
+        if self.cfg.slm.private or self.options.scores == "dp-votes" and self.options.score_on == "silo":
             return ()
         return ("SLM scores", *(("SLM weights",) if self.options.score_on == "server" else ()))
 
@@ -315,18 +319,42 @@ class _Run:
         return True
 
     def read_scores(self, pend: _Pending, content: RecordDict) -> np.ndarray | None:
+        """A silo's scores of a batch (with scores=dp-votes, also what the release cost, kept in the record)."""
         try:
-            return p.read_probabilities(content, p.SCORES, len(self.state.batches[pend.round - 1].examples),
-                                        self.num_labels)
+            probs = p.read_probabilities(content, p.SCORES, len(self.state.batches[pend.round - 1].examples),
+                                         self.num_labels)
+            privacy = p.read_privacy(content) if self.opts.scores == "dp-votes" else None
         except p.ProtocolError as err:
             self.drop(pend, f"rejected: {err}")
             return None
+        if privacy is not None:
+            self.keep_score_privacy(pend.node, privacy)
+        return probs
+
+    def keep_score_privacy(self, node: int, privacy: dict) -> None:
+        """The silo's privacy entry after a DP score release: the run's total for its votes, plus what an earlier
+        release of another mechanism cost (the pipeline's DP demonstrations), summed (basic composition: a valid
+        upper bound at the summed δ)."""
+        silo = self.session.silo_name(node)
+        self.record.privacy = self.record.privacy or {}
+        before = self.record.privacy.get(silo) or {}
+        other = before.get("other") or ({k: before[k] for k in ("mechanism", "epsilon", "delta")}
+                                         if before and before.get("mechanism") != privacy["mechanism"] else None)
+        entry = {**privacy, "epsilon": privacy["epsilon-total"]}
+        if other:
+            entry |= {"other": other, "epsilon": privacy["epsilon-total"] + other["epsilon"],
+                      "delta": privacy["delta"] + other["delta"],
+                      "mechanism": f"{other['mechanism']} + {privacy['mechanism']} (basic composition)"}
+        self.record.privacy[silo] = entry
 
     def server_scores(self, node: int, round_: int) -> np.ndarray:
         return predict_proba(self.server_slms[node], self.batch(round_).texts)
 
     def score_request(self, batch: Batch) -> RecordDict:
-        return p.request({"round": batch.index}, examples=p.examples_record(Examples.of(batch.texts, batch.labels)))
+        votes = ({"epsilon": self.opts.epsilon, "releases": self.opts.rounds, "k": self.opts.vote_k}
+                 if self.opts.scores == "dp-votes" else {})
+        return p.request({"round": batch.index, **votes},
+                         examples=p.examples_record(Examples.of(batch.texts, batch.labels)))
 
     def request_scores(self, node: int, round_: int) -> None:
         self.push(node, p.SCORE, round_, self.score_request(self.batch(round_)))

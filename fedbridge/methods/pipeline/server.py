@@ -37,12 +37,13 @@ class Pipeline(CrossLM):
     description = "Pipeline: DP demonstrations seed the LLM's writing; silo SLMs score it; enhanced SLMs, async"
     sections = ("fdkt", "crosslm")
     dp_slm = False
-    note = ("pipeline: silo scores of server-written text leave the silos without DP noise; only the "
-            "demonstrations carry an ε")
+    note = ("pipeline: crosslm.scores=slm: silo scores of server-written text leave the silos without DP noise; only "
+            "the demonstrations carry an ε")
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
         self.fdkt = from_flat(FDKTConfig, cfg.method_options, "fdkt")
+        self.note = Pipeline.note if self.options.scores == "slm" else None
 
     def run(self, session: Session) -> None:
         _PipelineRun(self.cfg, self.options, self.fdkt, session).run()
