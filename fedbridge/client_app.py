@@ -170,7 +170,7 @@ def score(msg: Message, context: Context) -> Message:
         histogram, privacy = silo.dp_vote(examples.texts, epsilon, releases, k, noise_seed, experiment)
         probs, records = vote_shares(histogram), {"privacy": ConfigRecord(privacy)}
     else:
-        silo.release_slm("SLM scores", experiment)
+        crosslm.release_kept(silo, context.state, "SLM scores", experiment)
         probs = crosslm.score(silo, context.state, examples.texts, max(round_ - 1, 0), experiment)
     agreement = float((probs.argmax(axis=1) == np.array(examples.labels)).mean()) if len(examples) else 0.0
     metrics = {"score.examples": len(examples), "score.seconds": time.perf_counter() - t0, "score.agreement": agreement}
@@ -182,7 +182,7 @@ def upload(msg: Message, context: Context) -> Message:
     """CrossLM with score-on=server (opt-in, weaker privacy): the weights and spec of the SLM after ``round``."""
     silo, config = _silo(msg, context)
     round_, experiment, _ = _crosslm_round(config)
-    silo.release_slm("SLM weights", experiment)
+    crosslm.release_kept(silo, context.state, "SLM weights", experiment)
     model = crosslm.kept_slm(silo, context.state, round_, experiment)
     return _reply(silo, msg, silo.info(), arrays=ArrayRecord(model.trainable_state()),
                   slm=ConfigRecord({"spec": silo.cfg.slm.spec_for(silo.index)}))

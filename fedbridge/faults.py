@@ -108,8 +108,8 @@ class InjectedFault(RuntimeError):
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     method_options = {k: v for k, v in context.run_config.items() if k.startswith("faults.")}
     cfg = from_flat(FaultConfig, method_options, "faults")
-    if not cfg.active or "partition-id" not in context.node_config:
-        return call_next(msg, context)
+    if not cfg.active or "partition-id" not in context.node_config or "data-path" in context.node_config:
+        return call_next(msg, context)  # a deployed silo (its own data-path) takes no fault orders from a run
     partition, kind = int(context.node_config["partition-id"]), msg.metadata.message_type
     crash = cfg.crash_at(partition, int(context.run_config.get("partition.num-silos", 0)), kind, msg.metadata.group_id)
     if crash == "before":

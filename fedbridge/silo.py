@@ -41,7 +41,7 @@ from fedbridge.privacy.canaries import plant_canaries
 from fedbridge.privacy.dp_slm import MECHANISM as DP_SLM
 from fedbridge.privacy.dp_slm import dp_plan, dp_train_classifier
 from fedbridge.privacy.dp_votes import VoteRelease, dp_vote
-from fedbridge.privacy.policy import RunLedger, SiloLedger, SiloPolicy, data_identity
+from fedbridge.privacy.policy import RunLedger, SiloLedger, SiloLimits, SiloPolicy, data_identity
 from fedbridge.tasks import (
     Examples,
     SiloData,
@@ -327,7 +327,8 @@ def _silo(run_items: tuple, node_items: tuple) -> Silo:
         raise ConfigError("This SuperNode has no 'partition-id' in its node config. Start it with "
                           "--node-config \"partition-id=<k> ...\" (and data-path=<file> for its own data).")
     index, source_id = int(node["partition-id"]), ""
-    if "data-path" in node:  # a deployed silo: its node config alone defines its data
+    if "data-path" in node:  # a deployed silo: its node config alone defines its data and what it runs
+        SiloLimits.from_node_config(node).check(dict(run_items))
         labels = deployed_labels(cfg.task, node)
         data, source_id = silo_from_file(SiloFile.from_node_config(node), labels)
         if _node_flag(node, "canaries", "allow"):  # planted only where the silo opted in, at most its cap of copies

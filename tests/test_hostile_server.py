@@ -167,3 +167,57 @@ def test_reshaping_keys_do_not_even_reach_the_silos_data_loader(silo_file, tmp_p
     other = dataclasses.replace(cfg, seed=3, task=dataclasses.replace(cfg.task, silo_test_fraction=0.6))
     second = _silo(tuple(sorted(other.to_run_config().items())), nodes)
     assert (first.data, first.data_id) == (second.data, second.data_id)
+
+
+# ------------------------------------------------------------------ 5. a kept non-DP model never leaves as DP
+
+
+def test_a_kept_non_dp_crosslm_model_is_not_released_under_a_later_runs_dp_label(silo_file, tmp_path):
+    """Run A trains and keeps a non-DP SLM; run B, same experiment, says slm.dp-epsilon=4 and asks for the kept
+    model's weights and scores: what leaves depends on how the kept model was trained, so a strict silo refuses."""
+    run_a = tiny_config(tmp_path, method="crosslm", **{"task.labels": LABELS, "crosslm.scores": "slm"})
+    run_b = tiny_config(tmp_path, method="crosslm", **{"task.labels": LABELS, "crosslm.scores": "slm",
+                                                       "slm.dp-epsilon": 4.0, "crosslm.with-private": False})
+    grid = InProcessGrid(client_app, run_a.to_run_config(), [node(silo_file, tmp_path)])
+    config = {p.EXPERIMENT: "exp", "round": 1}
+    try:
+        [trained] = grid.send_and_receive([Message(p.request(config), dst_node_id=1000, message_type=p.TRAIN_PRIVATE,
+                                                   group_id="0")], timeout=120)
+        assert not trained.has_error()
+        grid.contexts[1000].run_config = dict(run_b.to_run_config())  # the server changes its story
+        examples = p.examples_record(SimpleNamespace(texts=["fine", "bad"], labels=[0, 1]))
+        for message_type, content in ((p.UPLOAD, p.request(config)), (p.SCORE, p.request(config, examples=examples))):
+            [reply] = grid.send_and_receive([Message(content, dst_node_id=1000, message_type=message_type,
+                                                     group_id="1")], timeout=120)
+            assert reply.has_error() and "allow-non-private=false" in reply.error.reason, message_type
+            assert p.ARRAYS not in (reply.content if reply.has_content() else {})
+    finally:
+        grid.close()
+
+
+# ------------------------------------------------------------------ 8. the server does not choose what the silo runs
+
+
+@pytest.mark.parametrize("run, node_key", [
+    ({"slm.model": "/etc"}, "allowed-models"), ({"llm.model": "some-org/any-hub-model"}, "allowed-models"),
+    ({"fdkt.generator": "/home/someone/model"}, "allowed-models"), ({"slm.epochs": 100000}, "max-epochs"),
+    ({"fdkt.max-tokens": 100000}, "max-tokens"), ({"llm.max-length": 100000}, "max-tokens")])
+def test_a_strict_silo_loads_no_model_and_runs_no_size_its_node_config_does_not_allow(silo_file, tmp_path, run,
+                                                                                      node_key):
+    with pytest.raises(ConfigError, match=node_key):
+        deployed(tmp_path, node(silo_file, tmp_path), method="fdkt", **run)
+    extra = {"allowed-models": next(iter(run.values()))} if node_key == "allowed-models" else {node_key: 10**6}
+    if node_key != "allowed-models":  # the silo's operator may raise its own caps
+        assert deployed(tmp_path, node(silo_file, tmp_path, **extra), method="fdkt", **run).data
+
+
+def test_fault_orders_in_the_run_config_do_not_reach_a_deployed_silo(silo_file, tmp_path):
+    cfg = tiny_config(tmp_path, method="local", **{"task.labels": LABELS, "faults.crash-silos": "0",
+                                                   "faults.crash-probability": 1.0})
+    grid = InProcessGrid(client_app, cfg.to_run_config(), [node(silo_file, tmp_path)])
+    try:
+        [reply] = grid.send_and_receive([Message(p.request(), dst_node_id=1000, message_type=p.INFO, group_id="0")],
+                                        timeout=60)
+    finally:
+        grid.close()
+    assert not reply.has_error()

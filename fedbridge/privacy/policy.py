@@ -19,6 +19,12 @@ config holds:
                          rate q = M·N / bound instead of the private counts (0: the exact counts, which then leave
                          as a non-private detail; under strict without a bound, q = 1)
 
+A deployed silo's node config also limits what the server may ask it to *run* (``SiloLimits``):
+
+  ``allowed-models``     model specs or directories it loads besides the embedded ones (comma list; default none)
+  ``max-epochs``         cap on any SLM epochs a run asks for (default 100)
+  ``max-tokens``         cap on any token count a run asks for: generated, read or trained on (default 512)
+
 The ledger (``SiloLedger``) is one file per *data identity*, a content hash of the silo's examples, under the
 silo's state dir: it composes every release of that data across runs, experiments and methods, survives restarts,
 and charges under a file lock with a fresh read, so concurrent requests (threads or processes) lose no charge. A
@@ -101,6 +107,48 @@ class SiloPolicy:
             return self.noise_seed, True
         self.require_non_private(silo, "a noise seed chosen by the server (the server could replay the noise)")
         return requested, False
+
+
+BUILTIN_MODELS = frozenset({"embedded", "smollm2-135m", "minilm", "tiny-llama", "tiny-bert",
+                            *(f"minilm-l{k}" for k in range(1, 7))})
+MODEL_KEYS = ("slm.model", "llm.model", "fdkt.generator", "social.teacher")
+EPOCH_KEYS = ("slm.epochs", "fedavg.local-epochs", "fdkt.sgd-epochs")
+TOKEN_KEYS = ("llm.max-length", "slm.max-length", "fdkt.max-tokens", "fdkt.sgd-max-length", "fdkt.max-new-tokens",
+              "social.max-new-tokens", "social.instruction-tokens", "crosslm.max-new-tokens", "pe.max-new-tokens")
+
+
+@dataclass(frozen=True)
+class SiloLimits:
+    """What a deployed silo lets the server make it run (node config; see the module docstring): a hostile run
+    config must not load arbitrary models or directories on the silo's host, nor size its work without bound."""
+
+    allowed_models: frozenset[str] = BUILTIN_MODELS
+    max_epochs: int = 100
+    max_tokens: int = 512
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any]) -> SiloLimits:
+        extra = {s.strip() for s in str(node.get("allowed-models", "")).split(",") if s.strip()}
+        try:
+            return cls(BUILTIN_MODELS | extra, int(node.get("max-epochs", 100)), int(node.get("max-tokens", 512)))
+        except ValueError:
+            raise ConfigError("Node config max-epochs and max-tokens must be whole numbers.") from None
+
+    def check(self, run_config: Mapping[str, Any]) -> None:
+        """Refuse a run config that asks for more than these limits, naming the run key and the node-config key."""
+        for key in MODEL_KEYS:
+            for spec in (s.strip() for s in str(run_config.get(key, "")).split(",") if s.strip()):
+                if spec not in self.allowed_models:
+                    raise ConfigError(f"This silo does not load {key}='{spec}': not an embedded model nor one its "
+                                      "node config lists in allowed-models. Use an embedded model, or ask the silo's "
+                                      "operator to allow it.")
+        for keys, cap, node_key in ((EPOCH_KEYS, self.max_epochs, "max-epochs"),
+                                    (TOKEN_KEYS, self.max_tokens, "max-tokens")):
+            for key in keys:
+                value = run_config.get(key, 0)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
+                    raise ConfigError(f"This silo runs at most {node_key}={cap} ({key}={value:g} asked). Ask for "
+                                      f"less, or ask the silo's operator to raise {node_key} in its node config.")
 
 
 def _flag(node: Mapping[str, Any], key: str, default: bool) -> bool:

@@ -55,21 +55,38 @@ def kept_slm(silo: Silo, state: RecordDict, round_: int | None = None, experimen
                         "resume with the same experiment and the silo's same state-dir.")
 
 
+def kept_is_private(silo: Silo, state: RecordDict, experiment: str = "") -> bool:
+    """Whether the kept SLM is a DP release of the private data (trained with ``slm.dp-epsilon`` and only
+    post-processed since): what it was trained with, not what the current run asks (a kept model of an earlier,
+    non-DP run stays non-private)."""
+    if KEPT_ROUND in state:
+        return state[KEPT_ROUND].get("private", False) is True
+    return experiment != "" and _meta(silo, experiment)[1].get("private", False) is True
+
+
+def release_kept(silo: Silo, state: RecordDict, what: str, experiment: str = "") -> None:
+    """The kept SLM's weights or scores leave: free where it is a DP release, else a non-private release the silo's
+    policy must allow."""
+    if not kept_is_private(silo, state, experiment):
+        silo.non_private_release(what, experiment)
+
+
 def keep_slm(silo: Silo, state: RecordDict, model: SLM, round_: int = 0, experiment: str = "",
-             metrics: dict[str, float] | None = None, final: bool = False) -> None:
+             metrics: dict[str, float] | None = None, final: bool = False, private: bool = False) -> None:
     """Keep the SLM (what its mode trains) after ``round_`` for later messages; with an experiment id also on
     disk, with the round's metrics. The weights file is written before the JSON that points to it, and the
     previous round's removed after, so a crash at any point leaves a consistent pair. After the ``final`` round
     only the metrics stay."""
     weights = model.trainable_state()
     state[KEPT_SLM] = ArrayRecord(weights)
-    state[KEPT_ROUND] = ConfigRecord({"round": round_})
+    state[KEPT_ROUND] = ConfigRecord({"round": round_, "private": private})
     if not experiment:
         return
     path, stored = _meta(silo, experiment)
     if not final:
         save_tensors(_weights_path(silo, experiment, round_), weights)
-    atomic_write(path, json.dumps({"round": round_, "metrics": {**stored["metrics"], str(round_): metrics or {}}}))
+    atomic_write(path, json.dumps({"round": round_, "private": private,
+                                   "metrics": {**stored["metrics"], str(round_): metrics or {}}}))
     stale = [stored["round"]] if stored["round"] not in (None, round_) else []
     for old in stale + ([round_] if final else []):
         _weights_path(silo, experiment, old).unlink(missing_ok=True)
@@ -84,7 +101,7 @@ def train_private(silo: Silo, state: RecordDict, global_test: Examples | None,
     model = silo.new_slm()
     stats = silo.train_slm(model, experiment=experiment)
     metrics = {**silo.evaluate_slm(model, global_test), **silo.info(), **train_metrics(stats)}
-    keep_slm(silo, state, model, 0, experiment, metrics)
+    keep_slm(silo, state, model, 0, experiment, metrics, private=silo.cfg.slm.private)
     return metrics, stats.privacy
 
 
@@ -107,6 +124,7 @@ def enhance(silo: Silo, state: RecordDict, examples: Examples, targets: np.ndarr
                           "would be another DP release. Set crosslm.with-private=false (the DP SLM is then "
                           "fine-tuned on the server's examples only, post-processing).")
     model = kept_slm(silo, state, round_ - 1, experiment)
+    private = kept_is_private(silo, state, experiment) and not with_private  # server examples only: post-processing
     seen = 0
     if len(examples) or with_private:
         stats = silo.train_slm(model, epochs or None, examples, weight, private=with_private, soft=targets,
@@ -114,7 +132,7 @@ def enhance(silo: Silo, state: RecordDict, examples: Examples, targets: np.ndarr
         seen = stats.examples
     metrics = {**silo.evaluate_slm(model, global_test), **silo.info(), "train.examples": seen,
                "train.synthetic": len(examples)}
-    keep_slm(silo, state, model, round_, experiment, metrics, final)
+    keep_slm(silo, state, model, round_, experiment, metrics, final, private)
     return metrics
 
 
@@ -125,5 +143,5 @@ def install_slm(silo: Silo, state: RecordDict, arrays: ArrayRecord, global_test:
         return done
     model = silo.slm_from_arrays(arrays)
     metrics = {**silo.evaluate_slm(model, global_test), **silo.info()}
-    keep_slm(silo, state, model, round_, experiment, metrics, final)
+    keep_slm(silo, state, model, round_, experiment, metrics, final, kept_is_private(silo, state, experiment))
     return metrics
