@@ -41,7 +41,7 @@ from fedbridge.privacy.canaries import plant_canaries
 from fedbridge.privacy.dp_slm import MECHANISM as DP_SLM
 from fedbridge.privacy.dp_slm import dp_plan, dp_train_classifier
 from fedbridge.privacy.dp_votes import VoteRelease, dp_vote
-from fedbridge.privacy.policy import RunLedger, SiloLedger, SiloLimits, SiloPolicy, data_identity
+from fedbridge.privacy.policy import MetricsBudget, RunLedger, SiloLedger, SiloLimits, SiloPolicy, data_identity
 from fedbridge.tasks import (
     Examples,
     SiloData,
@@ -295,12 +295,20 @@ class Silo:
 
     def releasable(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """The metrics a reply may carry: all of them, or, where non-private details may not leave, none that grows
-        with the private data (seconds, example and token counts) or is a training loss on it; scores on the silo's test split always go, and
-        every record labels them non-private; scores on the server's global test set are the server's own."""
-        if self.policy.allow_non_private:
+        with the private data (seconds, example and token counts), is a training loss on it or an epoch chosen on
+        it; and scores of a model on the silo's test split or the server's texts only within the node config's
+        ``metrics-budget`` (each such reply is a query of the private data or of a non-DP model; past the budget
+        they are withheld and the reply says ``metrics-withheld``). Every record labels silo-test scores non-private."""
+        if self.policy.allow_non_private and self.policy.metrics_budget is None:
             return dict(metrics)
-        return {k: v for k, v in metrics.items() if k in ("partition-id", "num-train", "num-test")
-                or k.startswith("global-test.") or not any(word in k for word in COUNT_DERIVED)}
+        kept = dict(metrics) if self.policy.allow_non_private else {
+            k: v for k, v in metrics.items() if k in ("partition-id", "num-train", "num-test")
+            or not any(word in k for word in COUNT_DERIVED)}
+        scores = [k for k in kept if "test." in k]
+        if scores and not MetricsBudget(self.state_dir / "privacy" / f"{self.data_id}.metrics.json",
+                                        self.policy.metrics_budget).take():
+            kept = {k: v for k, v in kept.items() if k not in scores} | {"metrics-withheld": 1}
+        return kept
 
 
 def release_seed(seed: int, index: int, charges: int) -> int:
@@ -316,7 +324,7 @@ def train_metrics(stats: TrainStats) -> dict[str, float]:
 
 
 VOTE_MAX_TOKENS = 128  # tokens each text is read with for DP votes (public, fixed)
-COUNT_DERIVED = ("seconds", "examples", "validation", "tokens", "num-", "epochs", ".n", "loss")  # and a loss
+COUNT_DERIVED = ("seconds", "examples", "validation", "tokens", "num-", "epoch", ".n", "loss")  # and a loss
 
 
 @functools.lru_cache(maxsize=16)

@@ -221,3 +221,56 @@ def test_fault_orders_in_the_run_config_do_not_reach_a_deployed_silo(silo_file, 
     finally:
         grid.close()
     assert not reply.has_error()
+
+
+# ------------------------------------------------------------------ 4. no unlimited queries of the private data
+
+
+def test_scores_on_the_private_test_split_leave_only_within_the_node_configs_budget(silo_file, tmp_path):
+    """Each reply with test scores is a query (7/12 then 5/12 gave exact test counts; repeated global-test texts
+    decoded a non-DP model's predictions): a strict silo answers a budgeted number of them, then withholds the
+    scores; the epoch it chose on private data never leaves."""
+    cfg = tiny_config(tmp_path, method="local", **{"task.labels": LABELS})
+    grid = InProcessGrid(client_app, cfg.to_run_config(), [node(silo_file, tmp_path, **{"metrics-budget": 2})])
+    global_test = SimpleNamespace(texts=["fine fine"] * 8 + ["bad bad"], labels=[1] * 8 + [0])
+    try:
+        replies = [grid.send_and_receive([Message(p.request(global_test=global_test), dst_node_id=1000,
+                                                  message_type=p.TRAIN_LOCAL, group_id=str(i))], timeout=120)[0]
+                   for i in range(3)]
+    finally:
+        grid.close()
+    metrics = [dict(r.content[p.METRICS]) for r in replies]
+    assert all("silo-test.accuracy" in m and "global-test.accuracy" in m for m in metrics[:2])
+    assert not any("test." in k for k in metrics[2]) and metrics[2]["metrics-withheld"] == 1
+    assert not any("epoch" in k or "seconds" in k or "examples" in k for m in metrics for k in m)
+
+
+# ------------------------------------------------------------------ the whole of it, deployed
+
+
+@pytest.mark.slow
+def test_a_hostile_run_config_gets_only_refusals_from_strict_silos_over_a_real_deployment(silo_file, tmp_path):
+    """Two strict SuperNodes on their own files behind TLS and node authentication; the server runs (1) a config
+    that names a directory as its SLM, a private column as the label and plants canaries, (2) FedAvg without DP.
+    Every silo refuses, with a reason that names the node-config key and quotes nothing of its data."""
+    from fedbridge.deploy import LoopbackDeployment, silo_node_configs
+    from fedbridge.results import RunRecord
+    from fedbridge.simulations.runner import RunFailed
+
+    second = tmp_path / "second.csv"
+    pd.read_csv(silo_file).to_csv(second, index=False)
+    hostile = {"task.labels": LABELS, "slm.model": "/etc", "task.label-column": "secret", "canaries.enabled": True,
+               "timeout": 120.0, "partition.num-silos": 2}
+    runs = {"hostile-config": tiny_config(tmp_path, method="local", run_name="hostile-config", **hostile),
+            "fedavg-no-dp": tiny_config(tmp_path, method="fedavg", run_name="fedavg-no-dp",
+                                        **{"task.labels": LABELS, "timeout": 120.0, "partition.num-silos": 2})}
+    with LoopbackDeployment(tmp_path / "federation", silo_node_configs([silo_file, second])) as deployment:
+        for name, cfg in runs.items():
+            with pytest.raises(RunFailed):
+                deployment.run(cfg)
+            record = RunRecord.read(tmp_path / f"{name}.json")
+            reasons = [f["reason"] for f in record.failures] + [record.error or ""]
+            assert record.failures, name
+            assert all("allowed-models" in r or "allow-non-private=false" in r for r in reasons[:-1]), reasons
+            assert not any(secret in r for r in reasons for secret in (*SECRETS, str(silo_file))), reasons
+            assert all(m.get("num-train", 0) == 0 for m in record.silo_metrics.values())  # not even its size

@@ -15,6 +15,10 @@ config holds:
   ``noise-seed``         the silo's own seed for the mechanisms' secret draws (reproducible research); default: OS
                          entropy. A seed the *server* sends would let it replay the noise: without allow-non-private
                          that request is refused, with it the release is labelled non-private
+  ``metrics-budget``     how many replies, in this data's lifetime, may carry scores of a model on the silo's test split
+                         or on the server's texts (accuracy and F1 are counts in disguise: each reply is a query of
+                         the private data or of a non-DP model). Past it they are withheld (strict: 20; permissive:
+                         unlimited); a strict silo never reports the epoch it chose on private data
   ``count-bound``        a public lower bound on the silo's examples per label, which sets the DP few-shot sampling
                          rate q = M·N / bound instead of the private counts (0: the exact counts, which then leave
                          as a non-private detail; under strict without a bound, q = 1)
@@ -51,6 +55,7 @@ from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, compute_ep
 
 POLICIES = ("strict", "permissive")
 STRICT_BUDGET = 8.0
+STRICT_METRICS_BUDGET = 20  # replies with scores on the silo's test split or on the server's texts, per data source
 MIN_RELEASE_EPSILON = 0.01  # a remainder this small counts as spent: noise calibration stops up to 0.01 below target
 
 
@@ -65,6 +70,7 @@ class SiloPolicy:
     verbatim_filter: bool | None = None  # None: the run's request (social.verbatim-filter); strict: always True
     noise_seed: int | None = None
     count_bound: int = 0
+    metrics_budget: int | None = None  # replies carrying test scores this data may give (None: unlimited)
 
     def __post_init__(self) -> None:
         if self.verbatim_filter is False and not self.allow_non_private:
@@ -86,7 +92,9 @@ class SiloPolicy:
                    delta=float(node.get("delta", 1e-5)),
                    allow_non_private=_flag(node, "allow-non-private", not strict),
                    verbatim_filter=_flag(node, "verbatim-filter", True) if strict or "verbatim-filter" in node else None,
-                   noise_seed=None if seed < 0 else seed, count_bound=int(node.get("count-bound", 0)))
+                   noise_seed=None if seed < 0 else seed, count_bound=int(node.get("count-bound", 0)),
+                   metrics_budget=int(node["metrics-budget"]) if "metrics-budget" in node else
+                   STRICT_METRICS_BUDGET if strict else None)
 
     def require_non_private(self, silo: str, what: str) -> None:
         """Refuse a release without DP unless this silo allows them (the message names the node-config key)."""
@@ -185,6 +193,28 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class MetricsBudget:
+    """The count of replies with test scores a silo's data has given, on the silo's disk, against its policy's cap;
+    taken under the ledger's lock, so concurrent replies cannot overrun it."""
+
+    def __init__(self, path: Path, limit: int | None) -> None:
+        self.path, self.limit = Path(path), limit
+
+    def used(self) -> int:
+        return int(json.loads(self.path.read_text())["replies"]) if self.path.exists() else 0
+
+    def take(self) -> bool:
+        """Count one more reply with scores, or refuse (False) when the cap is reached."""
+        if self.limit is None:
+            return True
+        with _locked(self.path):
+            used = self.used()
+            if used >= self.limit:
+                return False
+            atomic_write(self.path, json.dumps({"version": 1, "replies": used + 1}))
+            return True
 
 
 class SiloLedger:

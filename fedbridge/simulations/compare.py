@@ -303,7 +303,10 @@ def epsilon_plot(rows: Sequence[Row], path: Path) -> Path | None:
             ax.annotate(f"{row.label} ({'no release' if eps is None else 'ε = ∞'})", (0.01, mean),
                         xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
     ax.set_xscale("log")
-    ax.set_xlabel("ε per silo (δ = 1e-5)")
+    ticks = sorted({round(x, 1) for pts in lines.values() for x, _ in pts})  # 3.99 spent of 4 asked: one tick
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("ε per silo (δ = 1e-5; a point averages the seeds that row ran)")
     ax.set_ylabel("global macro-F1 (%)")
     ax.set_title("fedbridge: macro-F1 against privacy (mean ± std over seeds)")
     ax.grid(alpha=0.3)
