@@ -65,7 +65,9 @@ def _slm_privacy(privacy: dict | None) -> dict:
 
 def _silo(msg: Message, context: Context) -> tuple[Silo, dict]:
     config = p.check_version(msg.content)
-    return Silo.from_context(context), dict(config)
+    silo = Silo.from_context(context)
+    silo.limits.check_request(msg.content)  # a deployed silo's caps on what one message may ask of it
+    return silo, dict(config)
 
 
 @app.query("info")

@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -87,6 +87,7 @@ class Silo:
     policy: SiloPolicy = SiloPolicy()  # node config: what this silo lets leave (fedbridge.privacy.policy)
     device_setting: str = "auto"  # node config 'device', else the run's device.silo
     source_id: str = ""  # a deployed silo: its data file's identity (``silo_from_file``); "" = its examples' hash
+    limits: SiloLimits = field(default_factory=lambda: SiloLimits.unlimited())  # what it lets the server ask of it
 
     @functools.cached_property
     def device(self) -> torch.device:
@@ -201,8 +202,8 @@ class Silo:
         server that asks again spends nothing, and a server that repeats a query cannot average the noise away."""
         train = self.data.train
         asked = json.dumps([list(candidates), epsilon, releases, k, requested_seed])
-        answered = (self.state_dir / experiment / "votes" / f"{hashlib.sha256(asked.encode()).hexdigest()[:32]}.json"
-                    if experiment else None)
+        answered = (self.state_dir / experiment / "votes" / self.data_id /  # this data's answer (silos share hosts)
+                    f"{hashlib.sha256(asked.encode()).hexdigest()[:32]}.json" if experiment else None)
         if answered is not None and answered.exists():
             kept = json.loads(answered.read_text())
             return np.array(kept["histogram"]).reshape(len(candidates), len(self.labels)), kept["privacy"]
@@ -305,7 +306,7 @@ class Silo:
             k: v for k, v in metrics.items() if k in ("partition-id", "num-train", "num-test")
             or not any(word in k for word in COUNT_DERIVED)}
         scores = [k for k in kept if "test." in k]
-        if scores and not MetricsBudget(self.state_dir / "privacy" / f"{self.data_id}.metrics.json",
+        if scores and not MetricsBudget(self.state_dir / "metrics-budget" / f"{self.data_id}.json",
                                         self.policy.metrics_budget).take():
             kept = {k: v for k, v in kept.items() if k not in scores} | {"metrics-withheld": 1}
         return kept
@@ -334,9 +335,10 @@ def _silo(run_items: tuple, node_items: tuple) -> Silo:
     if "partition-id" not in node:
         raise ConfigError("This SuperNode has no 'partition-id' in its node config. Start it with "
                           "--node-config \"partition-id=<k> ...\" (and data-path=<file> for its own data).")
-    index, source_id = int(node["partition-id"]), ""
+    index, source_id, limits = int(node["partition-id"]), "", SiloLimits.unlimited()
     if "data-path" in node:  # a deployed silo: its node config alone defines its data and what it runs
-        SiloLimits.from_node_config(node).check(dict(run_items))
+        limits = SiloLimits.from_node_config(node)
+        limits.check(dict(run_items))
         labels = deployed_labels(cfg.task, node)
         data, source_id = silo_from_file(SiloFile.from_node_config(node), labels)
         if _node_flag(node, "canaries", "allow"):  # planted only where the silo opted in, at most its cap of copies
@@ -350,7 +352,7 @@ def _silo(run_items: tuple, node_items: tuple) -> Silo:
                               f"(partition.num-silos={cfg.partition.num_silos}). Match num-supernodes to it.")
         data = plant_canaries(federation.silos[index], cfg.canaries, cfg.seed, index)  # canaries.enabled: leaks
     return Silo(index, cfg, labels, data, Path(str(node.get("state-dir", DEFAULT_SILO_STATE_DIR))).expanduser(),
-                SiloPolicy.from_node_config(node), str(node.get("device", cfg.device.silo)), source_id)
+                SiloPolicy.from_node_config(node), str(node.get("device", cfg.device.silo)), source_id, limits)
 
 
 def deployed_labels(task: TaskConfig, node: Mapping) -> tuple[str, ...]:

@@ -211,6 +211,19 @@ def test_a_strict_silo_loads_no_model_and_runs_no_size_its_node_config_does_not_
         assert deployed(tmp_path, node(silo_file, tmp_path, **extra), method="fdkt", **run).data
 
 
+def test_a_strict_silo_refuses_a_message_with_more_texts_or_bytes_than_its_node_config_allows(silo_file, tmp_path):
+    cfg = tiny_config(tmp_path, method="pe", **{"task.labels": LABELS})
+    grid = InProcessGrid(client_app, cfg.to_run_config(), [node(silo_file, tmp_path, **{"max-request-texts": 5})])
+    many = p.examples_record(SimpleNamespace(texts=[f"candidate {i}" for i in range(6)], labels=[0] * 6))
+    try:
+        [reply] = grid.send_and_receive([Message(p.request({"epsilon": 4.0, "releases": 1}, examples=many),
+                                                 dst_node_id=1000, message_type=p.DP_VOTE, group_id="1")], timeout=60)
+    finally:
+        grid.close()
+    assert reply.has_error() and "max-request-texts=5" in reply.error.reason
+    assert not (tmp_path / "state" / "privacy").exists() or not any((tmp_path / "state" / "privacy").iterdir())
+
+
 def test_fault_orders_in_the_run_config_do_not_reach_a_deployed_silo(silo_file, tmp_path):
     cfg = tiny_config(tmp_path, method="local", **{"task.labels": LABELS, "faults.crash-silos": "0",
                                                    "faults.crash-probability": 1.0})
@@ -259,11 +272,13 @@ def test_a_hostile_run_config_gets_only_refusals_from_strict_silos_over_a_real_d
 
     second = tmp_path / "second.csv"
     pd.read_csv(silo_file).to_csv(second, index=False)
-    hostile = {"task.labels": LABELS, "slm.model": "/etc", "task.label-column": "secret", "canaries.enabled": True,
-               "timeout": 120.0, "partition.num-silos": 2}
+    server = tmp_path / "server.csv"  # the server's own public task: its global test set, the same two labels
+    pd.DataFrame({"text": [f"public {w} text {i}" for i, w in enumerate(["good", "bad"] * 20)],
+                  "label": ["pos", "neg"] * 20, "secret": ["pos", "neg"] * 20}).to_csv(server, index=False)
+    common = {"task.name": str(server), "task.labels": LABELS, "timeout": 120.0, "partition.num-silos": 2}
+    hostile = {**common, "slm.model": "/etc", "task.label-column": "secret", "canaries.enabled": True}
     runs = {"hostile-config": tiny_config(tmp_path, method="local", run_name="hostile-config", **hostile),
-            "fedavg-no-dp": tiny_config(tmp_path, method="fedavg", run_name="fedavg-no-dp",
-                                        **{"task.labels": LABELS, "timeout": 120.0, "partition.num-silos": 2})}
+            "fedavg-no-dp": tiny_config(tmp_path, method="fedavg", run_name="fedavg-no-dp", **common)}
     with LoopbackDeployment(tmp_path / "federation", silo_node_configs([silo_file, second])) as deployment:
         for name, cfg in runs.items():
             with pytest.raises(RunFailed):

@@ -98,7 +98,7 @@ def test_a_strict_silo_refuses_plain_fedavg_weights(tmp_path):
 def test_crosslm_scores_of_dp_slms_carry_their_epsilon(tmp_path):
     from test_crosslm import FAST
 
-    record = run(tmp_path, "crosslm", **{**FAST, "crosslm.with-private": False})
+    record = run(tmp_path, "crosslm", **{**FAST, "crosslm.with-private": False, "crosslm.scores": "slm"})
     assert record.status == "ok", record.failures
     assert all(0 < entry["epsilon"] <= 2.0 for entry in record.privacy.values())
     assert not any("crosslm: silo scores" in note for note in record.notes)

@@ -449,3 +449,11 @@ def test_an_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="as a local file or a Hugging Face dataset.*no route to host"):
         load_task(TaskConfig(name="someone/unreachable"))
+
+
+def test_a_chosen_label_column_beside_a_column_named_label_is_read(tmp_path):
+    frame = toy_frame(20).rename(columns={"review": "text", "sentiment": "stars"})
+    frame["label"] = "unrelated"
+    path = _write(frame, tmp_path / "both.csv")
+    task = load_task(TaskConfig(name=str(path), label_column="stars"))
+    assert set(task.labels) == {"neg", "pos"} and len(task.data) == 20

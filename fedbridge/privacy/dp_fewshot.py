@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.errors import ConfigError, DataError
-from fedbridge.models.engine import PastCache, additive_mask, cache_argument, left_padded
+from fedbridge.models.engine import PastCache, additive_mask, cache_argument, left_padded, supports_engine
 from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, calibrate_noise, compute_epsilon
 from fedbridge.privacy.synthesis import SynthesisResult, privacy_generator
 
@@ -304,7 +304,7 @@ def dp_fewshot_synthesize(model: PreTrainedModel, tok: PreTrainedTokenizerBase, 
                   add_special_tokens=False)["input_ids"] for t in private] for name, private in zip(label_names, by_label)]
     queries = [tok(head.format(label=name), add_special_tokens=False)["input_ids"] for name in label_names]
     prompts = None
-    if cfg.shots_per_group == 1 and cfg.kv_cache:
+    if cfg.shots_per_group == 1 and cfg.kv_cache and supports_engine(model):  # packing needs the 4-D block mask
         prompts = PackedPrompts(model, {(y, i): bos + d + queries[y] for y in range(len(label_names))
                                         for i, d in [(-1, []), *enumerate(demos[y])]})
     written: list[_Writer] = []

@@ -28,6 +28,8 @@ A deployed silo's node config also limits what the server may ask it to *run* (`
   ``allowed-models``     model specs or directories it loads besides the embedded ones (comma list; default none)
   ``max-epochs``         cap on any SLM epochs a run asks for (default 100)
   ``max-tokens``         cap on any token count a run asks for: generated, read or trained on (default 512)
+  ``max-request-texts``  cap on the texts one message may ask it to read (candidates, examples; default 10,000)
+  ``max-request-bytes``  cap on one message's size (default 64 MiB)
 
 The ledger (``SiloLedger``) is one file per *data identity*, a content hash of the silo's examples, under the
 silo's state dir: it composes every release of that data across runs, experiments and methods, survives restarts,
@@ -52,6 +54,7 @@ from typing import Any
 from fedbridge.checkpoint import atomic_write
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
 from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, compute_epsilon
+from fedbridge.protocol import payload_bytes
 
 POLICIES = ("strict", "permissive")
 STRICT_BUDGET = 8.0
@@ -130,23 +133,43 @@ class SiloLimits:
     """What a deployed silo lets the server make it run (node config; see the module docstring): a hostile run
     config must not load arbitrary models or directories on the silo's host, nor size its work without bound."""
 
-    allowed_models: frozenset[str] = BUILTIN_MODELS
+    allowed_models: frozenset[str] | None = BUILTIN_MODELS  # None: any
     max_epochs: int = 100
     max_tokens: int = 512
+    max_request_texts: int = 10_000
+    max_request_bytes: int = 64 << 20
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any]) -> SiloLimits:
         extra = {s.strip() for s in str(node.get("allowed-models", "")).split(",") if s.strip()}
         try:
-            return cls(BUILTIN_MODELS | extra, int(node.get("max-epochs", 100)), int(node.get("max-tokens", 512)))
+            return cls(BUILTIN_MODELS | extra, int(node.get("max-epochs", 100)), int(node.get("max-tokens", 512)),
+                       int(node.get("max-request-texts", 10_000)), int(node.get("max-request-bytes", 64 << 20)))
         except ValueError:
-            raise ConfigError("Node config max-epochs and max-tokens must be whole numbers.") from None
+            raise ConfigError("Node config max-epochs, max-tokens, max-request-texts and max-request-bytes must be "
+                              "whole numbers.") from None
+
+    @classmethod
+    def unlimited(cls) -> SiloLimits:
+        """A simulated silo's: the run's own partition of public data, on the experimenter's machine."""
+        return cls(None, max_epochs=2**62, max_tokens=2**62, max_request_texts=2**62, max_request_bytes=2**62)
+
+    def check_request(self, content: Any) -> None:
+        """Refuse one message that asks the silo to read more texts, or is larger, than its caps."""
+        texts = sum(len(record["texts"]) for record in content.config_records.values()
+                    if isinstance(record.get("texts"), list))
+        if texts > self.max_request_texts:
+            raise ConfigError(f"This silo reads at most max-request-texts={self.max_request_texts} texts per message "
+                              f"({texts} sent). Send fewer, or ask the silo's operator to raise it in its node config.")
+        if (size := payload_bytes(content)) > self.max_request_bytes:
+            raise ConfigError(f"This silo takes messages of at most max-request-bytes={self.max_request_bytes} "
+                              f"({size} sent). Send less, or ask the silo's operator to raise it.")
 
     def check(self, run_config: Mapping[str, Any]) -> None:
         """Refuse a run config that asks for more than these limits, naming the run key and the node-config key."""
         for key in MODEL_KEYS:
             for spec in (s.strip() for s in str(run_config.get(key, "")).split(",") if s.strip()):
-                if spec not in self.allowed_models:
+                if self.allowed_models is not None and spec not in self.allowed_models:
                     raise ConfigError(f"This silo does not load {key}='{spec}': not an embedded model nor one its "
                                       "node config lists in allowed-models. Use an embedded model, or ask the silo's "
                                       "operator to allow it.")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedbridge.config import ExperimentConfig
 from fedbridge.results import RunRecord
 
 METRICS = (  # (record path, column title)
@@ -33,7 +34,9 @@ class Row:
 
     @property
     def label(self) -> str:
-        return " ".join([self.method, *(f"{k}={v}" for k, v in self.sweep if v)])
+        """The method and the settings that tell its rows apart; a core key at its default says nothing (a swept
+        ``slm.dp-epsilon`` names DP-FedAvg's row, not every other method's)."""
+        return " ".join([self.method, *(f"{k}={v}" for k, v in self.sweep if v and v != CORE_DEFAULTS.get(k))])
 
     def values(self, path: str) -> list[float]:
         section, key = path.split(".", 1)
@@ -128,6 +131,9 @@ def _sort_key(value: str) -> tuple[int, float, str]:
 def _value_label(value: object) -> str:
     """One label per setting, however the value reached the config: a swept ``1`` and a default ``1.0`` are one row."""
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+CORE_DEFAULTS = {k: _value_label(v) for k, v in ExperimentConfig().to_run_config().items()}  # labels of defaults
 
 
 def _fmt(mean: float, std: float, n: int) -> str:
@@ -281,7 +287,9 @@ def epsilon_plot(rows: Sequence[Row], path: Path) -> Path | None:
         eps = spent_epsilon(row)
         if row.method not in REFERENCES or (row.method == "fedavg" and eps is not None and math.isfinite(eps)):
             if eps is not None and math.isfinite(eps):
-                lines["DP-FedAvg" if row.method == "fedavg" else row.method].append((eps, row))
+                others = [f"{k}={v}" for k, v in row.sweep if v and "epsilon" not in k and v != CORE_DEFAULTS.get(k)]
+                name = "DP-FedAvg" if row.method == "fedavg" else row.method  # one line per method and setting
+                lines[" ".join([name, *others])].append((eps, row))
     if not lines:
         return None
     import matplotlib
@@ -294,7 +302,7 @@ def epsilon_plot(rows: Sequence[Row], path: Path) -> Path | None:
         pts.sort(key=lambda p: p[0])
         stats = [r.stat("global_metrics.macro_f1") for _, r in pts]
         ax.errorbar([x for x, _ in pts], [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o",
-                    capsize=3, label=method)
+                    capsize=3, label=method, linestyle="-" if len(pts) > 1 else "none")
     for row in rows:
         eps = spent_epsilon(row)
         if row.method in REFERENCES and (eps is None or math.isinf(eps)):
@@ -304,6 +312,7 @@ def epsilon_plot(rows: Sequence[Row], path: Path) -> Path | None:
                         xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
     ax.set_xscale("log")
     ticks = sorted({round(x, 1) for pts in lines.values() for x, _ in pts})  # 3.99 spent of 4 asked: one tick
+    ax.set_xlim(min(ticks) / 1.6, max(ticks) * 1.6)
     ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
     ax.minorticks_off()
     ax.set_xlabel("ε per silo (δ = 1e-5; a point averages the seeds that row ran)")

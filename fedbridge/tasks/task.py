@@ -162,6 +162,8 @@ def _build(name: str, frame: pd.DataFrame, cfg: TaskConfig, labels: tuple[str, .
         if col not in frame.columns:
             raise DataError(f"Task '{name}' has no {role} column '{col}'. Columns are: {', '.join(map(str, frame.columns))}. "
                             f"Set {key} to the right one.")
+    # a file may have a 'text' or 'label' column besides the ones chosen: it must not become a second one
+    frame = frame.drop(columns=[c for c in ("text", "label") if c in frame.columns and c not in (text_col, label_col)])
     frame = frame.rename(columns={text_col: "text", label_col: "label"})
     missing = frame["label"].isna()
     if missing.any():
