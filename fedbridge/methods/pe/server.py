@@ -183,6 +183,10 @@ class PrivateEvolution(Method):
         return Examples.of([texts[i] for i in chosen], [int(labels[i]) for i in chosen])
 
     def _record(self, session: Session, stats: GenerationStats, counts: Counter, synthetic: Examples) -> None:
+        """The run's counts, tokens and the set it sent, once: a resumed run that made the set already has them in the
+        record its checkpoint restored."""
+        if session.checkpoint.done("synthetic") is not None:
+            return
         record = session.record
         for name, value in {**counts, "llm-seconds": stats.seconds, "synthetic": len(synthetic)}.items():
             record.server_metrics[f"pe.{name}"] = record.server_metrics.get(f"pe.{name}", 0) + value
@@ -190,9 +194,8 @@ class PrivateEvolution(Method):
             record.server_metrics[f"pe.synthetic-{session.task.labels[y]}"] = n
         record.tokens["prompt"] += stats.prompt_tokens
         record.tokens["generated"] += stats.generated_tokens
-        if session.checkpoint.done("synthetic") is None:
-            session.save_contribution(None, "synthetic", self.options.iterations, synthetic)
-            session.checkpoint.complete("synthetic")
+        session.save_contribution(None, "synthetic", self.options.iterations, synthetic)
+        session.checkpoint.complete("synthetic")
 
     def _train(self, session: Session, synthetic: Examples) -> None:
         """Every silo not yet trained gets the set at once and reports as soon as its SLM is trained."""
