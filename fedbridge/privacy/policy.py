@@ -136,8 +136,8 @@ class SiloLimits:
     allowed_models: frozenset[str] | None = BUILTIN_MODELS  # None: any
     max_epochs: int = 100
     max_tokens: int = 512
-    max_request_texts: int = 10_000
-    max_request_bytes: int = 64 << 20
+    max_request_texts: int | None = 10_000  # None: no cap (a simulated silo)
+    max_request_bytes: int | None = 64 << 20
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any]) -> SiloLimits:
@@ -152,16 +152,17 @@ class SiloLimits:
     @classmethod
     def unlimited(cls) -> SiloLimits:
         """A simulated silo's: the run's own partition of public data, on the experimenter's machine."""
-        return cls(None, max_epochs=2**62, max_tokens=2**62, max_request_texts=2**62, max_request_bytes=2**62)
+        return cls(None, max_epochs=2**62, max_tokens=2**62, max_request_texts=None, max_request_bytes=None)
 
     def check_request(self, content: Any) -> None:
         """Refuse one message that asks the silo to read more texts, or is larger, than its caps."""
         texts = sum(len(record["texts"]) for record in content.config_records.values()
                     if isinstance(record.get("texts"), list))
-        if texts > self.max_request_texts:
+        if self.max_request_texts is not None and texts > self.max_request_texts:
             raise ConfigError(f"This silo reads at most max-request-texts={self.max_request_texts} texts per message "
                               f"({texts} sent). Send fewer, or ask the silo's operator to raise it in its node config.")
-        if (size := payload_bytes(content)) > self.max_request_bytes:
+        # serialising a message to measure it costs a pass over every array: only where a cap can refuse it
+        if self.max_request_bytes is not None and (size := payload_bytes(content)) > self.max_request_bytes:
             raise ConfigError(f"This silo takes messages of at most max-request-bytes={self.max_request_bytes} "
                               f"({size} sent). Send less, or ask the silo's operator to raise it.")
 

@@ -104,7 +104,7 @@ class CrossLM(Method):
             self.note = None  # DP votes, or post-processing of DP SLMs: the record's privacy field has their ε
 
     def non_private(self) -> tuple[str, ...]:
-        if self.cfg.slm.private or self.options.scores == "dp-votes" and self.options.score_on == "silo":
+        if self.cfg.slm.private or self.options.scores == "dp-votes":  # (dp-votes needs score-on=silo: config)
             return ()
         return ("SLM scores", *(("SLM weights",) if self.options.score_on == "server" else ()))
 
