@@ -22,6 +22,19 @@ compare --methods pe --seeds 0 --sweep pe.num-per-label=8,64 --sweep pe.epsilon=
 .venv/bin/fedbridge compare --methods local,pe --seeds 0,1,2 --task drug-reviews --engine inprocess \
   --out "$OUT/drug-reviews"
 .venv/bin/python benchmarks/vote_labels.py --out "$OUT"
+# Session 3: the ε grid on all 3 seeds, CrossLM at every ε, drug-reviews' other rows
+compare --methods fedavg --seeds 0,1,2 --sweep slm.dp-epsilon=1,8 $TWEETS
+compare --methods pe --seeds 0,1,2 --sweep pe.epsilon=1,8 $TWEETS
+compare --methods crosslm --seeds 0,1,2 --sweep crosslm.epsilon=1,8 $TWEETS
+DRUGS="--task drug-reviews --engine inprocess --out $OUT/drug-reviews"
+.venv/bin/fedbridge compare --methods centralized,fedavg,crosslm --seeds 0,1,2 $DRUGS
+.venv/bin/fedbridge compare --methods fedavg --seeds 0,1,2 --sweep slm.dp-epsilon=4 $DRUGS
+# FDKT with the silos' DP votes as labels, and the pipeline, at ε = 4 per silo in all (2 + 2, basic composition);
+# FDKT as the paper (the LLM's labels) at ε = 4 on seed 0
+compare --methods fdkt --seeds 0,1,2 --sweep fdkt.epsilon=2 --sweep fdkt.vote-epsilon=2 $TWEETS
+compare --methods pipeline --seeds 0,1,2 --sweep fdkt.epsilon=2 --sweep crosslm.epsilon=2 $TWEETS
+compare --methods fdkt --seeds 0 --sweep fdkt.labels=llm --sweep fdkt.epsilon=4 $TWEETS
 compare --only-aggregate --sweep pe.epsilon=1,4,8,inf --sweep slm.dp-epsilon=1,4,8,inf \
-  --sweep pe.num-per-label=8,32,64 --sweep pe.iterations=1,2 --sweep crosslm.epsilon=4  # table.md, f1-vs-epsilon.png
+  --sweep pe.num-per-label=8,32,64 --sweep pe.iterations=1,2 --sweep crosslm.epsilon=1,2,4,8 \
+  --sweep fdkt.epsilon=2,4 --sweep fdkt.vote-epsilon=2 --sweep fdkt.labels=llm  # table.md, f1-vs-epsilon.png
 .venv/bin/python benchmarks/dp_transfer_table.py "$OUT/tweets" "$OUT/drug-reviews" --out "$OUT/equal-privacy.md"

@@ -44,11 +44,13 @@ def judge(config_items: tuple):
 
 
 def sent_sets(record: RunRecord, runs: Path) -> list[tuple[list[str], list[int]]]:
-    """What the server sent: one (texts, labels) per FDKT augmented set, CrossLM selection (silo, round) or Private
-    Evolution synthetic set."""
-    lines = read_contributions(record, runs / f"{record.run_name}.json")
-    return [(line["texts"], line["labels"]) for line in lines
-            if line.get("silo") == "server" and line.get("kind") in ("augmented", "selected", "synthetic") and line.get("texts")]
+    """What the server sent: one (texts, labels) per CrossLM selection (silo, round), FDKT set (its DP-voted
+    'synthetic' sets where it has them, else the 'augmented' ones with the LLM's labels) or Private Evolution set."""
+    lines = [line for line in read_contributions(record, runs / f"{record.run_name}.json")
+             if line.get("silo") == "server" and line.get("texts")]
+    kinds = {line.get("kind") for line in lines}
+    sent = {"selected", "synthetic"} if "synthetic" in kinds else {"selected", "augmented"}
+    return [(line["texts"], line["labels"]) for line in lines if line.get("kind") in sent]
 
 
 def distinct_2(texts: list[str]) -> float:

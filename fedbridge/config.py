@@ -27,24 +27,42 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = "drug-reviews"  # built-in name, local file path, or HF dataset id
-    text_column: str = ""  # "" = the task's default ("text" for files)
-    label_column: str = ""  # "" = the task's default ("label" for files)
-    labels: tuple[str, ...] = ()  # () = every distinct value, sorted
-    max_examples: int = 0  # 0 = the task's default cap (all rows for small data)
-    global_test_fraction: float = 0.2
-    silo_test_fraction: float = 0.2
-    encoding: str = "utf-8"
-    description: str = ""  # what one example is, for LLM prompts ("" = the task's default, e.g. "drug review")
-    instruction: str = ""  # how the LLM is asked to classify one example ("" = the task's default)
+    name: str = field(default="drug-reviews", metadata={
+        "help": "the data: a built-in task (drug-reviews, tweets; see `fedbridge list`), a local file path (CSV, TSV, "
+                "JSONL, JSON, Parquet) or a Hugging Face dataset id"})
+    text_column: str = field(default="", metadata={
+        "help": "the column holding the text, of a file or HF dataset; \"\" = the task's default (\"text\" for "
+                "files)"})
+    label_column: str = field(default="", metadata={
+        "help": "the column holding the label; \"\" = the task's default (\"label\" for files)"})
+    labels: tuple[str, ...] = field(default=(), metadata={
+        "help": "the label set, comma-separated, in the order that defines label ids; a value outside it is an error; "
+                "\"\" = every distinct value, sorted"})
+    max_examples: int = field(default=0, metadata={
+        "help": "subsample cap on the rows read; 0 = the task's default cap (all rows for small data, 4,000 for "
+                "tweets)"})
+    global_test_fraction: float = field(default=0.2, metadata={
+        "help": "fraction of the data held out as the server's global test set, before partitioning"})
+    silo_test_fraction: float = field(default=0.2, metadata={
+        "help": "fraction of each simulated silo's partition held out as its own test split"})
+    encoding: str = field(default="utf-8", metadata={"help": "text encoding of a local file (e.g. latin-1)"})
+    description: str = field(default="", metadata={
+        "help": "what one example is, for LLM prompts (\"\" = the task's default, e.g. \"drug review\")"})
+    instruction: str = field(default="", metadata={
+        "help": "how the LLM is asked to classify one example (\"\" = the task's default)"})
 
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    kind: str = "natural"  # iid | dirichlet | natural
-    num_silos: int = 4
-    column: str = "condition"  # natural: the column whose values stay together in one silo
-    alpha: float = 0.5  # dirichlet: label-skew concentration; smaller = more skewed
+    kind: str = field(default="natural", metadata={
+        "help": "how the data is split into silos: iid | dirichlet (label skew, partition.alpha) | natural (by "
+                "partition.column)"})
+    num_silos: int = field(default=4, metadata={"help": "number of silos (= SuperNodes in simulation), at least 1"})
+    column: str = field(default="condition", metadata={
+        "help": "natural: the column whose values stay together in one silo"})
+    alpha: float = field(default=0.5, metadata={
+        "help": "dirichlet: label-skew concentration, a finite number > 0; smaller = more skewed (0.1 strongly "
+                "skewed, 100 nearly iid)"})
 
     def __post_init__(self) -> None:
         if self.num_silos < 1:
@@ -59,7 +77,9 @@ class PartitionConfig:
 class SLMConfig(SLMOptions):
     """The silos' SLMs: which encoder (``model``) and how it is built and trained (``SLMOptions``)."""
 
-    model: str = "embedded"  # one spec, or a comma list assigned to silos round-robin (mixed architectures)
+    model: str = field(default="embedded", metadata={
+        "help": "the silos' encoder: embedded (MiniLM-L6), minilm-l<k> (its first k layers), tiny-bert (tests), an "
+                "HF id or a directory; or a comma list assigned to silos round-robin (mixed architectures)"})
 
     def options(self, **changes: Any) -> SLMOptions:
         """The build-and-train options alone (e.g. ``options(epochs=2)`` for a fixed number of epochs)."""
@@ -73,10 +93,13 @@ class SLMConfig(SLMOptions):
 
 @dataclass(frozen=True)
 class LLMConfig:
-    model: str = "embedded"
-    batch_size: int = 8
-    max_length: int = 384  # prompt tokens kept for classification
-    calibrate: bool = False  # contextual calibration of label answers (divide by a content-free input's)
+    model: str = field(default="embedded", metadata={
+        "help": "the server's LLM: embedded (SmolLM2-135M-Instruct), tiny-llama (tests), an HF id or a directory"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per forward pass when the LLM scores labels"})
+    max_length: int = field(default=384, metadata={"help": "prompt tokens kept for classification"})
+    calibrate: bool = field(default=False, metadata={
+        "help": "contextual calibration of the LLM's label answers: probabilities divided by those of content-free "
+                "inputs under the same prompt, then renormalised"})
 
 
 @dataclass(frozen=True)
@@ -84,11 +107,18 @@ class DeviceConfig:
     """``device.*``: where models run. ``auto`` is the first CUDA GPU torch sees, else the CPU; each side resolves
     its own setting on its own machine (frozen models in bfloat16 on a GPU, float32 on the CPU)."""
 
-    server: str = "auto"  # the server's LLM (generation, scoring, CrossLM's LoRA), its SLM copies and embeddings
-    silo: str = "auto"  # each silo's SLM and LLM (FDKT's generator, Social's teacher); node config 'device' overrides
-    gpus_per_silo: float = 0.0  # simulation engine: the GPU share each silo's process gets (0.1: ten silos per GPU)
-    cpus_per_silo: int = 1  # simulation engine: CPU cores each silo's process gets
-    ray_address: str = ""  # simulation engine: a running Ray cluster (head's host:port) to run on; "" = Ray of its own
+    server: str = field(default="auto", metadata={
+        "help": "where the server's LLM (generation, scoring, CrossLM's LoRA), its SLM copies and embeddings run: "
+                "auto | cpu | cuda | cuda:<index>"})
+    silo: str = field(default="auto", metadata={
+        "help": "where each silo's SLM and LLM (FDKT's generator, Social's teacher) run: auto | cpu | cuda | "
+                "cuda:<index>; a deployed silo's node config 'device' overrides it"})
+    gpus_per_silo: float = field(default=0.0, metadata={
+        "help": "simulation engine: the GPU share each silo's process gets (0.1: ten silos per GPU), >= 0"})
+    cpus_per_silo: int = field(default=1, metadata={
+        "help": "simulation engine: CPU cores each silo's process gets, >= 1"})
+    ray_address: str = field(default="", metadata={
+        "help": "simulation engine: a running Ray cluster (its head's host:port) to run on; \"\" = a Ray of its own"})
 
     def __post_init__(self) -> None:
         for key, value in (("device.server", self.server), ("device.silo", self.silo)):
@@ -110,10 +140,15 @@ class CanaryConfig:
     """``canaries.*``: a secret sentence every silo plants in its own training split, for any method, so that what
     crosses the wire can be audited for it (rank among comparison secrets and exposure; ``fedbridge audit``)."""
 
-    enabled: bool = False
-    kind: str = "digits"  # digits: "My PIN code is NNNN." | name: "My secret contact is FIRST LAST."
-    copies: int = 1  # copies planted in each silo's training split
-    candidates: int = 999  # comparison secrets the canary is ranked against
+    enabled: bool = field(default=False, metadata={
+        "help": "plant a secret canary sentence in every silo's training split (a deployed silo only if its node "
+                "config says canaries=allow), for any method, so `fedbridge audit` can measure its exposure"})
+    kind: str = field(default="digits", metadata={
+        "help": "the secret's space: digits (\"My PIN code is NNNN.\") | name (\"My secret contact is FIRST "
+                "LAST.\")"})
+    copies: int = field(default=1, metadata={"help": "copies planted in each silo's training split, >= 1"})
+    candidates: int = field(default=999, metadata={
+        "help": "comparison secrets the canary is ranked against, >= 1"})
 
     def __post_init__(self) -> None:
         if self.kind not in CANARY_KINDS:
@@ -124,20 +159,42 @@ class CanaryConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    method: str = "local"
-    seed: int = 0
-    rounds: int = 10  # FedAvg rounds
-    timeout: float = 3600.0  # seconds to wait for silo replies in one exchange
-    results_dir: str = "results"
-    run_name: str = ""
-    resume: bool = False  # continue the run named run-name from its checkpoint, skipping its completed steps
-    task: TaskConfig = TaskConfig()
-    partition: PartitionConfig = PartitionConfig()
-    slm: SLMConfig = SLMConfig()
-    llm: LLMConfig = LLMConfig()
-    canaries: CanaryConfig = CanaryConfig()
-    device: DeviceConfig = DeviceConfig()
-    method_options: dict[str, bool | int | float | str] = field(default_factory=dict, hash=False, compare=False)
+    method: str = field(default="local", metadata={
+        "help": "the method to run: local, fedavg, centralized, llm-zero-shot, fdkt, crosslm, social, pipeline, pe "
+                "(`fedbridge list`)"})
+    seed: int = field(default=0, metadata={
+        "help": "seeds the splits, model heads, training order and sampling"})
+    rounds: int = field(default=10, metadata={"help": "FedAvg rounds"})
+    timeout: float = field(default=3600.0, metadata={
+        "help": "seconds to wait for silo replies in one exchange; late silos are recorded as failures"})
+    results_dir: str = field(default="results", metadata={
+        "help": "directory the run record (<run-name>.json) and its checkpoint go to"})
+    run_name: str = field(default="", metadata={
+        "help": "the run record's name; \"\" = <method>-<task>-s<seed>-<date-time>"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run named run-name from its checkpoint, skipping its completed steps (the config must "
+                "be the same)"})
+    task: TaskConfig = field(default=TaskConfig(), metadata={
+        "help": "The data: which task or file, its columns and labels, and the held-out test fractions."})
+    partition: PartitionConfig = field(default=PartitionConfig(), metadata={
+        "help": "How the task's training data is split into simulated silos (a deployed silo reads its own file "
+                "instead)."})
+    slm: SLMConfig = field(default=SLMConfig(), metadata={
+        "help": "The silos' small language models: which encoder, and how it is built and trained (every method "
+                "that trains an SLM)."})
+    llm: LLMConfig = field(default=LLMConfig(), metadata={
+        "help": "The server's large language model, and how it scores labels."})
+    canaries: CanaryConfig = field(default=CanaryConfig(), metadata={
+        "help": "A secret sentence every silo plants in its own training split, for any method, so that what "
+                "crosses the wire can be audited for it (rank among comparison secrets and exposure; "
+                "`fedbridge audit`)."})
+    device: DeviceConfig = field(default=DeviceConfig(), metadata={
+        "help": "Where models run. auto is the first CUDA GPU torch sees, else the CPU; each side resolves its own "
+                "setting on its own machine (frozen models in bfloat16 on a GPU, float32 on the CPU)."})
+    method_options: dict[str, bool | int | float | str] = field(
+        default_factory=dict, hash=False, compare=False,
+        metadata={"help": "every key of the other sections (fdkt.*, crosslm.*, faults.* ...), kept flat and parsed "
+                          "by the method's own config dataclass"})
 
     @classmethod
     def from_run_config(cls, flat: typing.Mapping[str, Any]) -> ExperimentConfig:
@@ -214,6 +271,8 @@ def from_flat(cls: type[T], flat: typing.Mapping[str, Any], prefix: str, **given
 
 
 def to_flat(obj: Any, prefix: str) -> Flat:
+    """The inverse of ``from_flat``: dataclass ``obj`` as the keys ``prefix.field-name`` (tuples as comma lists), so
+    ``from_flat(type(obj), to_flat(obj, prefix), prefix) == obj``."""
     out: Flat = {}
     for f in fields(obj):
         value = getattr(obj, f.name)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
@@ -39,16 +39,30 @@ CRASH_POINTS = ("before", "after", "random")
 
 @dataclass(frozen=True)
 class FaultConfig:
-    slow_silos: str = ""
-    slow_factor: float = 5.0
-    crash_silos: str = ""
-    crash_fraction: float = 0.0
-    crash_message_types: str = ""
-    crash_probability: float = 1.0
-    crash_point: str = "before"
-    crash_seed: int = 0
-    adversarial_silos: str = ""
-    adversarial_scale: float = -10.0
+    slow_silos: str = field(default="", metadata={
+        "help": "partition ids (comma list) that reply slow-factor times later than they computed"})
+    slow_factor: float = field(default=5.0, metadata={
+        "help": "5.0 = a slow silo takes 5x its own compute time (it sleeps (factor-1) x compute)"})
+    crash_silos: str = field(default="", metadata={
+        "help": "partition ids (comma list) that fail crash-message-types messages (an error reply, as a crashed "
+                "app)"})
+    crash_fraction: float = field(default=0.0, metadata={
+        "help": "also crash this fraction of the partition.num-silos silos (rounded half up), drawn with crash-seed; "
+                "in [0, 1]"})
+    crash_message_types: str = field(default="", metadata={
+        "help": "comma list of Flower message types a crashing silo fails (\"\" = all)"})
+    crash_probability: float = field(default=1.0, metadata={
+        "help": "chance that a crashing silo fails one such message (1 = every one), in [0, 1]; drawn per (silo, "
+                "message type, round), so crashes land at random points and a silo may come back later"})
+    crash_point: str = field(default="before", metadata={
+        "help": "before: the request is lost (nothing computed) | after: the silo computed (and spent any privacy "
+                "budget) and the reply is lost | random: either, drawn per message"})
+    crash_seed: int = field(default=0, metadata={"help": "seeds which silos crash (crash-fraction) and where"})
+    adversarial_silos: str = field(default="", metadata={
+        "help": "partition ids (comma list) whose replies are poisoned after their handler ran: SLM weights times "
+                "adversarial-scale (FedAvg, CrossLM uploads), class probabilities inverted (CrossLM scores)"})
+    adversarial_scale: float = field(default=-10.0, metadata={
+        "help": "the factor on a poisoned silo's weights (-10: flipped and amplified)"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.crash_fraction <= 1.0 or not 0.0 <= self.crash_probability <= 1.0:

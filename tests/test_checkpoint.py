@@ -267,8 +267,8 @@ def fdkt_uninterrupted(tmp_path_factory) -> RunRecord:
 
 
 def test_fdkt_resumes_without_asking_or_augmenting_again(tmp_path, monkeypatch, fdkt_uninterrupted):
-    # attempt 1 dies when it is about to send silo 1 its augmented set: both silos' demonstrations and augmented
-    # sets are checkpointed, no silo has trained yet
+    # attempt 1 dies when it is about to send silo 1 its augmented set: both silos' demonstrations, the augmented
+    # sets and the silos' votes on them are checkpointed, no silo has trained yet
     first, _ = attempt(tmp_path, "fdkt-resume", die_on_push=is_(p.TRAIN_AUGMENTED, NODES[1]))
     assert first is None
     failed = RunRecord.read(tmp_path / "fdkt-resume.json")
@@ -277,15 +277,18 @@ def test_fdkt_resumes_without_asking_or_augmenting_again(tmp_path, monkeypatch, 
     directory = checkpoint_dir(tmp_path, "fdkt-resume")
     state = json.loads((directory / STATE_FILE).read_text())
     assert sorted(state["steps"]) == ["augmented/silo-0", "augmented/silo-1", "demonstrations/silo-0",
-                                      "demonstrations/silo-1"]
-    made = {s: json.loads((directory / "augmented" / f"{s}.examples.json").read_text()) for s in ("silo-0", "silo-1")}
+                                      "demonstrations/silo-1", "votes"]
+    made = {line["set"]: {"texts": line["texts"], "labels": line["labels"]}  # the voted sets attempt 1 made
+            for line in map(json.loads, (tmp_path / "fdkt-resume.contributions.jsonl").read_text().splitlines())
+            if line["kind"] == "synthetic"}
     ledgers = {s: ledger_file(tmp_path, s).read_text() for s in ("silo-0", "silo-1")}
 
     augmented = []
     monkeypatch.setattr(fdkt, "augment", lambda *args, **kwargs: augmented.append(1))
     resumed, grid = attempt(tmp_path, "fdkt-resume", resume=True)
     assert resumed.status == "ok" and resumed.failures == [] and augmented == []
-    assert sent(grid, p.SYNTHESIZE) == [] and sent(grid, p.TRAIN_AUGMENTED) == [(NODES[0], "2"), (NODES[1], "2")]
+    assert sent(grid, p.SYNTHESIZE) == [] == sent(grid, p.DP_VOTE)
+    assert sent(grid, p.TRAIN_AUGMENTED) == [(NODES[0], "2"), (NODES[1], "2")]
     requests = {m.metadata.dst_node_id: m for m in grid.sent if m.metadata.message_type == p.TRAIN_AUGMENTED}
     for node, silo in zip(NODES, ("silo-0", "silo-1")):  # each silo trains on exactly the set attempt 1 made
         assert dict(requests[node].content[p.EXAMPLES]) == made[silo]
@@ -306,7 +309,8 @@ def test_fdkt_resumes_without_asking_or_augmenting_again(tmp_path, monkeypatch, 
     lines = [json.loads(x) for x in (tmp_path / "fdkt-resume.contributions.jsonl").read_text().splitlines()]
     contributions = [line for line in lines if line["silo"] != "server"]
     assert len(contributions) == 2  # each silo's demonstrations were received once
-    assert sorted(line["set"] for line in lines if line["silo"] == "server") == ["silo-0", "silo-1"]  # made once
+    assert sorted((line["kind"], line["set"]) for line in lines if line["silo"] == "server") == [
+        ("augmented", "silo-0"), ("augmented", "silo-1"), ("synthetic", "silo-0"), ("synthetic", "silo-1")]  # once
 
 
 def test_a_resumed_run_cannot_spend_a_silos_budget_again(tmp_path, fdkt_uninterrupted):
@@ -326,8 +330,13 @@ def test_a_resumed_run_cannot_spend_a_silos_budget_again(tmp_path, fdkt_uninterr
     [failure] = resumed.failures
     assert failure["silo"] == "silo-1" and "PrivacyBudgetExceeded" in failure["reason"]
     assert "is spent" in failure["reason"] and "of the 1 it asked for" in failure["reason"]
-    assert path.read_text() == on_disk  # refused: nothing charged, nothing released
-    assert set(resumed.privacy) == {"silo-0"} and "train.synthetic" not in resumed.silo_metrics.get("silo-1", {})
+    before, after = json.loads(on_disk), json.loads(path.read_text())  # refused: nothing charged, nothing released
+    [key] = [k for k, v in before.items() if isinstance(v, list)]
+    new = after[key][len(before[key]):]
+    assert after[key][:len(before[key])] == before[key]
+    assert [e["event"]["mechanism"] for e in new] == ["dp-nn-votes"]  # but it voted on silo 0's set
+    assert "train.synthetic" not in resumed.silo_metrics.get("silo-1", {})
+    assert resumed.privacy["silo-1"]["mechanism"] == "dp-nn-votes"  # it still voted on silo 0's set
     assert resumed.privacy["silo-0"] == fdkt_uninterrupted.privacy["silo-0"]
     assert set(resumed.silo_metrics["silo-0"]) == set(fdkt_uninterrupted.silo_metrics["silo-0"])
 

@@ -242,6 +242,24 @@ def test_silos_that_arrive_together_are_augmented_in_one_llm_pass_each_from_its_
     assert counts["generated"] == 8
 
 
+def test_the_votes_not_the_llm_label_every_example_and_drop_the_unclear():
+    import numpy as np
+
+    from fedbridge.methods.fdkt.server import relabel, vote_candidates
+    from fedbridge.methods.votes import tally
+
+    sets = {"silo-0": Examples.of(["shared", "a", "b"], [0, 0, 1]), "silo-1": Examples.of(["shared", "c"], [0, 1])}
+    candidates = vote_candidates(sets)
+    assert candidates.texts == ("shared", "a", "b", "c") and candidates.labels == (0, 0, 1, 1)  # each text once
+    histogram = np.array([[0.0, 9.0],  # shared: the silos say 1, the LLM wrote it for 0
+                          [8.0, 1.0],  # a: 0, as written
+                          [5.0, 4.6],  # b: too close to call at noise std 1 (a lead of 0.4 < sqrt 2)
+                          [1.0, 7.0]])  # c: 1, as written
+    out, counts = relabel(sets, candidates.texts, tally(histogram, 1.0, balance=False, threshold=1.0))
+    assert out["silo-0"] == Examples.of(["shared", "a"], [1, 0]) and out["silo-1"] == Examples.of(["shared", "c"], [1, 1])
+    assert counts == Counter({"vote-kept": 4, "vote-dropped": 1, "vote-relabelled": 2})  # 'shared' in both sets
+
+
 # ------------------------------------------------------------------ in-process rounds
 
 
@@ -250,7 +268,8 @@ def dp_run(request, tmp_path_factory):
     """One FDKT round per mechanism at a small budget (ε = 1); the grid stays open for follow-up messages."""
     mechanism = request.param
     record, grid = start_fdkt(tmp_path_factory.mktemp(mechanism), f"fdkt-{mechanism}",
-                              **{"fdkt.mechanism": mechanism, "fdkt.epsilon": 1.0})
+                              **{"fdkt.mechanism": mechanism, "fdkt.epsilon": 1.0, "fdkt.vote-epsilon": 2.0,
+                                 "fdkt.vote-threshold": 0.0})  # tiny silos: at 1 std nothing would clear the noise
     yield SimpleNamespace(mechanism=mechanism, record=record, grid=grid)
     grid.close()
 
@@ -261,17 +280,27 @@ def test_round_trains_every_silo_on_its_augmented_set_and_records_privacy(dp_run
     assert set(record.privacy) == {"silo-0", "silo-1"}
     augmented = grid.sent_of(p.TRAIN_AUGMENTED)
     assert set(augmented) == set(NODES)
+    lines = [json.loads(line) for line in open(record.artifacts["contributions"], encoding="utf-8")]
+    voted = {text for line in lines if line["kind"] == "augmented" for text in line["texts"]}
+    assert set(grid.sent_of(p.DP_VOTE)) == set(NODES)  # one vote per silo, over every augmented example together
+    for msg in grid.sent_of(p.DP_VOTE).values():
+        assert set(msg.content[p.EXAMPLES]["texts"]) == voted
     for node, silo in zip(NODES, ("silo-0", "silo-1")):
         privacy, metrics = record.privacy[silo], record.silo_metrics[silo]
-        assert privacy["mechanism"] == dp_run.mechanism and privacy["private"] is True
-        assert 0 < privacy["epsilon"] <= privacy["epsilon-total"] <= privacy["budget"] == 1.0
-        assert privacy["delta"] == 1e-5 and privacy["noise-multiplier"] > 0 and privacy["steps"] > 0
+        demos = privacy["other"]  # the demonstrations' release, composed with the vote's
+        assert demos["mechanism"] == dp_run.mechanism and 0 < demos["epsilon"] <= 1.0 and demos["private"] is True
+        assert privacy["mechanism"] == f"{dp_run.mechanism} + dp-nn-votes (basic composition)"
+        assert privacy["private"] is True and privacy["epsilon"] == pytest.approx(
+            demos["epsilon"] + privacy["epsilon-total"]) and 0 < privacy["epsilon-total"] <= privacy["budget"] == 2.0
+        assert privacy["delta"] == 2e-5 and privacy["noise-multiplier"] > 0 and privacy["steps"] == 1
         sent = p.read_examples(augmented[node].content, p.EXAMPLES, 3)  # the examples record is there and valid
-        assert len(sent) > 0
-        lines = open(record.artifacts["contributions"], encoding="utf-8").read().splitlines()
-        kept = [line for line in map(json.loads, lines) if line["kind"] == "augmented" and line["set"] == silo]  # what the server sent, beside the record
-        assert len(kept) == 1 and kept[0]["silo"] == "server" and kept[0]["sources"] == [silo]
-        assert (tuple(kept[0]["texts"]), tuple(kept[0]["labels"])) == (sent.texts, sent.labels)
+        assert len(sent) > 0 and set(sent.texts) <= voted  # only what the silos voted on
+        # what the server sent, beside the record: the augmented set, relabelled (or thinned) by the votes
+        made = [line for line in lines if line["kind"] == "augmented" and line["set"] == silo]
+        assert len(made) == 1 and made[0]["silo"] == "server" and made[0]["sources"] == [silo]
+        kept = [line for line in lines if line["kind"] == "synthetic" and line["set"] == silo]
+        assert len(kept) == 1 and (tuple(kept[0]["texts"]), tuple(kept[0]["labels"])) == (sent.texts, sent.labels)
+        assert set(sent.texts) <= set(made[0]["texts"])
         assert metrics["train.synthetic"] == len(sent) > 0  # the silo trained on exactly what it was sent
         # its private split less the validation part that chose the epoch, and what it was sent, every epoch
         held_out = metrics["train.validation"]
@@ -312,7 +341,7 @@ def test_a_spent_budget_refuses_the_next_synthesize_and_charges_nothing(dp_run):
     experiment = grid.sent_of(p.SYNTHESIZE)[node].content[p.CONFIG][p.EXPERIMENT]
     spent = silo.run_ledger(1.0, experiment).spent()
     assert 0 < spent <= 1.0
-    assert spent == pytest.approx(dp_run.record.privacy["silo-0"]["epsilon-total"])
+    assert spent == pytest.approx(dp_run.record.privacy["silo-0"]["other"]["epsilon"])
     # the same run asks again: its epsilon (1) is spent
     msg = Message(p.request({p.EXPERIMENT: experiment}), dst_node_id=node, message_type=p.SYNTHESIZE, group_id="2")
     [reply] = grid.send_and_receive([msg], timeout=60)
@@ -324,7 +353,8 @@ def test_a_spent_budget_refuses_the_next_synthesize_and_charges_nothing(dp_run):
 
 
 def test_epsilon_inf_works_and_is_labelled_non_private(tmp_path):
-    record, grid = start_fdkt(tmp_path, "fdkt-inf", **{"fdkt.epsilon": "inf", "fdkt.llm-filter": False})
+    record, grid = start_fdkt(tmp_path, "fdkt-inf", **{"fdkt.epsilon": "inf", "fdkt.llm-filter": False,
+                                                       "fdkt.labels": "llm"})
     grid.close()
     assert record.status == "ok" and record.failures == []
     assert any("NOT differentially private" in note for note in record.notes)
@@ -339,7 +369,8 @@ def test_epsilon_inf_works_and_is_labelled_non_private(tmp_path):
 
 
 def test_pooled_sends_every_silo_the_same_augmented_set(tmp_path):
-    record, grid = start_fdkt(tmp_path, "fdkt-pooled", **{"fdkt.pooled": True, "fdkt.llm-filter": False})
+    record, grid = start_fdkt(tmp_path, "fdkt-pooled", **{"fdkt.pooled": True, "fdkt.llm-filter": False,
+                                                          "fdkt.labels": "llm"})
     grid.close()
     assert record.status == "ok" and record.failures == []
     sets = {node: (tuple(m.content[p.EXAMPLES]["texts"]), tuple(m.content[p.EXAMPLES]["labels"]))
@@ -365,7 +396,7 @@ def test_per_silo_sets_go_back_as_soon_as_they_are_ready(tmp_path):
             released.wait(timeout=30)
 
     record, grid = start_fdkt(tmp_path, "fdkt-stream", workers=2, before_handle=before_handle, on_push=on_push,
-                              **{"fdkt.llm-filter": False})
+                              **{"fdkt.llm-filter": False, "fdkt.labels": "llm"})  # a vote waits for every silo
     grid.close()
     assert record.status == "ok" and record.failures == []
     assert released.is_set()

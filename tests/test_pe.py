@@ -18,7 +18,7 @@ from test_checkpoint import CrashingGrid, ServerKilled, is_
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.errors import PrivacyBudgetExceeded
-from fedbridge.methods.pe.server import best_per_label, tally
+from fedbridge.methods.votes import best_per_label, tally
 from fedbridge.privacy import PrivacyLedger
 from fedbridge.privacy.accounting import compute_epsilon
 from fedbridge.privacy.dp_votes import SENSITIVITY, dp_vote, sigma_for_votes, vote_event, vote_histogram

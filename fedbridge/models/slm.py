@@ -43,26 +43,43 @@ FIT_PERCENTILE, FIT_MULTIPLE, FIT_CAP = 95, 16, 256  # slm.max-length=0: the tex
 class SLMOptions:
     """How an SLM is built and trained; the ``slm.*`` keys of the run config (``fedbridge.config.SLMConfig``)."""
 
-    mode: str = "head"  # head: frozen encoder, cached features, trained head | lora: LoRA adapters + head | full
-    pooling: str = "mean-layers"  # mean-layers: mean of every layer, concatenated | mean: last layer | cls
-    epochs: int = 0  # most epochs; 0 = the mode's default (head 100, lora 12, full 8); early stopping decides
-    patience: int = 20  # epochs without a better validation macro-F1 before training stops
-    validation_fraction: float = 0.15  # of the private training split, held out to choose the epoch (0 = none)
-    batch_size: int = 16
-    lr: float = 0.0  # encoder (its LoRA adapters, or all of it); 0 = the mode's default (lora 5e-4, full 5e-5)
-    head_lr: float = 3e-3
-    warmup: float = 1.0  # lora, full: epochs of rising learning rate (it shields the pretrained encoder from the
-    # new head's first gradients), then linear decay to 0 at the last epoch; head mode, with nothing to shield: decay only
-    weight_decay: float = 0.01
-    max_length: int = 0  # tokens per text; 0 = fit the data (95th-percentile token count, multiple of 16, <= 256)
-    class_balanced: bool = True  # weight the loss so every label present counts the same (class_balanced_weights)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    dp_epsilon: float = math.inf  # train the head with DP-SGD at this epsilon per silo and run (inf = not DP;
-    # fedbridge.privacy.dp_slm): fixed epochs, no class balancing, no validation part, a token length from config
-    dp_clip: float = 1.0  # DP-SGD: per-example gradient norm bound
-    dp_lr: float = 3.0  # DP-SGD: SGD learning rate, momentum 0.9 (Adam's per-coordinate scaling amplifies the noise)
-    dp_batch_size: int = 64  # DP-SGD: expected Poisson batch (larger batches: less noise per example)
+    mode: str = field(default="head", metadata={
+        "help": "what trains: head (frozen encoder, cached features, a trained linear head) | lora (LoRA adapters + "
+                "head) | full (every weight); what the mode trains is all FedAvg averages and moves"})
+    pooling: str = field(default="mean-layers", metadata={
+        "help": "mean-layers (mean over tokens of every layer, concatenated) | mean (the last layer's) | cls (the "
+                "first token's)"})
+    epochs: int = field(default=0, metadata={
+        "help": "most epochs; 0 = the mode's default (head 100, lora 12, full 8); early stopping decides"})
+    patience: int = field(default=20, metadata={
+        "help": "epochs without a better validation macro-F1 before training stops"})
+    validation_fraction: float = field(default=0.15, metadata={
+        "help": "of the private training split, held out (stratified) to choose the epoch, in [0, 0.9); 0 = none "
+                "(every epoch runs, the last is kept)"})
+    batch_size: int = field(default=16, metadata={"help": "training batch size (AdamW)"})
+    lr: float = field(default=0.0, metadata={
+        "help": "learning rate of the encoder (its LoRA adapters, or all of it); 0 = the mode's default (lora 5e-4, "
+                "full 5e-5)"})
+    head_lr: float = field(default=3e-3, metadata={"help": "learning rate of the linear head, > 0"})
+    warmup: float = field(default=1.0, metadata={
+        "help": "lora, full: epochs of rising learning rate (it shields the pretrained encoder from the new head's "
+                "first gradients), then linear decay to 0 at the last epoch; head mode, with nothing to shield: decay "
+                "only"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, >= 0"})
+    max_length: int = field(default=0, metadata={
+        "help": "tokens per text; 0 = fit the data (95th-percentile token count, multiple of 16, <= 256)"})
+    class_balanced: bool = field(default=True, metadata={
+        "help": "weight the loss so every label present counts the same (n / (labels x the label's count))"})
+    lora_rank: int = field(default=8, metadata={"help": "lora mode: adapter rank, >= 1"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "lora mode: adapter scale"})
+    dp_epsilon: float = field(default=math.inf, metadata={
+        "help": "train the head with DP-SGD at this epsilon per silo and run (fedbridge.privacy.dp_slm; head mode "
+                "only): fixed epochs, no class balancing, no validation part; inf = not DP"})
+    dp_clip: float = field(default=1.0, metadata={"help": "DP-SGD: per-example gradient norm bound"})
+    dp_lr: float = field(default=3.0, metadata={
+        "help": "DP-SGD: SGD learning rate, momentum 0.9 (Adam's per-coordinate scaling amplifies the noise)"})
+    dp_batch_size: int = field(default=64, metadata={
+        "help": "DP-SGD: expected Poisson batch (larger batches: less noise per example)"})
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("mode", self.mode, SLM_MODES), ("pooling", self.pooling, POOLINGS)):

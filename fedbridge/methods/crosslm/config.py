@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedbridge.errors import ConfigError
 from fedbridge.models.reward import (
@@ -18,52 +18,79 @@ CHECKPOINT_STEP = "crosslm"  # the one checkpoint step, rewritten after every si
 
 @dataclass(frozen=True)
 class CrossLMConfig:
-    mode: str = "async"  # async | sync (every step waits for every silo; for comparison)
-    score_on: str = "silo"  # silo: only probabilities leave silos | server: silos upload SLM weights (weaker privacy)
-    rounds: int = 2  # score -> enhance rounds per silo
-    ttl: float = 0.0  # seconds one message may take to come back; 0 = the run's `timeout`
+    mode: str = field(default="async", metadata={
+        "help": "async (a push/pull loop per silo) | sync (every step waits for every silo; for comparison)"})
+    score_on: str = field(default="silo", metadata={
+        "help": "silo: only probabilities leave silos | server: silos upload SLM weights (weaker privacy; needs "
+                "scores=slm)"})
+    rounds: int = field(default=2, metadata={"help": "score -> enhance rounds per silo (one batch per round), >= 1"})
+    ttl: float = field(default=0.0, metadata={
+        "help": "seconds one message may take to come back; 0 = the run's timeout"})
     # generation
-    per_label: int = 8  # examples the LLM writes per label for each batch
-    temperature: float = 0.9
-    top_p: float = 0.95
-    max_new_tokens: int = 48
-    min_words: int = 5
-    near_duplicate: float = 0.8  # character 5-gram Jaccard at or above which a text is a duplicate
+    per_label: int = field(default=8, metadata={"help": "examples the LLM writes per label for each batch"})
+    temperature: float = field(default=0.9, metadata={"help": "the LLM's sampling temperature"})
+    top_p: float = field(default=0.95, metadata={"help": "the LLM's nucleus-sampling mass"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens per generated example"})
+    min_words: int = field(default=5, metadata={"help": "generations with fewer words are dropped"})
+    near_duplicate: float = field(default=0.8, metadata={
+        "help": "character 5-gram Jaccard at or above which a text is a duplicate"})
     # rewards
-    scores: str = "dp-votes"  # dp-votes: each silo's DP nearest-neighbour votes (fedbridge.privacy.dp_votes) give S(y|x),
-    # with a finite ε | slm: its SLM's class probabilities, released without DP (ε = inf), as the paper
-    epsilon: float = 4.0  # scores=dp-votes: ε per silo for all its score releases (one per round) together
-    vote_k: int = 4  # scores=dp-votes: nearest candidates each private record votes for
-    aggregate: str = "median"  # mean | median | trimmed-mean, over the silos that scored a batch
-    trim: float = 0.25  # trimmed-mean: floor(trim * silos) values cut from each end, at least 1 from 3 silos on
-    min_scorers: int = 3  # a batch updates the LLM only once this many silos (or all live ones, if fewer) scored it
-    max_staleness: int = 4  # rewards on a batch written more than this many LLM updates ago do not update the LLM
+    scores: str = field(default="dp-votes", metadata={
+        "help": "dp-votes: each silo's DP nearest-neighbour votes (fedbridge.privacy.dp_votes) give S(y|x), with a "
+                "finite ε | slm: its SLM's class probabilities, released without DP (ε = inf), as the paper"})
+    epsilon: float = field(default=4.0, metadata={
+        "help": "scores=dp-votes: ε per silo for all its score releases (one per round) together; inf = no noise"})
+    vote_k: int = field(default=4, metadata={
+        "help": "scores=dp-votes: nearest candidates each private record votes for (weight 1/sqrt(k): sensitivity 1)"})
+    aggregate: str = field(default="median", metadata={
+        "help": "mean | median | trimmed-mean, over the silos that scored a batch"})
+    trim: float = field(default=0.25, metadata={
+        "help": "trimmed-mean: floor(trim * silos) values cut from each end, at least 1 from 3 silos on; in [0, 0.5)"})
+    min_scorers: int = field(default=3, metadata={
+        "help": "a batch updates the LLM only once this many silos (or all live ones, if fewer) scored it"})
+    max_staleness: int = field(default=4, metadata={
+        "help": "rewards on a batch written more than this many LLM updates ago do not update the LLM"})
     # LLM update: LoRA with quality + task + KL loss (fedbridge.models.reward)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,v_proj"  # comma list of module names, or all-linear
-    lora_lr: float = 5e-4
-    lora_steps: int = 2  # optimizer steps per LLM update (sync: x the updates async would make, in one)
-    lora_batch_size: int = 4
-    lora_max_length: int = 160
-    quality_weight: float = 1.0  # γ_quality: reward-weighted likelihood (r > 0) / unlikelihood (r < 0)
-    task_weight: float = 1.0  # γ_task: the label of approved (r > 0) examples under the classification prompt
-    kl_weight: float = 1.0  # γ_kl: KL(LLM ‖ original) on the same tokens; 0 = no leash (ablation)
+    lora_rank: int = field(default=8, metadata={"help": "rank of the LLM's LoRA adapters"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "scale of the LLM's LoRA adapters"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout of the LLM's LoRA adapters"})
+    lora_targets: str = field(default="q_proj,v_proj", metadata={
+        "help": "the LLM modules that get adapters: a comma list of module names, or all-linear"})
+    lora_lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the adapters"})
+    lora_steps: int = field(default=2, metadata={
+        "help": "optimizer steps per LLM update (sync: x the updates async would make, in one)"})
+    lora_batch_size: int = field(default=4, metadata={"help": "scored examples per optimizer step"})
+    lora_max_length: int = field(default=160, metadata={
+        "help": "tokens per training sequence (the prompt is cut from the left)"})
+    quality_weight: float = field(default=1.0, metadata={
+        "help": "γ_quality: reward-weighted likelihood (r > 0) / unlikelihood (r < 0), >= 0"})
+    task_weight: float = field(default=1.0, metadata={
+        "help": "γ_task: the label of approved (r > 0) examples under the classification prompt, >= 0"})
+    kl_weight: float = field(default=1.0, metadata={
+        "help": "γ_kl: KL(LLM ‖ original) on the same tokens; 0 = no leash (ablation)"})
     # SLM enhancement
-    select_max: int = 24  # examples sent to a silo per round
-    min_reward: float = 0.0  # only examples whose combined reward is above this
-    diversity: float = 0.5  # MMR weight on MiniLM cosine similarity to examples already chosen; 0 = by reward only
-    targets: str = "hard"  # hard: the LLM's intended labels | soft: the silos' combined probabilities (distillation)
-    enhance_epochs: int = 0  # 0 = the silo's SLM recipe (epoch chosen on its private validation split); server: 2
-    synthetic_weight: float = 1.0
-    with_private: bool = True  # score-on=silo: fine-tune on private + selected examples; false = the paper's step 5
-    # (selected examples only), which erased what a silo had learned in every measurement (README "CrossLM")
+    select_max: int = field(default=24, metadata={"help": "examples sent to a silo per round"})
+    min_reward: float = field(default=0.0, metadata={
+        "help": "only examples whose combined reward is above this (0 = the silos give the label > 50 %)"})
+    diversity: float = field(default=0.5, metadata={
+        "help": "MMR weight on MiniLM cosine similarity to examples already chosen; 0 = by reward only"})
+    targets: str = field(default="hard", metadata={
+        "help": "hard: the LLM's intended labels | soft: the silos' combined probabilities (distillation)"})
+    enhance_epochs: int = field(default=0, metadata={
+        "help": "SLM fine-tuning epochs per round; 0 = the silo's SLM recipe (epoch chosen on its private "
+                "validation split); score-on=server: 0 means 2"})
+    synthetic_weight: float = field(default=1.0, metadata={"help": "loss weight of the selected examples"})
+    with_private: bool = field(default=True, metadata={
+        "help": "score-on=silo: fine-tune on private + selected examples; false = the paper's step 5 (selected "
+                "examples only), which erased what a silo had learned in every measurement"})
     # evaluation
-    llm_eval_examples: int = 100  # global-test examples for the LLM's label-scoring accuracy (0 = all)
-    ppl_passages: int = 0  # general-text passages for perplexity (0 = all)
-    ppl_max_tokens: int = 128
-    general_text: str = ""  # text file of passages separated by blank lines; "" = text bundled in scikit-learn
+    llm_eval_examples: int = field(default=100, metadata={
+        "help": "global-test examples for the LLM's label-scoring accuracy (0 = all)"})
+    ppl_passages: int = field(default=0, metadata={"help": "general-text passages for perplexity (0 = all)"})
+    ppl_max_tokens: int = field(default=128, metadata={"help": "tokens per perplexity passage"})
+    general_text: str = field(default="", metadata={
+        "help": "text file of passages separated by blank lines, for perplexity; \"\" = text bundled in "
+                "scikit-learn"})
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("mode", self.mode, MODES), ("score-on", self.score_on, SCORE_ON),

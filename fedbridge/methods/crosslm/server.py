@@ -50,6 +50,7 @@ from fedbridge.methods.crosslm.config import CHECKPOINT_STEP, SERVER_ENHANCE_EPO
 from fedbridge.methods.crosslm.llm import ServerLLM, crosslm_prompts
 from fedbridge.methods.crosslm.state import Batch, CrossLMState, Generated, Progress
 from fedbridge.methods.selection import select_balanced
+from fedbridge.methods.votes import compose_privacy
 from fedbridge.models.embedding import embed
 from fedbridge.models.loading import ModelSpecError, load_slm
 from fedbridge.models.reward import AGGREGATIONS, aggregate_probabilities
@@ -332,20 +333,10 @@ class _Run:
         return probs
 
     def keep_score_privacy(self, node: int, privacy: dict) -> None:
-        """The silo's privacy entry after a DP score release: the run's total for its votes, plus what an earlier
-        release of another mechanism cost (the pipeline's DP demonstrations), summed (basic composition: a valid
-        upper bound at the summed δ)."""
+        """The silo's privacy entry after a DP score release, composed with the pipeline's DP demonstrations."""
         silo = self.session.silo_name(node)
         self.record.privacy = self.record.privacy or {}
-        before = self.record.privacy.get(silo) or {}
-        other = before.get("other") or ({k: before[k] for k in ("mechanism", "epsilon", "delta")}
-                                         if before and before.get("mechanism") != privacy["mechanism"] else None)
-        entry = {**privacy, "epsilon": privacy["epsilon-total"]}
-        if other:
-            entry |= {"other": other, "epsilon": privacy["epsilon-total"] + other["epsilon"],
-                      "delta": privacy["delta"] + other["delta"],
-                      "mechanism": f"{other['mechanism']} + {privacy['mechanism']} (basic composition)"}
-        self.record.privacy[silo] = entry
+        self.record.privacy[silo] = compose_privacy(self.record.privacy.get(silo), privacy)
 
     def server_scores(self, node: int, round_: int) -> np.ndarray:
         return predict_proba(self.server_slms[node], self.batch(round_).texts)

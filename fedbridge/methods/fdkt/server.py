@@ -6,9 +6,13 @@ One round, as the paper:
   2. the server embeds and clusters them per label, asks its LLM to drop off-domain, wrong-label and
      near-duplicate ones, then prompts the LLM with 1-2 kept demonstrations to write new examples, which it
      parses, filters (length, label) and deduplicates (against each other and the demonstrations);
-  3. each silo receives its augmented set (or one pooled set) as soon as it is ready, trains its SLM on
-     private + augmented data, and reports metrics. Silos whose demonstrations arrive together are augmented in one
-     pass of the LLM (each still gets its own set).
+  3. (``fdkt.labels=dp-votes``, the default; not in the paper) every silo votes once, with DP, on the labels of all
+     the augmented examples together (``fedbridge.methods.votes``): each example takes the federation's voted label,
+     or is dropped where the vote is too close to call. The LLM's intended label is right on a third to a half of
+     them; the votes are the silos' judgement, at ``fdkt.vote-epsilon`` more per silo;
+  4. each silo receives its augmented set (or one pooled set), trains its SLM on private + augmented data, and
+     reports metrics. With ``fdkt.labels=llm`` each set leaves as soon as it is ready (silos whose demonstrations
+     arrive together are augmented in one pass of the LLM); a vote waits for every silo's demonstrations.
 Everything the server does is post-processing of DP outputs, so it costs no further privacy.
 """
 
@@ -17,8 +21,9 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 from flwr.app import RecordDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,6 +38,7 @@ from fedbridge.methods.seeding import (
     seeded_prompts,
 )
 from fedbridge.methods.text import deduplicate, parse_generation
+from fedbridge.methods.votes import Tally, VoteRequest, collect_votes, tally
 from fedbridge.models.generation import GenerationStats, SamplingConfig, generate
 from fedbridge.models.llm_classifier import label_probabilities
 from fedbridge.models.loading import load_llm
@@ -73,6 +79,26 @@ def augment(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, se
     return augmented
 
 
+def vote_candidates(sets: Mapping[str, Examples]) -> Examples:
+    """The texts of every set, once each, in order (with the label the LLM was asked to write): what the silos vote on."""
+    intended = {t: y for examples in sets.values() for t, y in zip(examples.texts, examples.labels)}
+    return Examples.of(intended, intended.values())
+
+
+def relabel(sets: Mapping[str, Examples], texts: Sequence[str], votes: Tally) -> tuple[dict[str, Examples], Counter]:
+    """Each set with every example's label the federation's voted one (``votes`` is the tally of ``texts``), and the
+    examples whose vote did not clear the noise dropped; with the counts of kept, dropped and relabelled examples."""
+    voted = {t: int(y) for t, y, keep in zip(texts, votes.labels, votes.kept) if keep}
+    out, counts = {}, Counter()
+    for key, examples in sets.items():
+        mine = [t for t in examples.texts if t in voted]
+        out[key] = Examples.of(mine, [voted[t] for t in mine])
+        counts["vote-kept"] += len(mine)
+        counts["vote-dropped"] += len(examples) - len(mine)
+        counts["vote-relabelled"] += sum(t in voted and voted[t] != y for t, y in zip(examples.texts, examples.labels))
+    return out, counts
+
+
 class FDKT(Method):
     name = "fdkt"
     description = "FDKT: DP synthetic demonstrations from silos, LLM-augmented on the server"
@@ -82,19 +108,25 @@ class FDKT(Method):
         self.options = from_flat(FDKTConfig, cfg.method_options, "fdkt")  # a bad fdkt.* key fails before any work
 
     def run(self, session: Session) -> None:
-        """One FDKT round, checkpointed per silo and step (demonstrations received, augmented set made, SLM trained):
-        a resumed run skips what is done, and never asks a silo for demonstrations it already sent."""
+        """One FDKT round, checkpointed per silo and step (demonstrations received, augmented set made, votes, SLM
+        trained): a resumed run skips what is done, and never asks a silo for demonstrations or votes it already sent.
+        With ``fdkt.labels=llm`` and per-silo sets, each silo's set leaves as soon as its demonstrations are augmented;
+        otherwise the sets leave together, once every silo's demonstrations are in (a pool, or one vote over all)."""
         cfg, record, ckpt, num_labels = self.options, session.record, session.checkpoint, len(session.task.labels)
         record.privacy = record.privacy or {}
-        note = "fdkt: fdkt.epsilon=inf, the demonstrations are NOT differentially private"
-        if math.isinf(cfg.epsilon) and note not in record.notes:
-            record.notes.append(note)
+        for off, note in ((math.isinf(cfg.epsilon), "fdkt: fdkt.epsilon=inf, the demonstrations are NOT "
+                           "differentially private"),
+                          (cfg.labels == "dp-votes" and math.isinf(cfg.vote_epsilon), "fdkt: fdkt.vote-epsilon=inf, "
+                           "the votes that label the augmented examples are NOT differentially private")):
+            if off and note not in record.notes:
+                record.notes.append(note)
         with session.phase("server-llm-load"):
             model, tok = load_llm(self.cfg.llm.model, device=session.device)
         nodes = {silo: node for node, silo in session.silos.items()}
         demos = {step.split("/", 1)[1]: ckpt.load_examples(step) for step in ckpt.steps("demonstrations/")}
         trained = {step.split("/", 1)[1] for step in ckpt.steps("trained/")}
         pending: dict[str, int] = {}
+        early = not cfg.pooled and cfg.labels == "llm"  # each silo's set leaves as soon as it is made
 
         def send(silos: list[str], augmented: Examples) -> None:
             request = self._train_request(session, augmented)
@@ -103,11 +135,10 @@ class FDKT(Method):
         def augment_each(silos: list[str]) -> None:  # per-silo sets, one LLM pass for all of them
             sets = self._augmented(session, {silo: ([silo], demos[silo]) for silo in silos}, model, tok)
             for silo in silos:
-                session.event(nodes[silo], "processed", p.SYNTHESIZE, 1)
                 send([silo], sets[silo])
 
         with session.phase("silo-synthesize+server-augment"):
-            if not cfg.pooled:  # resumed: silos whose demonstrations are here already get their sets first
+            if early:  # resumed: silos whose demonstrations are here already get their sets first
                 augment_each(sorted(demos.keys() & nodes.keys() - trained))
             ask = {node: p.request() for silo, node in nodes.items() if silo not in demos}
             for batch in session.reply_batches(
@@ -117,14 +148,22 @@ class FDKT(Method):
                 for node, (examples, privacy, metrics) in batch:
                     demos[session.silos[node]] = examples
                     keep_demonstrations(session, node, 1, examples, privacy, metrics)
-                if not cfg.pooled:  # per-silo: the sets of the silos that arrived together go back at once
+                    session.event(node, "processed", p.SYNTHESIZE, 1)
+                if early:  # the sets of the silos that arrived together go back at once
                     augment_each([session.silos[node] for node, _ in batch])
-            if cfg.pooled and demos:
+            if not early and demos:
                 sources = sorted(demos)
-                pooled = Examples.of([t for s in sources for t in demos[s].texts],
-                                     [y for s in sources for y in demos[s].labels])
-                send(sorted(demos.keys() & nodes.keys() - trained),
-                     self._augmented(session, {"pooled": (sources, pooled)}, model, tok)["pooled"])
+                jobs = ({"pooled": (sources, Examples.of([t for s in sources for t in demos[s].texts],
+                                                         [y for s in sources for y in demos[s].labels]))}
+                        if cfg.pooled else {s: ([s], demos[s]) for s in sources})
+                sets = self._augmented(session, jobs, model, tok)
+        if not early and demos:
+            if cfg.labels == "dp-votes":
+                with session.phase("silo-vote"):
+                    sets = self._relabelled(session, sets)
+            for key, augmented in sets.items():
+                todo = sorted(demos.keys() & nodes.keys() - trained) if cfg.pooled else [key]
+                send([s for s in todo if s in nodes and s not in trained], augmented)
         with session.phase("silo-train-eval"):
             for node, reply in session.replies(pending, p.TRAIN_AUGMENTED, 2):
                 silo = session.silos[node]
@@ -134,6 +173,25 @@ class FDKT(Method):
         if not trained:
             raise session.no_silo_completed("FDKT training")
         mean_over_silos(record)
+
+    def _relabelled(self, session: Session, sets: Mapping[str, Examples]) -> dict[str, Examples]:
+        """Every augmented set labelled by the silos' DP votes (``relabel``), one vote per silo over all the sets'
+        texts together. The summed votes are checkpointed: a resumed run asks no silo twice."""
+        cfg, ckpt = self.options, session.checkpoint
+        candidates = vote_candidates(sets)
+        done = ckpt.done("votes")
+        if done is not None:
+            histogram = np.array(done["histogram"]).reshape(len(candidates), len(session.task.labels))
+            return relabel(sets, candidates.texts, tally(histogram, done["noise_std"], True, cfg.vote_threshold))[0]
+        histogram, noise_std = collect_votes(session, candidates, VoteRequest(cfg.vote_epsilon, 1, cfg.vote_k,
+                                                                              cfg.noise_seed), 1)
+        out, counts = relabel(sets, candidates.texts, tally(histogram, noise_std, True, cfg.vote_threshold))
+        for name, value in counts.items():
+            session.record.server_metrics[f"fdkt.{name}"] = value
+        for key, examples in out.items():
+            session.save_contribution(None, "synthetic", 1, examples, set=key)
+        ckpt.complete("votes", histogram=histogram.tolist(), noise_std=noise_std)  # with the record as it is now
+        return out
 
     def _augmented(self, session: Session, jobs: Mapping[str, tuple[list[str], Examples]], model: PreTrainedModel,
                    tok: PreTrainedTokenizerBase) -> dict[str, Examples]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import flwr.serverapp.strategy as flower_strategies
 
@@ -20,9 +20,13 @@ _SET_BY_FEDBRIDGE = {"self", "fraction_train", "fraction_evaluate", "min_train_n
 
 @dataclass(frozen=True)
 class FedAvgConfig:
-    local_epochs: int = 5  # epochs each silo trains per round (on all its private data: no validation split)
-    strategy: str = "FedAvg"  # which of Flower's strategies aggregates the weights (STRATEGIES), by class name
-    strategy_options: str = ""  # its constructor options, comma-separated name=value (e.g. "proximal_mu=0.01")
+    local_epochs: int = field(default=5, metadata={
+        "help": "epochs each silo trains per round (on all its private data: no validation split)"})
+    strategy: str = field(default="FedAvg", metadata={
+        "help": "which of Flower's strategies aggregates the weights, by class name: " + ", ".join(STRATEGIES)})
+    strategy_options: str = field(default="", metadata={
+        "help": "its constructor options, comma-separated name=value cast to the types Flower declares (e.g. "
+                "\"proximal_mu=0.01\" for FedProx)"})
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

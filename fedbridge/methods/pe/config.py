@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedbridge.errors import ConfigError
 from fedbridge.protocol import MAX_VOTE_K
@@ -10,21 +10,35 @@ from fedbridge.protocol import MAX_VOTE_K
 
 @dataclass(frozen=True)
 class PEConfig:
-    epsilon: float = 4.0  # ε asked of each silo for all its vote releases together (at the silo's δ); inf = no noise
-    iterations: int = 2  # vote rounds (each one DP release per silo); variations are written between them
-    candidates_per_label: int = 48  # population the LLM keeps per label in every iteration
-    keep: float = 0.25  # fraction of each label's population kept as parents for the next iteration's variations
-    k: int = 48  # nearest candidates each private record votes for (weight 1/sqrt(k) each: sensitivity 1)
-    balance: bool = True  # label a candidate by votes relative to each label's total (class-balanced), not raw votes
-    threshold: float = 1.0  # keep a candidate only if its label's lead reaches this many standard deviations of noise
-    num_per_label: int = 32  # synthetic examples per (voted) label sent to every silo, the clearest of all iterations
-    synthetic_weight: float = 1.0  # loss weight of the synthetic examples in the silo's SLM training
-    noise_seed: int = -1  # -1 = secret OS entropy (the guarantee needs it); >= 0 only for reproducible tests
-    temperature: float = 0.9
-    top_p: float = 0.95
-    max_new_tokens: int = 48
-    min_words: int = 4
-    near_duplicate: float = 0.8  # character 5-gram Jaccard at or above which a candidate repeats another
+    epsilon: float = field(default=4.0, metadata={
+        "help": "ε asked of each silo for all its vote releases together (at the silo's δ); inf = no noise, labelled "
+                "non-private"})
+    iterations: int = field(default=2, metadata={
+        "help": "vote rounds (each one DP release per silo); variations are written between them, >= 1"})
+    candidates_per_label: int = field(default=48, metadata={
+        "help": "population the LLM keeps per label in every iteration, >= 1"})
+    keep: float = field(default=0.25, metadata={
+        "help": "fraction of each label's population kept as parents for the next iteration's variations, in (0, 1]"})
+    k: int = field(default=48, metadata={
+        "help": "nearest candidates each private record votes for (weight 1/sqrt(k) each: sensitivity 1)"})
+    balance: bool = field(default=True, metadata={
+        "help": "label a candidate by votes relative to each label's total (class-balanced), not raw votes"})
+    threshold: float = field(default=1.0, metadata={
+        "help": "keep a candidate only if its label's lead reaches this many standard deviations of noise, >= 0"})
+    num_per_label: int = field(default=32, metadata={
+        "help": "synthetic examples per (voted) label sent to every silo, the clearest of all iterations"})
+    synthetic_weight: float = field(default=1.0, metadata={
+        "help": "loss weight of the synthetic examples in the silo's SLM training, >= 0"})
+    noise_seed: int = field(default=-1, metadata={
+        "help": "-1 = the silo's own (secret OS entropy, or its node-config noise-seed; the guarantee needs it); "
+                ">= 0 = a server-chosen seed, for reproducible tests only: refused by a silo that does not allow "
+                "non-private releases, else the release is labelled non-private"})
+    temperature: float = field(default=0.9, metadata={"help": "the LLM's sampling temperature"})
+    top_p: float = field(default=0.95, metadata={"help": "the LLM's nucleus-sampling mass"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens per candidate"})
+    min_words: int = field(default=4, metadata={"help": "candidates with fewer words are dropped"})
+    near_duplicate: float = field(default=0.8, metadata={
+        "help": "character 5-gram Jaccard at or above which a candidate repeats another"})
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0:

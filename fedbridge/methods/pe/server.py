@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -32,44 +31,10 @@ from fedbridge.methods.base import Method, Session, mean_over_silos
 from fedbridge.methods.pe.config import PEConfig
 from fedbridge.methods.seeding import STYLES, generation_prompt, variation_prompt
 from fedbridge.methods.text import NearDuplicates, parse_generation
+from fedbridge.methods.votes import VoteRequest, best_per_label, collect_votes, tally
 from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
 from fedbridge.models.loading import load_llm
 from fedbridge.tasks import Examples, Task
-
-
-@dataclass(frozen=True)
-class Tally:
-    """The federation's summed DP votes on one population, read as labels and scores."""
-
-    labels: np.ndarray  # (candidates,) the voted label
-    margins: np.ndarray  # (candidates,) votes for that label minus the runner-up's: how clearly it is that label
-    kept: np.ndarray  # (candidates,) bool: the margin clears the noise
-
-
-def tally(histogram: np.ndarray, noise_std: float, balance: bool, threshold: float) -> Tally:
-    """Labels and margins from the summed histogram (pure post-processing of the DP releases). ``balance`` rescales
-    each label's column to the mean column total first, so a label most silos hold many records of does not win every
-    candidate. A candidate is kept if its margin reaches ``threshold`` standard deviations of the difference of two
-    noisy cells (√2 x the summed noise's std)."""
-    if balance and len(histogram):
-        totals = np.maximum(histogram.sum(axis=0, keepdims=True), 1.0)
-        histogram = histogram / totals * totals.mean()
-    if histogram.shape[1] < 2:
-        return Tally(np.zeros(len(histogram), dtype=int), histogram[:, 0] if len(histogram) else np.zeros(0),
-                     np.ones(len(histogram), dtype=bool))
-    ordered = np.sort(histogram, axis=1)
-    margins = ordered[:, -1] - ordered[:, -2]
-    return Tally(histogram.argmax(axis=1), margins, margins >= max(threshold * math.sqrt(2) * noise_std, 1e-9))
-
-
-def best_per_label(labels: np.ndarray, votes: np.ndarray, eligible: np.ndarray, num_labels: int,
-                   n: int) -> list[int]:
-    """Indices of the ``n`` eligible candidates of each label with the highest ``votes`` (margins)."""
-    chosen = []
-    for y in range(num_labels):
-        mine = np.flatnonzero(eligible & (labels == y))
-        chosen += mine[np.argsort(-votes[mine], kind="stable")][:n].tolist()
-    return chosen
 
 
 class PrivateEvolution(Method):
@@ -104,7 +69,8 @@ class PrivateEvolution(Method):
             done = ckpt.done(f"votes/{t}")
             if done is None:
                 with session.phase("silo-vote"):
-                    histogram, noise_std = self._vote(session, population, t)
+                    histogram, noise_std = collect_votes(session, population, VoteRequest(
+                        opts.epsilon, opts.iterations, opts.k, opts.noise_seed), t)
                 ckpt.complete(f"votes/{t}", histogram=histogram.tolist(), noise_std=noise_std)
             else:
                 histogram = np.array(done["histogram"]).reshape(len(population), len(task.labels))
@@ -152,26 +118,6 @@ class PrivateEvolution(Method):
                 texts.append(text)
                 labels.append(y)
         return Examples.of(texts, labels)
-
-    def _vote(self, session: Session, population: Examples, iteration: int) -> tuple[np.ndarray, float]:
-        """Every silo's DP vote histogram of the population, summed; and the summed noise's standard deviation."""
-        opts, num_labels = self.options, len(session.task.labels)
-        request = p.request({"epsilon": opts.epsilon, "releases": opts.iterations, "k": opts.k,
-                             "noise-seed": opts.noise_seed}, examples=p.examples_record(population))
-
-        def parse(content):
-            return p.read_histogram(content, len(population), num_labels), p.read_privacy(content)
-
-        total, variance, replied = np.zeros((len(population), num_labels)), 0.0, 0
-        for node, (histogram, privacy) in session.iter_replies(p.DP_VOTE, {n: request for n in session.silos},
-                                                               iteration, parse=parse):
-            total, variance, replied = total + histogram, variance + privacy["noise-multiplier"] ** 2, replied + 1
-            # the run's total on this silo (every vote so far), as the comparison's ε column reads it
-            session.record.privacy[session.silo_name(node)] = {**privacy, "epsilon": privacy["epsilon-total"]}
-            session.event(node, "processed", p.DP_VOTE, iteration)
-        if not replied:
-            raise session.no_silo_completed(f"Private Evolution's vote {iteration}")
-        return total, math.sqrt(variance)
 
     def _synthetic(self, pool: list[tuple[str, int, float]], num_labels: int) -> Examples:
         """The ``num-per-label`` of each label with the clearest margins among the kept candidates of all iterations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
@@ -18,40 +18,69 @@ ZERO_SHOT, ORIGINAL = "0-shot", "original(non-private)"
 
 @dataclass(frozen=True)
 class SocialConfig:
-    mode: str = "examples"  # examples | instructions
-    num_examples: int = 16  # n: synthetic examples in the student's prompt (and original examples for the bound)
-    num_instructions: int = 1  # instructions in the student's prompt (instructions mode)
-    aggregators: str = "balanced,voting,random"  # each is evaluated on the same candidates; the first is the headline
-    baselines: str = "zero-shot"  # comma list of zero-shot, raw (each teacher alone), original (NON-PRIVATE bound)
-    teacher: str = "embedded"  # the teachers' causal LM (any HF id or directory; tiny-llama in tests)
+    mode: str = field(default="examples", metadata={
+        "help": "what teachers share: examples (synthetic examples) | instructions (a task description)"})
+    num_examples: int = field(default=16, metadata={
+        "help": "n: synthetic examples in the student's prompt (and original examples for the bound)"})
+    num_instructions: int = field(default=1, metadata={
+        "help": "instructions in the student's prompt (instructions mode)"})
+    aggregators: str = field(default="balanced,voting,random", metadata={
+        "help": "comma list of balanced, voting, random: each is evaluated on the same candidates; the first is the "
+                "headline"})
+    baselines: str = field(default="zero-shot", metadata={
+        "help": "comma list of zero-shot, raw (each teacher alone), original (NON-PRIVATE bound: raw data crosses)"})
+    teacher: str = field(default="embedded", metadata={
+        "help": "the teachers' causal LM (embedded, tiny-llama in tests, any HF id or directory)"})
     # examples mode (teacher side)
-    shots: int = 8  # n_gen: private examples in each generation prompt
-    samples: int = 8  # generations per teacher, each from a fresh draw of n_gen examples
-    top_k: int = 4  # kept per teacher: the lowest perplexity under the teacher's own model
-    conditioning: str = "label"  # label: prompt ends with 'Label: y' (labels cycled), the teacher writes the text;
-    # none: the paper's free continuation, (text, label) parsed from it, unparseable ones dropped
-    temperature: float = 0.8
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    max_example_chars: int = 300  # every example (private, synthetic, held-out) is cut to this in prompts
-    verbatim_filter: bool = True  # drop generations that copy private text (a whole example or a long n-gram)
-    verbatim_ngram: int = 8  # words in a row that count as a copy
+    shots: int = field(default=8, metadata={"help": "n_gen: private examples in each generation prompt"})
+    samples: int = field(default=8, metadata={
+        "help": "generations per teacher, each from a fresh draw of n_gen examples"})
+    top_k: int = field(default=4, metadata={
+        "help": "kept per teacher: the lowest perplexity under the teacher's own model"})
+    conditioning: str = field(default="label", metadata={
+        "help": "label: the prompt ends with 'Label: y' (labels cycled), the teacher writes the text | none: the "
+                "paper's free continuation, (text, label) parsed from it, unparseable ones dropped"})
+    temperature: float = field(default=0.8, metadata={
+        "help": "the teachers' sampling temperature (also for instructions)"})
+    top_p: float = field(default=1.0, metadata={"help": "the teachers' nucleus-sampling mass (also for instructions)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens per generated example (and per DP example)"})
+    max_example_chars: int = field(default=300, metadata={
+        "help": "every example (private, synthetic, held-out) is cut to this in prompts"})
+    verbatim_filter: bool = field(default=True, metadata={
+        "help": "drop generations that copy private text (a whole example or a long n-gram); a silo's node config "
+                "may override it"})
+    verbatim_ngram: int = field(default=8, metadata={"help": "words in a row that count as a copy, >= 2"})
     # instructions mode (teacher side)
-    instruction_shots: int = 8
-    instruction_tokens: int = 160
+    instruction_shots: int = field(default=8, metadata={
+        "help": "instructions mode: private examples shown to a teacher writing its instruction"})
+    instruction_tokens: int = field(default=160, metadata={"help": "instructions mode: tokens per instruction"})
     # voting (teacher side) and the balanced aggregator (server side)
-    vote_examples: int = 8  # held-out examples (the silo's test split) each teacher scores candidates against
-    diversity: float = 1.0  # balanced: weight of the similarity penalty (0 = consensus and label balance only)
+    vote_examples: int = field(default=8, metadata={
+        "help": "held-out examples (the silo's test split) each teacher scores candidates against"})
+    diversity: float = field(default=1.0, metadata={
+        "help": "balanced: weight of the similarity penalty (0 = consensus and label balance only)"})
     # optional DP examples (teacher side): Tang et al.'s DP few-shot generation, charged to the silo's ledger
-    dp: str = "none"  # none | dp-fewshot
-    epsilon: float = 4.0  # the ε asked of each teacher (at the silo's own δ, node config)
-    dp_groups: int = 4
-    dp_shots_per_group: int = 1
-    dp_public_top_k: int = 100
-    noise_seed: int = -1  # -1 = secret OS entropy; >= 0 only for reproducible tests
+    dp: str = field(default="none", metadata={
+        "help": "none | dp-fewshot (examples mode: Tang et al.'s DP few-shot generation, charged to the silo's "
+                "ledger)"})
+    epsilon: float = field(default=4.0, metadata={
+        "help": "dp-fewshot: the ε asked of each teacher (at the silo's own δ, node config); inf = non-private"})
+    dp_groups: int = field(default=4, metadata={
+        "help": "dp-fewshot: M, the groups of private examples whose next-token distributions are averaged"})
+    dp_shots_per_group: int = field(default=1, metadata={
+        "help": "dp-fewshot: N, private examples in each group's prompt"})
+    dp_public_top_k: int = field(default=100, metadata={
+        "help": "dp-fewshot: the noisy argmax is taken over the top-k tokens of the data-free prompt; 0 = the whole "
+                "vocabulary"})
+    noise_seed: int = field(default=-1, metadata={
+        "help": "-1 = the silo's own (secret OS entropy, or its node-config noise-seed; the guarantee needs it); "
+                ">= 0 = a server-chosen seed, for reproducible tests only: refused by a silo that does not allow "
+                "non-private releases, else the release is labelled non-private"})
     # student (server side)
-    max_test: int = 150  # global test examples the student answers per variant (0 = all)
-    max_prompt_tokens: int = 2048  # student prompt tokens kept (cut from the left)
+    max_test: int = field(default=150, metadata={
+        "help": "global test examples the student answers per variant (0 = all)"})
+    max_prompt_tokens: int = field(default=2048, metadata={
+        "help": "student prompt tokens kept (cut from the left), >= 64"})
 
     def __post_init__(self) -> None:
         checks = (("mode", self.mode, MODES), ("conditioning", self.conditioning, CONDITIONINGS),
