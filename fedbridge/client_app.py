@@ -1,10 +1,12 @@
 """fedbridge ClientApp: one thin handler per message type (see ``fedbridge.protocol``); the work is in ``Silo`` and
-in each method's ``silo.py``. Nothing here imports server code."""
+in each method's ``silo.py``. ``register`` puts the handlers on any ClientApp (fedbridge's ``app``, or a user's own,
+docs/strategies.md). Nothing here imports server code."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -50,9 +52,6 @@ def _strict(node_config: dict) -> bool:
         return True
 
 
-app = ClientApp(mods=[wire_safe_errors, fault_mod])
-
-
 def _reply(silo: Silo, msg: Message, metrics: dict, dp_slm: dict | None = None, **records) -> Message:
     """A reply with the metrics this silo's policy lets leave (``Silo.releasable``), the given records, and the
     privacy record of a DP SLM where one was trained (``dp_slm``)."""
@@ -70,7 +69,6 @@ def _silo(msg: Message, context: Context) -> tuple[Silo, dict]:
     return silo, dict(config)
 
 
-@app.query("info")
 def info(msg: Message, context: Context) -> Message:
     silo, _ = _silo(msg, context)
     return _reply(silo, msg, silo.info())
@@ -88,19 +86,16 @@ def _train_fresh_and_evaluate(msg: Message, context: Context, with_examples: boo
                               "train.synthetic": len(extra or ())}, stats.privacy)
 
 
-@app.train("local")
 def train_local(msg: Message, context: Context) -> Message:
     """Baseline ``local``: train a fresh SLM on private data only, then evaluate it."""
     return _train_fresh_and_evaluate(msg, context, with_examples=False)
 
 
-@app.train("augmented")
 def train_augmented(msg: Message, context: Context) -> Message:
     """FDKT: train a fresh SLM on private + the server's augmented examples, then evaluate it."""
     return _train_fresh_and_evaluate(msg, context, with_examples=True)
 
 
-@app.query("synthesize")
 def synthesize(msg: Message, context: Context) -> Message:
     """FDKT: write DP synthetic demonstrations; only they and their privacy cost leave the silo."""
     silo, config = _silo(msg, context)
@@ -108,7 +103,6 @@ def synthesize(msg: Message, context: Context) -> Message:
     return _reply(silo, msg, metrics, examples=p.examples_record(examples), privacy=ConfigRecord(privacy))
 
 
-@app.train()
 def train_fedavg(msg: Message, context: Context) -> Message:
     """One FedAvg round: start from the server's weights, train locally, send weights back."""
     silo, config = _silo(msg, context)
@@ -127,7 +121,6 @@ def train_fedavg(msg: Message, context: Context) -> Message:
         arrays=ArrayRecord(model.trainable_state()), **_slm_privacy(stats.privacy)), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the server's SLM weights on the silo's test split (and the global test set, if sent)."""
     silo, _ = _silo(msg, context)
@@ -137,7 +130,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _reply(silo, msg, {**metrics, "num-examples": len(silo.data.test), **silo.info()})
 
 
-@app.evaluate("llm")
 def evaluate_llm(msg: Message, context: Context) -> Message:
     silo, _ = _silo(msg, context)
     return _reply(silo, msg, {**silo.evaluate_llm(), **silo.info()})
@@ -149,7 +141,6 @@ def _crosslm_round(config: dict) -> tuple[int, str, bool]:
             config.get("final", False) is True)
 
 
-@app.train("private")
 def train_private(msg: Message, context: Context) -> Message:
     """CrossLM: train a fresh SLM on private data and keep it for scoring and enhancement."""
     silo, config = _silo(msg, context)
@@ -158,7 +149,6 @@ def train_private(msg: Message, context: Context) -> Message:
     return _reply(silo, msg, metrics, privacy)
 
 
-@app.query("score")
 def score(msg: Message, context: Context) -> Message:
     """CrossLM: S(y|x) of the server's batch ``round``: with a vote request in the config (``crosslm.scores=dp-votes``)
     the shares of the silo's DP nearest-neighbour votes, with their privacy cost; else the class probabilities of
@@ -179,7 +169,6 @@ def score(msg: Message, context: Context) -> Message:
     return _reply(silo, msg, metrics, scores=p.probabilities_record(probs), **records)
 
 
-@app.query("upload")
 def upload(msg: Message, context: Context) -> Message:
     """CrossLM with score-on=server (opt-in, weaker privacy): the weights and spec of the SLM after ``round``."""
     silo, config = _silo(msg, context)
@@ -190,7 +179,6 @@ def upload(msg: Message, context: Context) -> Message:
                   slm=ConfigRecord({"spec": silo.cfg.slm.spec_for(silo.index)}))
 
 
-@app.train("enhance")
 def enhance(msg: Message, context: Context) -> Message:
     """CrossLM round ``round``: fine-tune the SLM on the server's selected examples, or keep the weights the server
     enhanced."""
@@ -211,7 +199,6 @@ def enhance(msg: Message, context: Context) -> Message:
     return _reply(silo, msg, metrics)
 
 
-@app.query("teach")
 def teach(msg: Message, context: Context) -> Message:
     """Social Learning: the silo as a teacher writes synthetic examples or instructions from its private data; only
     they, how they were made and their privacy cost leave the silo."""
@@ -220,7 +207,6 @@ def teach(msg: Message, context: Context) -> Message:
     return _reply(silo, msg, lesson.metrics, **lesson_records(lesson))
 
 
-@app.query("vote")
 def vote(msg: Message, context: Context) -> Message:
     """Social Learning: score the server's candidates against this teacher's held-out examples; only scores leave."""
     silo, config = _silo(msg, context)
@@ -236,7 +222,6 @@ def vote(msg: Message, context: Context) -> Message:
                   votes=ConfigRecord({"scores": scores}))
 
 
-@app.query("dp_vote")
 def dp_vote(msg: Message, context: Context) -> Message:
     """Private Evolution and every DP-scored method: the silo's DP nearest-neighbour vote histogram of the server's
     candidates; only the noisy histogram and its privacy cost leave."""
@@ -249,7 +234,6 @@ def dp_vote(msg: Message, context: Context) -> Message:
                   histogram=p.histogram_record(histogram), privacy=ConfigRecord(privacy))
 
 
-@app.query("share_raw")
 def share_raw(msg: Message, context: Context) -> Message:
     """Social Learning's NON-PRIVATE upper bound only: n raw training examples (refused unless the run asks for it)."""
     silo, config = _silo(msg, context)
@@ -257,3 +241,44 @@ def share_raw(msg: Message, context: Context) -> Message:
                                   p.read_experiment(config))
     return _reply(silo, msg, {"share.examples": len(raw)}, examples=p.examples_record(raw),
                   privacy=ConfigRecord(privacy))
+
+
+# message type -> (its handler, the methods that send it; () = every method). A method's silo side is these handlers.
+HANDLERS: dict[str, tuple[ClientAppCallable, tuple[str, ...]]] = {
+    p.INFO: (info, ()),
+    p.TRAIN_LOCAL: (train_local, ("local",)),
+    p.TRAIN_FEDAVG: (train_fedavg, ("fedavg",)),
+    p.EVALUATE: (evaluate, ("fedavg", "centralized")),
+    p.EVALUATE_LLM: (evaluate_llm, ("llm-zero-shot",)),
+    p.SYNTHESIZE: (synthesize, ("fdkt", "pipeline")),
+    p.TRAIN_AUGMENTED: (train_augmented, ("fdkt", "pe")),
+    p.DP_VOTE: (dp_vote, ("fdkt", "pe")),
+    p.TRAIN_PRIVATE: (train_private, ("crosslm", "pipeline")),
+    p.SCORE: (score, ("crosslm", "pipeline")),
+    p.UPLOAD: (upload, ("crosslm", "pipeline")),
+    p.ENHANCE: (enhance, ("crosslm", "pipeline")),
+    p.TEACH: (teach, ("social",)),
+    p.VOTE: (vote, ("social",)),
+    p.SHARE_RAW: (share_raw, ("social",)),
+}
+SERVED = tuple(dict.fromkeys(m for _, methods in HANDLERS.values() for m in methods))  # the methods served here
+
+
+def register(app: ClientApp, methods: Iterable[str] | None = None) -> ClientApp:
+    """Put fedbridge's silo handlers on ``app``: those of ``methods`` (names as ``fedbridge list`` shows them) and
+    discovery, or all of them (None). Each handler keeps fedbridge's mods: a strict silo's errors cross the wire as a
+    category and a fix (``wire_safe_errors``), and the run config's fault injection (``fault_mod``). Returns ``app``."""
+    wanted = set(SERVED if methods is None else [methods] if isinstance(methods, str) else methods)
+    if unknown := sorted(wanted - set(SERVED)):
+        raise ConfigError(f"register: unknown method '{unknown[0]}'. fedbridge's silo side serves: "
+                          f"{', '.join(SERVED)}.")
+    for message_type, (handler, users) in HANDLERS.items():
+        if not users or wanted & set(users):
+            category, _, action = message_type.partition(".")  # "train" alone: Flower's default action
+            decorator = getattr(app, category)
+            mods = [wire_safe_errors, fault_mod]
+            (decorator(action, mods=mods) if action else decorator(mods=mods))(handler)
+    return app
+
+
+app = register(ClientApp())

@@ -9,7 +9,7 @@ from pathlib import Path
 import networkx as nx
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedbridge"
-SERVER_SIDE = ("fedbridge.server_app", "fedbridge.methods.base", "fedbridge.methods.registry")
+SERVER_SIDE = ("fedbridge.server_app", "fedbridge.methods.base", "fedbridge.methods.registry", "fedbridge.strategies")
 
 
 def module_name(path: Path) -> str:
@@ -51,7 +51,8 @@ def import_graph(packages: bool = False) -> nx.DiGraph:
 
 
 def is_server_module(name: str) -> bool:
-    return name in SERVER_SIDE or (name.startswith("fedbridge.methods.") and name.endswith(".server"))
+    return (name in SERVER_SIDE or name.startswith("fedbridge.strategies.")
+            or (name.startswith("fedbridge.methods.") and name.endswith(".server")))
 
 
 def test_fedbridge_has_no_import_loop():

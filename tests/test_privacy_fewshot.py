@@ -12,13 +12,14 @@ from fedbridge.privacy import (
     PrivacyLedger,
     aggregate_noise_std,
     compute_epsilon,
+    dp_fewshot,
     dp_fewshot_synthesize,
     fewshot_events,
     noisy_argmax,
     noisy_average,
     sigma_for_epsilon,
 )
-from fedbridge.privacy.dp_fewshot import PackedPrompts, _draw_groups, _next_token_probs
+from fedbridge.privacy.dp_fewshot import PackedPrompts, _draw_groups, _float32, _next_token_probs
 
 LABELS = ["negative", "positive"]
 TEXTS = [f"review {i} says the film was {'great' if i % 2 else 'dull'}" for i in range(24)]
@@ -127,18 +128,20 @@ def test_sigma_for_epsilon_calibrates_the_charge_of_all_labels():
     assert sigma_for_epsilon(math.inf, 1e-5, [0, 1], 2, cfg) == 0.0
 
 
-def test_packed_prompts_give_the_whole_prompts_distributions():
+@pytest.mark.parametrize("max_cached", [None, 2])
+def test_packed_prompts_give_the_whole_prompts_distributions(max_cached):
     """The KV-cached prompts (each prefix once, then only new tokens, all asked prompts packed into one forward;
     cropped back between demonstrations) give the next-token distribution a full forward pass of prefix + written
-    tokens gives."""
+    tokens gives; with a bound, the least recently asked caches are dropped and read again in full when asked."""
     model, tok = tiny_llm()
     bos, query = tok("")["input_ids"], tok("Label: a\nText:", add_special_tokens=False)["input_ids"]
     demos = [tok(f"Label: a\nText: {t}\n\n", add_special_tokens=False)["input_ids"] for t in TEXTS[:4]]
     prefixes = {-1: bos + query, **{i: bos + d + query for i, d in enumerate(demos)}}
-    cached, out = PackedPrompts(model, dict(prefixes)), []
+    cached, out = PackedPrompts(model, dict(prefixes), max_cached=max_cached), []
     for step in range(8):
         keys = (-1, 0, 3, -1, 1 if step % 2 else 2)  # some prefixes skip steps: they catch up in the same pass
         packed = cached.probs([(key, out) for key in keys])
+        assert cached.cached == (4 if max_cached else min(4 + step, 5))  # a bound keeps the call's 4 prompts only
         for key, probs in zip(keys, packed):
             full = _next_token_probs(model, [prefixes[key] + out], tok.pad_token_id)[0]
             assert torch.allclose(probs, full, atol=1e-6)
@@ -146,6 +149,7 @@ def test_packed_prompts_give_the_whole_prompts_distributions():
         if step == 4:  # the next demonstration starts from the prefixes again
             cached.reset()
             out = []
+    assert cached.peak_cached == (4 if max_cached else 5)
 
 
 def test_kv_cached_synthesis_releases_exactly_what_the_uncached_one_does():
@@ -160,3 +164,52 @@ def test_kv_cached_synthesis_releases_exactly_what_the_uncached_one_does():
     assert results[True].examples == results[False].examples and len(results[True].examples) == 4
     assert results[True].events == results[False].events and results[True].tokens == results[False].tokens
     assert results[True].local["private-prompt-tokens"] < results[False].local["private-prompt-tokens"] / 2
+
+
+def test_kv_cache_is_bounded_by_the_prompts_in_flight_not_by_the_private_examples(monkeypatch):
+    """Every private example is one prompt: unbounded, the caches of all those ever asked stay for the whole
+    synthesis. Bounded, at most ``kv_cache_prompts`` (or one token's M + 1 per label) are held, and the release is
+    the same as unbounded and as uncached: a dropped prompt is read again in full, which costs tokens only."""
+    texts = [f"review {i} says the film was {'great' if i % 3 else 'dull'}" for i in range(200)]
+    labels = [i % 2 for i in range(200)]
+    made: list[PackedPrompts] = []
+
+    class Recorded(PackedPrompts):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(dp_fewshot, "PackedPrompts", Recorded)
+    model, tok = tiny_llm()
+    results, peaks = {}, {}
+    for name, kv, bound in [("in flight", True, 1), ("bounded", True, 16), ("unbounded", True, 10**9),
+                            ("uncached", False, 0)]:
+        cfg = DPFewShotConfig(num_groups=4, shots_per_group=1, sigma=0.5, max_tokens=12, public_top_k=20,
+                              num_per_label=2, noise_seed=5, kv_cache=kv, kv_cache_prompts=bound)
+        made.clear()
+        results[name] = dp_fewshot_synthesize(model, tok, texts, labels, LABELS, cfg, PrivacyLedger(100.0, 1e-5))
+        peaks[name] = made[0].peak_cached if made else None
+    in_flight = len(LABELS) * (4 + 1)  # one token's prompts: the data-free one and M groups, per label
+    assert peaks["in flight"] <= in_flight and peaks["bounded"] <= 16
+    assert peaks["unbounded"] > 4 * in_flight  # what the bound saves: it grows with the private examples asked
+    assert len(results["uncached"].examples) == 4
+    for name in ("in flight", "bounded", "unbounded"):
+        assert results[name].examples == results["uncached"].examples
+        assert results[name].tokens == results["uncached"].tokens
+    read = {name: r.local["private-prompt-tokens"] for name, r in results.items()}
+    assert read["unbounded"] <= read["bounded"] <= read["in flight"] < read["uncached"]
+
+
+def test_a_lower_precision_model_runs_as_a_float32_copy():
+    """bfloat16 rounds a packed row differently from a lone one, by a fraction of the sensitivity: the mechanism
+    runs a float32 copy of a lower-precision model, and leaves the (shared) model as it was."""
+    model, tok = tiny_llm()
+    low = model.to(torch.bfloat16)
+    assert _float32(low) is not low and _float32(low).dtype == torch.float32 and low.dtype == torch.bfloat16
+    wide = tiny_llm()[0].to(torch.bfloat16).float()  # the same bfloat16 weights, widened
+    assert _float32(wide) is wide
+    cfg = DPFewShotConfig(num_groups=3, shots_per_group=1, sigma=0.5, max_tokens=8, public_top_k=20,
+                          num_per_label=1, noise_seed=4)
+    released = [dp_fewshot_synthesize(m, tok, TEXTS, LABEL_IDS, LABELS, cfg, PrivacyLedger(100.0, 1e-5)).examples
+                for m in (low, wide)]
+    assert released[0] == released[1] and low.dtype == torch.bfloat16

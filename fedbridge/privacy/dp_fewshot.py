@@ -9,6 +9,15 @@ To write one synthetic demonstration for label y, every token is one noisy query
 Adding or removing one private example changes one group only, so one distribution of the average:
 L2 sensitivity √2/M (two probability vectors differ by at most √2). The noise is thus σ times the
 sensitivity, and each token is one step of the Poisson-subsampled Gaussian mechanism with noise multiplier σ.
+That bound holds for any M probability vectors, whatever the model computes, as long as one example moves one of
+them only: each group's distribution must depend on its own prompt alone (and the public top-k set below on public
+tokens alone). In exact arithmetic they do. In floating point a batched forward (left-padded rows, or the packed
+KV-cached one of ``PackedPrompts``) rounds a row in a way that can depend on the other rows and on which tokens a
+prompt's cache held, so one example also moves the other rows by rounding error. Neither path is exactly batch
+invariant, and they are not bit-identical to each other, in float32 either: they agree to float32 rounding (~1e-7
+relative, ~1e-9 on the test model's distributions) and release the same texts. That residue is the usual
+floating-point caveat of DP implementations (the float64 Gaussian sampler is another). In bfloat16 or float16 it is
+~1e-3 to 1e-2 relative, not negligible next to √2/M, so a lower-precision model is run as a float32 copy here.
 Random group assignment matters: splitting the sample in order would let one example shift every group.
 With ``count_bound`` (a silo's public lower bound on examples per label), q = M·N / bound for every label, so
 neither q nor the calibrated σ depends on the private counts.
@@ -21,6 +30,7 @@ is treated as public when setting q (a silo's policy decides whether it may be);
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -36,6 +46,9 @@ from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, calibrate_
 from fedbridge.privacy.synthesis import SynthesisResult, privacy_generator
 
 DEFAULT_PROMPT_TEMPLATE = "Label: {label}\nText: {text}\n\n"
+
+
+DEFAULT_CACHED_PROMPTS = 512
 
 
 @dataclass(frozen=True)
@@ -54,10 +67,17 @@ class DPFewShotConfig:
     noise_seed: int | None = None  # None = secret OS entropy for subsampling, grouping and noise
     kv_cache: bool = True  # one shot per group: each prefix runs once, then only the new tokens (same output)
     count_bound: int = 0  # a public lower bound on examples per label: q = M·N / bound; 0 = the exact counts
+    # KV caches held at once (least recently asked dropped first; never fewer than one token's prompts, M + 1 per
+    # label); 0 = 512 (~2.3 GB for SmolLM2-135M at ~100 tokens a prompt in float32; a silo with fewer private examples
+    # never evicts). Memory is bounded by this, not by private examples; a dropped prompt is read again in full when
+    # asked (more tokens, the same releases)
+    kv_cache_prompts: int = 0
 
     def __post_init__(self) -> None:
         if self.num_groups < 1 or self.shots_per_group < 1 or self.max_tokens < 1 or self.public_top_k < 0:
             raise ConfigError("dp-fewshot needs num_groups, shots_per_group, max_tokens >= 1 and public_top_k >= 0")
+        if self.kv_cache_prompts < 0:
+            raise ConfigError(f"dp-fewshot kv_cache_prompts must be >= 0 (0 = default), got {self.kv_cache_prompts}")
         if not (self.sigma >= 0 and math.isfinite(self.sigma)):
             raise ConfigError(f"dp-fewshot sigma must be finite and >= 0 (0 = non-private), got {self.sigma}")
 
@@ -139,15 +159,39 @@ class PackedPrompts:
     query head) once, then only the tokens written since it was last asked. A call packs every asked prompt's
     missing tokens into one sequence after all their caches; a block mask lets each token see its own prompt's
     cache and its own earlier new tokens only, and its position counts its own prompt's tokens. So the M + 1
-    prompts of every label being written cost one forward per token, and each distribution is exactly what a full
-    forward pass of its whole prompt gives: the mechanism's output is the one the accountant charges.
+    prompts of every label being written cost one forward per token, and each distribution is what a full forward
+    pass of its whole prompt gives: exactly in exact arithmetic, and up to rounding in floating point (in float32,
+    the CPU default, ~1e-9 on the test model; a packed row's rounding depends on the pack and on what its cache
+    held, so neither float32 nor lower precision is bit-identical to the unpacked forward; see the module
+    docstring for what the DP claim needs of it).
+
+    At most ``max_cached`` prompts keep a cache (None: no bound): after every call the least recently asked are
+    dropped, never one asked by the call, so at least the prompts in flight stay. Every private example is one
+    prompt and the groups are drawn afresh at every token, so any prompt may be asked again; a dropped one is fed
+    its whole prompt when it is, which costs tokens, not output. ``peak_cached`` is the most prompts held at once.
     """
 
-    def __init__(self, model: PreTrainedModel, prefixes: dict[Hashable, list[int]]) -> None:
-        self.model, self.prefixes = model, prefixes
+    def __init__(self, model: PreTrainedModel, prefixes: dict[Hashable, list[int]],
+                 max_cached: int | None = None) -> None:
+        self.model, self.prefixes, self.max_cached = model, prefixes, max_cached
         self.cache_arg = cache_argument(model)
-        self._fed: dict[Hashable, tuple[list[int], torch.Tensor, torch.Tensor]] = {}  # key -> tokens, keys, values
+        # key -> tokens, keys, values; least recently asked first
+        self._fed: dict[Hashable, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
         self.tokens_read = 0
+        self.peak_cached = 0
+
+    @property
+    def cached(self) -> int:
+        """Prompts holding a KV cache now."""
+        return len(self._fed)
+
+    def _evict(self, keep: set[Hashable], incoming: int) -> None:
+        """Drop the least recently asked caches not in ``keep`` until ``incoming`` new ones fit in ``max_cached``."""
+        if self.max_cached is None:
+            return
+        excess = len(self._fed) + incoming - self.max_cached
+        for key in [k for k in self._fed if k not in keep][:max(excess, 0)]:
+            del self._fed[key]
 
     @torch.no_grad()
     def probs(self, asks: Sequence[tuple[Hashable, Sequence[int]]]) -> torch.Tensor:
@@ -161,6 +205,8 @@ class PackedPrompts:
             fed = self._fed.get(key, ([], None, None))[0]
             held = min(common_prefix(fed, tokens), len(tokens) - 1)  # at least one token runs: its logits answer
             rows.append((key, tokens, held))
+        asked = {key for key, _ in unique}
+        self._evict(asked, sum(key not in self._fed for key in asked))  # before the forward: peak stays bounded
         past_k = [self._fed[key][1][:, :, :held] for key, _, held in rows if held]
         past_v = [self._fed[key][2][:, :, :held] for key, _, held in rows if held]
         feeds = [tokens[held:] for _, tokens, held in rows]
@@ -185,12 +231,14 @@ class PackedPrompts:
         new_k, new_v = torch.stack(cache.new_keys, 0)[:, 0], torch.stack(cache.new_values, 0)[:, 0]
         at_new = 0
         for (key, tokens, held), feed in zip(rows, feeds):
-            _, keys, values = self._fed.get(key, ([], None, None))
+            _, keys, values = self._fed.pop(key, ([], None, None))  # re-inserted last: the most recently asked
             span = slice(at_new, at_new + len(feed))
-            keys = new_k[:, :, span] if not held else torch.cat([keys[:, :, :held], new_k[:, :, span]], 2)
-            values = new_v[:, :, span] if not held else torch.cat([values[:, :, :held], new_v[:, :, span]], 2)
+            # copies, not views: a view of new_k would keep the whole call's keys alive
+            keys = new_k[:, :, span].clone() if not held else torch.cat([keys[:, :, :held], new_k[:, :, span]], 2)
+            values = new_v[:, :, span].clone() if not held else torch.cat([values[:, :, :held], new_v[:, :, span]], 2)
             self._fed[key] = (tokens, keys, values)
             at_new += len(feed)
+        self.peak_cached = max(self.peak_cached, len(self._fed))
         self.tokens_read += width_new
         probs = logits.double().softmax(-1).cpu()
         return probs[[unique.index((key, tuple(out))) for key, out in asks]]
@@ -199,7 +247,8 @@ class PackedPrompts:
         """Back to the prefixes alone (the next demonstration's tokens differ): each cache keeps its prefix only."""
         for key, (tokens, keys, values) in self._fed.items():
             keep = min(len(self.prefixes[key]), len(tokens))
-            self._fed[key] = (tokens[:keep], keys[:, :, :keep], values[:, :, :keep])
+            if keep < len(tokens):  # copies, so that the written tokens' keys and values are freed
+                self._fed[key] = (tokens[:keep], keys[:, :, :keep].clone(), values[:, :, :keep].clone())
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -277,6 +326,16 @@ def _noisy_token(probs: torch.Tensor, cfg: DPFewShotConfig, rng: torch.Generator
     return int(allowed[noisy_argmax(private, cfg.sigma, rng)])
 
 
+def _float32(model: PreTrainedModel) -> PreTrainedModel:
+    """``model``, or a float32 copy of it when its weights are lower precision (bfloat16 on a GPU): the sensitivity
+    argument needs each group's distribution to depend on its own prompt only, which a batched bfloat16 forward
+    misses by up to ~1e-2 relative (float32: by its rounding). The shared model is not touched; the copy (twice the
+    bfloat16 weights' memory) lives for the synthesis only."""
+    if getattr(model, "dtype", torch.float32) in (torch.float32, torch.float64):
+        return model
+    return copy.deepcopy(model).float()
+
+
 def dp_fewshot_synthesize(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str],
                           label_ids: Sequence[int], label_names: Sequence[str], cfg: DPFewShotConfig,
                           ledger: PrivacyLedger,
@@ -287,7 +346,8 @@ def dp_fewshot_synthesize(model: PreTrainedModel, tok: PreTrainedTokenizerBase, 
     stopping early is post-processing of the full T_max-token mechanism, so this is exactly what the output
     costs, whereas charging the data-dependent number of tokens actually written would not be a valid bound.
     Every label of the public label set is prompted (also one the silo lacks, whose prompts then hold no
-    private data), so the output does not reveal which labels the silo holds.
+    private data), so the output does not reveal which labels the silo holds. A lower-precision model runs as a
+    float32 copy (``_float32``); with one shot per group, at most ``cfg.kv_cache_prompts`` prompts keep a KV cache.
     """
     if len(texts) != len(label_ids):
         raise DataError(f"dp-fewshot needs one label per text, got {len(texts)} texts and {len(label_ids)} labels")
@@ -303,10 +363,13 @@ def dp_fewshot_synthesize(model: PreTrainedModel, tok: PreTrainedTokenizerBase, 
     demos = [[tok(prompt_template.format(label=name, text=" ".join(t.split())[:cfg.max_text_chars]),
                   add_special_tokens=False)["input_ids"] for t in private] for name, private in zip(label_names, by_label)]
     queries = [tok(head.format(label=name), add_special_tokens=False)["input_ids"] for name in label_names]
+    model = _float32(model)
     prompts = None
     if cfg.shots_per_group == 1 and cfg.kv_cache and supports_engine(model):  # packing needs the 4-D block mask
+        in_flight = len(label_names) * (cfg.num_groups + 1)  # the prompts one token asks
         prompts = PackedPrompts(model, {(y, i): bos + d + queries[y] for y in range(len(label_names))
-                                        for i, d in [(-1, []), *enumerate(demos[y])]})
+                                        for i, d in [(-1, []), *enumerate(demos[y])]},
+                                max_cached=max(cfg.kv_cache_prompts or DEFAULT_CACHED_PROMPTS, in_flight))
     written: list[_Writer] = []
     prompt_tokens = 0
     t0 = time.perf_counter()

@@ -1,0 +1,1 @@
+"""A Flower app whose ServerApp runs fedbridge methods as strategies, one after the other."""
