@@ -17,7 +17,8 @@ import numpy as np
 
 from fedbridge.simulations.compare import group, load_records
 
-KEYS = ("pe.epsilon", "pe.iterations", "pe.num-per-label", "slm.dp-epsilon", "crosslm.epsilon")  # a record of
+KEYS = ("pe.epsilon", "pe.iterations", "pe.num-per-label", "slm.dp-epsilon", "crosslm.epsilon", "fdkt.epsilon",
+        "fdkt.vote-epsilon", "fdkt.labels")  # a record of
 # the in-process engine holds only the keys a run set, so a run at a default and one that swept it differ here
 
 

@@ -25,6 +25,8 @@ TaskOpt = Annotated[str | None, typer.Option(help="built-in task, data file path
                                              "(default drug-reviews; or --set task.name=...)")]
 ResultsOpt = Annotated[Path | None, typer.Option(help="where the run record goes (default results)")]
 EngineOpt = Annotated[str, typer.Option(help="simulation (Flower's simulation engine via flwr run) or inprocess")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="also stream each run's full output (Flower, Ray, "
+                                          "progress bars), which always goes to the run's log file")]
 
 
 def parse_value(text: str) -> bool | int | float | str:
@@ -86,16 +88,21 @@ def model_specs(cfg: ExperimentConfig) -> list[tuple[str, str]]:
 @cli.command()
 def run(method: Annotated[str | None, typer.Option(help="see 'fedbridge list' (default local)")] = None,
         task: TaskOpt = None, seed: Annotated[int | None, typer.Option(help="default 0")] = None,
-        engine: EngineOpt = "simulation", results_dir: ResultsOpt = None, set_: SetOpt = None) -> None:
-    """Run one experiment and print where its record is."""
+        engine: EngineOpt = "simulation", results_dir: ResultsOpt = None, set_: SetOpt = None,
+        verbose: VerboseOpt = False) -> None:
+    """Run one experiment and print where its record and its log are."""
     from fedbridge.simulations.compare import group, print_table
+    from fedbridge.simulations.console import RunConsole
+    from fedbridge.simulations.runner import prepare
     from fedbridge.simulations.runner import run as run_one
 
-    cfg = build_config(merge_options({"method": method, "task.name": task, "seed": seed,
-                                      "results-dir": results_dir and str(results_dir)}, parse_sets(set_)))
-    record = run_one(cfg, engine)
+    cfg = prepare(build_config(merge_options({"method": method, "task.name": task, "seed": seed,
+                                              "results-dir": results_dir and str(results_dir)}, parse_sets(set_))))
+    with RunConsole(verbose).run(cfg, f"{cfg.method} seed {cfg.seed}", engine) as log:
+        record = run_one(cfg, engine)
     print_table(group([record]), title=f"{record.run_name}")
     typer.echo(f"record: {record.path(cfg.results_dir)}")
+    typer.echo(f"log: {log}")
 
 
 @cli.command()
@@ -112,9 +119,12 @@ def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fe
             out: Annotated[Path, typer.Option(help="records go to OUT/runs, table and plot to OUT")] = Path("results/compare"),
             set_: SetOpt = None,
             only_aggregate: Annotated[bool, typer.Option(help="only tabulate records already in OUT/runs")] = False,
+            verbose: VerboseOpt = False,
             ) -> None:
-    """Run every method x seed (x swept values) not already done, then print and save the comparison."""
+    """Run every method x seed (x swept values) not already done, then print and save the comparison. Each run's
+    output goes to OUT/runs/<run>.log; the console shows one line per run."""
     from fedbridge.simulations.compare import epsilon_plot, group, load_records, plot, print_table, to_markdown
+    from fedbridge.simulations.console import RunConsole
     from fedbridge.simulations.runner import RunFailed
     from fedbridge.simulations.runner import run as run_one
 
@@ -130,6 +140,7 @@ def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fe
     if not only_aggregate:
         combos = [(method, values, int(seed)) for method in methods.split(",")
                   for values in sweep_grid(sweeps, method) for seed in seeds.split(",")]
+        console = RunConsole(verbose)
         for i, (method, values, seed) in enumerate(combos, 1):
             name = "-".join([method, Path(task_name).stem, *(f"{k}={v}" for k, v in values.items()), f"s{seed}"])
             overrides = {**base, "method": method, "seed": seed, "results-dir": str(runs_dir), "run-name": name,
@@ -139,9 +150,11 @@ def compare(methods: Annotated[str, typer.Option(help="comma list")] = "local,fe
             if done.exists() and _ok(done):
                 typer.echo(f"[{i}/{len(combos)}] {name}: done already, kept")
                 continue
-            typer.secho(f"[{i}/{len(combos)}] {name} ({engine})", bold=True)
+            label = " ".join([f"[{i}/{len(combos)}] {method}", *(f"{k}={v}" for k, v in values.items()),
+                              f"seed {seed}"])
             try:
-                run_one(cfg, engine)
+                with console.run(cfg, label, engine):
+                    run_one(cfg, engine)
             except RunFailed as err:  # keep going: one failed run must not lose the others
                 typer.secho(f"{name} failed: {err}", fg="red", err=True)
     records = load_records(runs_dir)
@@ -297,6 +310,23 @@ def deploy_loopback(
     record = run_loopback(cfg, nodes, workdir)
     print_table(group([record]), title=record.run_name)
     typer.echo(f"record: {record.path(cfg.results_dir)}")
+
+
+@deploy_cli.command("connection")
+def deploy_connection(
+        name: Annotated[str, typer.Argument(help="the connection's name, as in 'flwr run . NAME'")],
+        address: Annotated[str, typer.Option(help="the SuperLink's HOST:PORT, a name its certificate covers")],
+        root_cert: Annotated[Path | None, typer.Option(help="the CA certificate (ca.crt) that signed the SuperLink's; "
+                                                            "omit for one from a public CA")] = None,
+        insecure: Annotated[bool, typer.Option(help="plaintext, for a SuperLink without TLS only")] = False) -> None:
+    """Write a SuperLink connection into $FLWR_HOME/config.toml (default ~/.flwr), where 'flwr' reads it."""
+    from fedbridge.simulations.runner import write_connection
+
+    if root_cert is not None and not root_cert.is_file():
+        raise FedbridgeError(f"--root-cert {root_cert}: no such file.")
+    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    path = write_connection(home, name, address, root_cert and root_cert.resolve(), insecure=insecure)
+    typer.echo(f"connection '{name}' -> {address}: {path}")
 
 
 @cli.command("list")

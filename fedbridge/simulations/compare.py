@@ -13,6 +13,7 @@ import numpy as np
 
 from fedbridge.config import ExperimentConfig
 from fedbridge.results import RunRecord
+from fedbridge.simulations.console import one_line
 
 METRICS = (  # (record path, column title)
     ("global_metrics.accuracy", "global acc"),
@@ -214,8 +215,8 @@ def print_table(rows: Sequence[Row], title: str = "fedbridge comparison", consol
         tab.add_row(*cells)
     console = console or Console()
     console.print(tab)
-    for n in notes(rows):
-        console.print(f"[dim]- {n}[/dim]")
+    for n in notes(rows):  # one line each: a silo's failure reason may be a whole traceback (table.md keeps it all)
+        console.print(f"- {one_line(n)}", style="dim", markup=False, highlight=False)
 
 
 def plot(rows: Sequence[Row], path: Path, sweep_key: str | None = None) -> Path:

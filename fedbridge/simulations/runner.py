@@ -173,7 +173,7 @@ def run_flwr(cfg: ExperimentConfig, connection: str, extra_args: list[str] | Non
     finally:
         os.unlink(f.name)
     if not record_path.exists():
-        tail = output[-3000:] if quiet else "(see the output above)"
+        tail = output[-3000:] if quiet else "Its output says why (fedbridge run and compare keep it in the run's log)."
         raise RunFailed(f"flwr run exited {returncode} without writing {record_path}: the run failed "
                         f"before the ServerApp finished. {tail}")
     record = RunRecord.read(record_path)
