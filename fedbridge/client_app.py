@@ -9,12 +9,12 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedbridge import protocol as p
-from fedbridge.errors import ConfigError, PrivacyBudgetExceeded, SiloFailure
+from fedbridge.errors import ConfigError, SiloFailure, SiloRefusal
 from fedbridge.faults import fault_mod
 from fedbridge.methods.crosslm import silo as crosslm
 from fedbridge.methods.fdkt import silo as fdkt
@@ -26,16 +26,22 @@ from fedbridge.protocol import ProtocolError
 from fedbridge.silo import Silo, train_metrics
 
 log = logging.getLogger("fedbridge.silo")
+REFUSAL_ERROR_CODE = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION: what the server saw when a refusal raised
 
 
 def wire_safe_errors(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """A deployed (strict) silo's errors cross the wire as a category and a fix, never its data: Flower returns an
     exception's text to the server, and a data error would quote the silo's rows, labels or paths. Refusals
-    (``PrivacyBudgetExceeded``), protocol errors (about the server's own message) and config errors pass as they
-    are; anything else is replaced, and its detail goes to the silo's own log."""
+    (``SiloRefusal``: policy or budget) are the silo's deliberate answer, not a crash: one warning line in its log
+    and an error reply naming the reason (no traceback, no failed ClientApp process). Protocol errors (about the
+    server's own message) and config errors pass as they are; anything else is replaced, and its detail goes to the
+    silo's own log."""
     try:
         return call_next(msg, context)
-    except (PrivacyBudgetExceeded, ProtocolError, ConfigError):
+    except SiloRefusal as refusal:
+        log.warning("Refused %s: %s", msg.metadata.message_type, refusal)
+        return Message(Error(REFUSAL_ERROR_CODE, f"{type(refusal).__name__}: {refusal}"), reply_to=msg)
+    except (ProtocolError, ConfigError):
         raise
     except Exception as err:
         if not _strict(context.node_config):

@@ -6,7 +6,7 @@ integration test, the overhead benchmark and ``fedbridge deploy loopback``. It o
 including the SuperExec, ServerApp and ClientApp processes Flower spawns below them, and leaves none behind.
 
 Flower 1.41 keeps SuperLink connections in ``$FLWR_HOME/config.toml`` (``flwr run . <connection>``), not in
-pyproject.toml; ``write_connection`` adds one.
+pyproject.toml; ``write_connection`` adds one (on the command line: ``fedbridge deploy connection``).
 """
 
 from __future__ import annotations

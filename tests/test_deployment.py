@@ -9,11 +9,13 @@ timeout) and is served again once restarted; and no process of the deployment is
 
 from __future__ import annotations
 
+import re
 import signal
 import ssl
 import subprocess
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import psutil
@@ -34,7 +36,9 @@ from fedbridge.deploy import (
     silo_node_configs,
     write_connection,
 )
-from fedbridge.errors import ConfigError
+from fedbridge.errors import ConfigError, SiloFailure
+from fedbridge.methods.base import Session, refusal_reason
+from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
 from fedbridge.silo import _silo
 from fedbridge.simulations.inprocess import InProcessGrid
@@ -127,6 +131,76 @@ def test_fedavg_goes_on_without_a_silo_whose_host_stays_down(tmp_path, one_threa
     assert [(f["silo"], f["round"], f["reason"]) for f in record.failures] == \
         [("silo-1", 2, "offline when the round started")]
     assert record.server_metrics["round-1.silos"] == 2 and record.server_metrics["round-2.silos"] == 1
+
+
+def test_a_refusal_reads_as_a_refusal_on_the_silo_and_in_the_runs_error(tmp_path, one_thread, caplog):
+    """Strict silos asked for non-DP FedAvg weights: each logs one warning (no traceback) and answers with its
+    reason; the run's error says every silo refused, and why, and what to do with the checkpoint left behind."""
+    nodes = []
+    for i, rows in enumerate((20, 24)):
+        path = tmp_path / f"silo{i}.csv"
+        toy_frame(rows, labels=LABELS).to_csv(path, index=False)
+        nodes.append({"partition-id": i, "data-path": str(path), "text-column": "review", "label-column": "sentiment",
+                      "state-dir": str(tmp_path / f"state{i}")})
+    cfg = prepare(tiny_config(tmp_path, method="fedavg", run_name="refused"))
+    grid = InProcessGrid(client_app, cfg.to_run_config(), nodes)
+    try:
+        with caplog.at_level("WARNING", logger="fedbridge.silo"), pytest.raises(SiloFailure) as failed:
+            run_experiment(grid, cfg)
+    finally:
+        grid.close()
+    error = str(failed.value)
+    assert re.fullmatch(r"No silo completed FedAvg round 1: every silo refused: silo-[01] refuses SLM weights: its "
+                        r"node config does not allow non-private releases \(privacy=strict, allow-non-private=false\)"
+                        r"\. .*\. Its checkpoint .*refused\.checkpoint holds no completed step: safe to delete .*",
+                        error), error
+    refusals = [r for r in caplog.records if r.name == "fedbridge.silo"]
+    assert len(refusals) == 2 and all(r.levelname == "WARNING" and r.exc_info is None for r in refusals)
+    assert all(r.getMessage().startswith("Refused train: silo-") for r in refusals)
+    record = RunRecord.read(tmp_path / "refused.json")
+    assert all(f["reason"].startswith("PolicyRefusal: ") for f in record.failures) and len(record.failures) == 2
+    assert any("silo-0, silo-1: num-train and num-test 0 mean withheld" in note for note in record.notes)
+    assert (tmp_path / "refused.checkpoint").is_dir()  # kept for resume=true, as the error says
+
+
+def test_the_runs_error_gives_one_reason_where_the_silos_differ_only_in_names_and_numbers():
+    refusal = "silo-{} refuses SLM weights: its node config does not allow non-private releases"
+    flower = "<class 'fedbridge.errors.PrivacyBudgetExceeded'>:<'silo-{}: this run's epsilon {} of the 2 is spent'>"
+    def error(*reasons: str) -> str:
+        record = SimpleNamespace(failures=[{"silo": f"silo-{i}", "reason": r} for i, r in enumerate(reasons)])
+        return str(Session.no_silo_completed(SimpleNamespace(record=record), "round 1"))
+    assert error(*(f"PolicyRefusal: {refusal.format(i)}" for i in range(3))) == \
+        f"No silo completed round 1: every silo refused: {refusal.format(0)}"
+    assert error(flower.format(0, 1.99), flower.format(1, 2.0)) == \
+        "No silo completed round 1: every silo refused: silo-0: this run's epsilon 1.99 of the 2 is spent"
+    assert error(f"PolicyRefusal: {refusal.format(0)}", flower.format(1, 2)).endswith(
+        "(and 1 other reason: see the record's failures)")
+    assert error("no reply within 60 s", f"PolicyRefusal: {refusal.format(1)}").endswith(
+        "every one failed or timed out (see the record's failures)")
+    assert refusal_reason("ModelSpecError: Could not load SLM 'x'") is None
+
+
+def test_a_failed_runs_error_says_how_to_resume_from_its_checkpoint(tmp_path):
+    record = SimpleNamespace(run_name="r1", failures=[{"silo": "silo-0", "reason": "PolicyRefusal: no."}])
+    checkpoint = SimpleNamespace(directory=tmp_path, record=record, steps=lambda: {"a": {}, "b": {}})
+    error = str(Session.no_silo_completed(SimpleNamespace(record=record, checkpoint=checkpoint), "round 2"))
+    assert error == (f"No silo completed round 2: every silo refused: no. Its checkpoint {tmp_path} keeps 2 completed "
+                     "steps: rerun with resume=true run-name=r1 to continue from them, or delete it to start over")
+
+
+def test_deploy_connection_writes_what_flwr_reads(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedbridge.simulations.cli import cli
+
+    (tmp_path / "ca.crt").write_text("")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    done = CliRunner().invoke(cli, ["deploy", "connection", "prod", "--address", "127.0.0.1:9093",
+                                    "--root-cert", str(tmp_path / "ca.crt")])
+    assert done.exit_code == 0, done.output
+    prod = read_superlink_connection("prod")
+    assert (prod.address, prod.root_certificates, prod.insecure) == ("127.0.0.1:9093", str(tmp_path / "ca.crt"),
+                                                                     False)
 
 
 # ---------------------------------------------------------------- a real deployment on loopback (slow)

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -182,6 +183,10 @@ class Session:
             self.record.timelines.setdefault(name, []).extend(self.record.timelines.pop(f"node-{node}", []))
         if not self.silos:
             raise RuntimeError("Every silo failed its info query; see the failures in the run record.")
+        if withheld := sorted(s for s in self.silos.values() if not self.record.silo_metrics[s].get("num-train")):
+            self.record.notes.append(f"{', '.join(withheld)}: num-train and num-test 0 mean withheld, not empty: a "
+                                     "silo whose policy allows no non-private release (strict) sends no exact example "
+                                     "counts (they grow with its private data)")
         return self.silos
 
     def push(self, message_type: str, contents: Mapping[int, RecordDict], round_: int = 0,
@@ -273,11 +278,22 @@ class Session:
 
     def no_silo_completed(self, step: str) -> SiloFailure:
         """The error that ends a run when no silo completed ``step``, with their reason when they share one (a model
-        or data file every silo fails to load), so the user reads the cause, not a count."""
-        reasons = {f["reason"] for f in self.record.failures}
-        cause = (f": every silo failed with {reasons.pop()}" if len(reasons) == 1
-                 else "; every one failed or timed out (see the record's failures)")
-        return SiloFailure(f"No silo completed {step}{cause}")
+        or data file every silo fails to load; reasons that differ only in a silo's name or numbers count as one),
+        so the user reads the cause, not a count. Refusals (a silo's policy or privacy budget) read as refusals.
+        Where the run's checkpoint is kept, the message says whether to resume from it or delete it."""
+        reasons = [f["reason"] for f in self.record.failures]
+        refusals = [refusal_reason(r) for r in reasons]
+        if reasons and all(refusals):
+            others = len({_shape(r) for r in refusals}) - 1
+            cause = f": every silo refused: {refusals[0]}" + (
+                f" (and {others} other reason{'s' * (others > 1)}: see the record's failures)" if others else "")
+        elif reasons and len({_shape(r) for r in reasons}) == 1:
+            cause = f": every silo failed with {reasons[0]}"
+        else:
+            cause = "; every one failed or timed out (see the record's failures)"
+        note = _checkpoint_note(getattr(self, "checkpoint", None))
+        return SiloFailure(f"No silo completed {step}{cause}".rstrip(".") + note if note else
+                           f"No silo completed {step}{cause}")
 
     def record_silo_metrics(self, replies: Mapping[str, RecordDict]) -> None:
         """Store each silo's reported metrics; a step that no silo completed fails the run (never an empty 'ok')."""
@@ -286,6 +302,37 @@ class Session:
         for silo, reply in replies.items():
             metrics = {k: v for k, v in reply[p.METRICS].items() if k != "partition-id"}
             self.record.silo_metrics.setdefault(silo, {}).update(metrics)
+
+
+REFUSALS = ("SiloRefusal", "PolicyRefusal", "PrivacyBudgetExceeded")  # fedbridge.errors: a silo's deliberate "no"
+_ERROR_REASON = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>|(\w+): (.*)", re.S)
+
+
+def refusal_reason(reason: str) -> str | None:
+    """The silo's own words where a failure's ``reason`` is a refusal, in either form the server receives it:
+    fedbridge's (``PolicyRefusal: ...``) or Flower's runtime's (``<class '...PolicyRefusal'>:<'...'>``); else None."""
+    match = _ERROR_REASON.fullmatch(reason)
+    if not match:
+        return None
+    name, text = (match[1], match[2]) if match[1] else (match[3], match[4])
+    return text if name in REFUSALS else None
+
+
+def _shape(reason: str) -> str:
+    """A reason without what differs between silos alike: silo names and numbers."""
+    return re.sub(r"silo-\d+|\d+(?:\.\d+)?(?:e[-+]?\d+)?", "#", reason)
+
+
+def _checkpoint_note(checkpoint: Checkpoint | None) -> str:
+    """What the operator may do with the checkpoint a failed run leaves beside its record (kept for resume=true)."""
+    if checkpoint is None or not checkpoint.directory.exists():
+        return ""
+    steps, name = len(checkpoint.steps()), checkpoint.record.run_name
+    if not steps:
+        return (f". Its checkpoint {checkpoint.directory} holds no completed step: safe to delete (a rerun without "
+                "resume=true replaces it)")
+    return (f". Its checkpoint {checkpoint.directory} keeps {steps} completed steps: rerun with resume=true "
+            f"run-name={name} to continue from them, or delete it to start over")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbridge.checkpoint import atomic_write
-from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
+from fedbridge.errors import ConfigError, PolicyRefusal, PrivacyBudgetExceeded
 from fedbridge.privacy.accounting import PrivacyEvent, PrivacyLedger, compute_epsilon
 from fedbridge.protocol import payload_bytes
 
@@ -102,7 +102,7 @@ class SiloPolicy:
     def require_non_private(self, silo: str, what: str) -> None:
         """Refuse a release without DP unless this silo allows them (the message names the node-config key)."""
         if not self.allow_non_private:
-            raise PrivacyBudgetExceeded(
+            raise PolicyRefusal(
                 f"{silo} refuses {what}: its node config does not allow non-private releases (privacy={self.name}, "
                 "allow-non-private=false). Ask for a DP release instead, or set allow-non-private=true in this "
                 "silo's node config.")
