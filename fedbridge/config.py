@@ -91,6 +91,9 @@ class SLMConfig(SLMOptions):
         return specs[silo % len(specs)]
 
 
+LLM_ENGINES = ("auto", "fedbridge", "vllm")
+
+
 @dataclass(frozen=True)
 class LLMConfig:
     model: str = field(default="embedded", metadata={
@@ -100,6 +103,19 @@ class LLMConfig:
     calibrate: bool = field(default=False, metadata={
         "help": "contextual calibration of the LLM's label answers: probabilities divided by those of content-free "
                 "inputs under the same prompt, then renormalised"})
+    engine: str = field(default="auto", metadata={
+        "help": "what runs the server's LLM (FDKT, PE, zero-shot): fedbridge (transformers and fedbridge's decoder), "
+                "vllm (vLLM's offline engine: pip install 'fedbridge[vllm]'), auto (vllm where it is installed for "
+                "the server's device and can load llm.model, else fedbridge)"})
+    gpu_memory_fraction: float = field(default=0.5, metadata={
+        "help": "llm.engine=vllm on a GPU: the share of the GPU's memory vLLM may take (weights and KV cache), "
+                "in (0, 1]"})
+
+    def __post_init__(self) -> None:
+        if self.engine not in LLM_ENGINES:
+            raise ConfigError(f"llm.engine='{self.engine}' is not one of: {', '.join(LLM_ENGINES)}.")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ConfigError(f"llm.gpu-memory-fraction must be in (0, 1], not {self.gpu_memory_fraction}.")
 
 
 @dataclass(frozen=True)

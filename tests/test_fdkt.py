@@ -18,7 +18,6 @@ import torch
 from conftest import tiny_config, wire_strings
 from flwr.app import ArrayRecord, Message
 
-import fedbridge.methods.seeding as seeding
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.methods.fdkt import silo as fdkt_silo
@@ -168,11 +167,12 @@ TEXTS = [  # 8 distinct texts: k = ceil(8/4) = 2 clusters, one LLM question each
 ]
 
 
-def fake_llm(monkeypatch, answer_for):
-    """Replace the server LLM of the demonstration filter with ``answer_for(listed texts) -> answer``; returns the listings asked."""
+def fake_llm(answer_for):
+    """A server LLM for the demonstration filter that answers ``answer_for(listed texts)``; returns it and the listings
+    asked."""
     asked: list[list[str]] = []
 
-    def generate(model, tok, prompts, sampling, *args, **kwargs):
+    def generate(prompts, sampling, *args, **kwargs):
         answers = []
         for prompt in prompts:
             listing = [line.split(". ", 1)[1] for line in prompt[0]["content"].splitlines()
@@ -181,26 +181,25 @@ def fake_llm(monkeypatch, answer_for):
             answers.append(answer_for(listing))
         return answers, GenerationStats(prompts=len(prompts))
 
-    monkeypatch.setattr(seeding, "generate", generate)
-    return asked
+    return SimpleNamespace(generate=generate), asked
 
 
-def test_llm_filter_keeps_a_whole_cluster_when_the_answer_is_unparseable(monkeypatch):
-    asked = fake_llm(monkeypatch, lambda listing: "I think they all look fine!")
+def test_llm_filter_keeps_a_whole_cluster_when_the_answer_is_unparseable():
+    llm, asked = fake_llm(lambda listing: "I think they all look fine!")
     counts = Counter()
-    kept = llm_filter(None, None, SimpleNamespace(description="drug review"), "positive", TEXTS, 0,
+    kept = llm_filter(llm, SimpleNamespace(description="drug review"), "positive", TEXTS, 0,
                       GenerationStats(), counts)
     assert kept == list(range(len(TEXTS)))
     assert len(asked) == 2 and sorted(t for listing in asked for t in listing) == sorted(TEXTS)  # every text asked once
     assert counts["filter-unparseable"] == 2
 
 
-def test_llm_filter_keeps_only_the_named_texts(monkeypatch):
+def test_llm_filter_keeps_only_the_named_texts():
     # cluster 1: "1 and 3" (out-of-range numbers ignored); any other cluster: garbage, so kept whole
     answers = iter(["1 and 3, not 9", "no idea"])
-    asked = fake_llm(monkeypatch, lambda listing: next(answers))
+    llm, asked = fake_llm(lambda listing: next(answers))
     counts, stats = Counter(), GenerationStats()
-    kept = llm_filter(None, None, SimpleNamespace(description="drug review"), "positive", TEXTS, 0, stats, counts)
+    kept = llm_filter(llm, SimpleNamespace(description="drug review"), "positive", TEXTS, 0, stats, counts)
     first, second = asked
     expected = {TEXTS.index(first[0]), *([TEXTS.index(first[2])] if len(first) >= 3 else []),
                 *(TEXTS.index(t) for t in second)}
@@ -208,31 +207,30 @@ def test_llm_filter_keeps_only_the_named_texts(monkeypatch):
     assert counts["filter-unparseable"] == 1 and stats.prompts == 2
 
 
-def test_llm_filter_needs_no_llm_for_fewer_than_two_texts(monkeypatch):
-    asked = fake_llm(monkeypatch, lambda listing: "1")
-    assert llm_filter(None, None, SimpleNamespace(description="x"), "y", ["only one"], 0, GenerationStats(),
+def test_llm_filter_needs_no_llm_for_fewer_than_two_texts():
+    llm, asked = fake_llm(lambda listing: "1")
+    assert llm_filter(llm, SimpleNamespace(description="x"), "y", ["only one"], 0, GenerationStats(),
                       Counter()) == [0]
     assert asked == []
 
 
-def test_silos_that_arrive_together_are_augmented_in_one_llm_pass_each_from_its_own_demonstrations(monkeypatch):
+def test_silos_that_arrive_together_are_augmented_in_one_llm_pass_each_from_its_own_demonstrations():
     import fedbridge.methods.fdkt.server as fdkt_server
 
     calls = []
 
-    def generate(model, tok, prompts, sampling, seed=None, progress=None):
+    def generate(prompts, sampling, seed=None, progress=None):
         calls.append(len(prompts))  # each new text names the demonstration its prompt showed
         shown = [prompt[0]["content"].split("Example: ")[1].split("\n")[0] for prompt in prompts]
         return [f"a new review written from {s}" for s in shown], GenerationStats(prompts=len(prompts))
 
-    monkeypatch.setattr(fdkt_server, "generate", generate)
     task = SimpleNamespace(description="drug review", labels=("negative", "positive"), instruction="")
     sets = {"silo-0": Examples.of(["alpha one", "alpha two"], [0, 1]),
             "silo-1": Examples.of(["beta one", "beta two"], [0, 1])}
     cfg = dataclasses.replace(fdkt_server.FDKTConfig(), llm_filter=False, label_filter=False, augment_per_label=2,
                               demos_per_prompt=1, min_words=2)
     counts = Counter()
-    out = fdkt_server.augment(None, None, task, sets, cfg, 0, GenerationStats(), counts)
+    out = fdkt_server.augment(SimpleNamespace(generate=generate), task, sets, cfg, 0, GenerationStats(), counts)
     assert calls == [8]  # 2 silos x 2 labels x 2 prompts, one pass
     for silo, word in (("silo-0", "alpha"), ("silo-1", "beta")):
         new = [(t, y) for t, y in zip(out[silo].texts, out[silo].labels) if t.startswith("a new review")]

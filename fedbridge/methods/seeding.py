@@ -16,12 +16,12 @@ from collections.abc import Hashable, Mapping
 import numpy as np
 from flwr.app import RecordDict
 from sklearn.cluster import KMeans
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge import protocol as p
 from fedbridge.methods.base import Session
 from fedbridge.models.embedding import embed
-from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
+from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig
+from fedbridge.models.llm import LLM
 from fedbridge.tasks import Examples, Task
 
 
@@ -39,14 +39,13 @@ def _filter_prompt(task: Task, label: str, texts: list[str]) -> Prompt:
              "near-copies of another one? Answer with the numbers only, separated by commas."}]
 
 
-def llm_filter(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, label: str, texts: list[str],
-               seed: int, stats: GenerationStats, counts: Counter) -> list[int]:
+def llm_filter(llm: LLM, task: Task, label: str, texts: list[str], seed: int, stats: GenerationStats,
+               counts: Counter) -> list[int]:
     """Cluster the demonstrations (k = ceil(n/4)), ask the LLM per cluster which to keep; unparseable = keep all."""
-    return _llm_filter_all(model, tok, task, [(label, texts)], seed, stats, counts)[0]
+    return _llm_filter_all(llm, task, [(label, texts)], seed, stats, counts)[0]
 
 
-def _llm_filter_all(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task,
-                    jobs: list[tuple[str, list[str]]], seed: int, stats: GenerationStats,
+def _llm_filter_all(llm: LLM, task: Task, jobs: list[tuple[str, list[str]]], seed: int, stats: GenerationStats,
                     counts: Counter) -> list[list[int]]:
     """``llm_filter`` for many (label, texts) sets at once: every cluster's question in one generation pass."""
     members = []  # per job, its clusters (lists of indices); a set of fewer than two texts is kept whole, unasked
@@ -60,7 +59,7 @@ def _llm_filter_all(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: 
                for (label, texts), clusters in zip(jobs, members) for m in clusters]
     answers = iter([])
     if prompts:
-        found, st = generate(model, tok, prompts, SamplingConfig(max_new_tokens=24, temperature=0.0, batch_size=8))
+        found, st = llm.generate(prompts, SamplingConfig(max_new_tokens=24, temperature=0.0, batch_size=8))
         stats += st
         answers = iter(found)
     kept_all = []
@@ -74,21 +73,19 @@ def _llm_filter_all(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: 
     return kept_all
 
 
-def filter_demonstrations(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, demos: Examples,
-                          use_llm: bool, seed: int, stats: GenerationStats, counts: Counter) -> dict[int, list[str]]:
+def filter_demonstrations(llm: LLM, task: Task, demos: Examples, use_llm: bool, seed: int, stats: GenerationStats,
+                          counts: Counter) -> dict[int, list[str]]:
     """The demonstrations of each label that the LLM keeps (all of them when ``use_llm`` is off)."""
-    return filter_demonstration_sets(model, tok, task, {None: demos}, use_llm, seed, stats, counts)[None]
+    return filter_demonstration_sets(llm, task, {None: demos}, use_llm, seed, stats, counts)[None]
 
 
-def filter_demonstration_sets(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task,
-                              sets: Mapping[Hashable, Examples], use_llm: bool, seed: int, stats: GenerationStats,
-                              counts: Counter) -> dict[Hashable, dict[int, list[str]]]:
+def filter_demonstration_sets(llm: LLM, task: Task, sets: Mapping[Hashable, Examples], use_llm: bool, seed: int,
+                              stats: GenerationStats, counts: Counter) -> dict[Hashable, dict[int, list[str]]]:
     """``filter_demonstrations`` of several silos' sets, with one LLM pass for all of them."""
     jobs = [(key, y, [t for t, label in zip(demos.texts, demos.labels) if label == y])
             for key, demos in sets.items() for y in range(len(task.labels))]
     if use_llm:
-        picks = _llm_filter_all(model, tok, task, [(task.labels[y], texts) for _, y, texts in jobs], seed, stats,
-                                counts)
+        picks = _llm_filter_all(llm, task, [(task.labels[y], texts) for _, y, texts in jobs], seed, stats, counts)
     else:
         picks = [range(len(texts)) for *_, texts in jobs]
     kept: dict[Hashable, dict[int, list[str]]] = {key: {} for key in sets}

@@ -128,21 +128,30 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     rng = torch.Generator(device=model.device)
     rng.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
     ids = [prompt_ids(tokenizer, p)[-sampling.max_prompt_tokens:] for p in prompts]
-    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     t0 = time.perf_counter()
     with tqdm(total=len(ids), desc=progress, disable=progress is None, unit="prompt") as bar:
         if sampling.engine == "fedbridge" and supports_engine(model):
             rows = _decode(model, tokenizer, ids, sampling, rng, bar)
         else:
             rows = _hf_generate(model, tokenizer, ids, sampling, rng, bar)
-    stats, outputs = GenerationStats(prompts=len(ids), prompt_tokens=sum(map(len, ids))), []
+    outputs, generated = finish_rows(tokenizer, rows, sampling.stop)
+    return outputs, GenerationStats(prompts=len(ids), prompt_tokens=sum(map(len, ids)), generated_tokens=generated,
+                                    seconds=time.perf_counter() - t0)
+
+
+def finish_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[Sequence[int]],
+                stop: Sequence[str]) -> tuple[list[str], int]:
+    """Generated token rows as texts (up to the first end-of-sequence token, cut at the first stop string, special
+    tokens removed, stripped), and the tokens they count up to and including each row's end: every backend's output
+    goes through here."""
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    outputs, generated = [], 0
     for row in rows:
         n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        text, _ = _cut_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True), sampling.stop)
+        text, _ = _cut_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True), stop)
         outputs.append(text.strip())
-        stats.generated_tokens += n
-    stats.seconds = time.perf_counter() - t0
-    return outputs, stats
+        generated += n
+    return outputs, generated
 
 
 def _chooser(sampling: SamplingConfig, rng: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -50,6 +50,27 @@ def label_probabilities(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         return probs
     prior = _label_probabilities(model, tokenizer, CONTENT_FREE, labels, instruction, batch_size, max_tokens, None,
                                  context).mean(axis=0)
+    return _calibrated(probs, prior)
+
+
+def label_probabilities_by_likelihood(score: Callable[[list[Prompt], list[str]], list[tuple[float, int]]],
+                                      texts: Sequence[str], labels: Sequence[str], instruction: str, context: str = "",
+                                      calibrate: bool = False) -> np.ndarray:
+    """``label_probabilities`` for a backend that scores (prompt, continuation) pairs (``score``: summed
+    log-probability and token count per pair, like ``continuation_logprobs``), one pair per text and label: the same
+    numbers as the model paths above, which share the prompt's forward pass between labels instead."""
+    def probs(batch: Sequence[str]) -> np.ndarray:
+        prompts = [classification_prompt(instruction, t, labels, context=context) for t in batch for _ in labels]
+        logp = score(prompts, [label for _ in batch for label in labels])
+        return _softmax(np.array([lp for lp, _ in logp]).reshape(len(batch), len(labels)))
+
+    if not len(texts):
+        return np.zeros((0, len(labels)))
+    return _calibrated(probs(texts), probs(CONTENT_FREE).mean(axis=0)) if calibrate else probs(texts)
+
+
+def _calibrated(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Contextual calibration: each row divided by the content-free inputs' mean probabilities, renormalised."""
     calibrated = probs / prior
     return calibrated / calibrated.sum(axis=1, keepdims=True)
 

@@ -146,6 +146,28 @@ def _embedded_llm_dir() -> Path:
 
 
 @_serialized
+def vllm_model_dir(spec: str) -> str:
+    """What vLLM loads for an LLM spec: the spec itself, or for the embedded model a copy of its dequantised cache
+    that vLLM can read (converted once): vLLM cannot read GGUF, picks its model class by ``architectures``, and with
+    tied embeddings reads ``embed_tokens``, where the cache holds the tied weight as ``lm_head`` only."""
+    if spec == "tiny-llama":
+        raise ModelSpecError("vLLM cannot load llm.model=tiny-llama (built in code, no files); use "
+                             "llm.engine=fedbridge.")
+    if spec not in LLM_ALIASES:
+        return spec
+    source = _embedded_llm_dir()
+    target = source.with_name(f"{source.name}-vllm")
+    if not (target / "config.json").exists():
+        log.info("Writing %s for vLLM (one time)", target)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        tmp = target.with_suffix(".tmp")
+        model.save_pretrained(tmp)  # names the architecture; the tied weight as embed_tokens
+        AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+        tmp.rename(target)
+    return str(target)
+
+
+@_serialized
 @functools.lru_cache(maxsize=4)
 def _load_llm_cached(spec: str, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     if spec == "tiny-llama":

@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flwr.app import RecordDict
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
@@ -39,33 +38,32 @@ from fedbridge.methods.seeding import (
 )
 from fedbridge.methods.text import deduplicate, parse_generation
 from fedbridge.methods.votes import Tally, VoteRequest, collect_votes, tally
-from fedbridge.models.generation import GenerationStats, SamplingConfig, generate
-from fedbridge.models.llm_classifier import label_probabilities
-from fedbridge.models.loading import load_llm
+from fedbridge.models.generation import GenerationStats, SamplingConfig
+from fedbridge.models.llm import LLM, load_server_llm
 from fedbridge.tasks import Examples, Task
 
 # ------------------------------------------------------------------ server pipeline
 
 
-def augment(model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task, sets: Mapping[str, Examples],
-            cfg: FDKTConfig, seed: int, stats: GenerationStats, counts: Counter) -> dict[str, Examples]:
+def augment(llm: LLM, task: Task, sets: Mapping[str, Examples], cfg: FDKTConfig, seed: int, stats: GenerationStats,
+            counts: Counter) -> dict[str, Examples]:
     """FDKT's server step for the DP demonstrations of one or more silos (or one pool): per set, its kept
     demonstrations + new examples. Each stage runs once over all the sets (one filter pass, one generation pass,
     one label check), so silos that arrive together share the LLM's batches; each set's prompts and deduplication
     are its own."""
-    kept = filter_demonstration_sets(model, tok, task, sets, cfg.llm_filter, seed, stats, counts)
+    kept = filter_demonstration_sets(llm, task, sets, cfg.llm_filter, seed, stats, counts)
     prompts, intended, owner = [], [], []
     for key in sets:
         mine, labels = seeded_prompts(task, kept[key], cfg.augment_per_label, cfg.demos_per_prompt, random.Random(seed))
         prompts, intended, owner = prompts + mine, intended + labels, owner + [key] * len(mine)
-    outs, st = generate(model, tok, prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=16), seed=seed, progress="augment")
+    outs, st = llm.generate(prompts, SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                                    top_p=cfg.top_p, batch_size=16), seed=seed, progress="augment")
     stats += st
     texts = [parse_generation(o) for o in outs]
     counts["generated"] += len(texts)
     ok = [i for i, t in enumerate(texts) if len(t.split()) >= cfg.min_words]
     if cfg.label_filter and ok:
-        probs = label_probabilities(model, tok, [texts[i] for i in ok], task.labels, task.instruction)
+        probs = llm.label_probabilities([texts[i] for i in ok], task.labels, task.instruction)
         ok = [i for i, row in zip(ok, probs) if row[intended[i]] > row.min() or len(task.labels) == 1]
     counts["after-length-label-filter"] += len(ok)
     augmented = {}
@@ -121,7 +119,7 @@ class FDKT(Method):
             if off and note not in record.notes:
                 record.notes.append(note)
         with session.phase("server-llm-load"):
-            model, tok = load_llm(self.cfg.llm.model, device=session.device)
+            llm = load_server_llm(self.cfg.llm, session.device)
         nodes = {silo: node for node, silo in session.silos.items()}
         demos = {step.split("/", 1)[1]: ckpt.load_examples(step) for step in ckpt.steps("demonstrations/")}
         trained = {step.split("/", 1)[1] for step in ckpt.steps("trained/")}
@@ -133,7 +131,7 @@ class FDKT(Method):
             pending.update(session.push(p.TRAIN_AUGMENTED, {nodes[s]: request for s in silos}, 2))
 
         def augment_each(silos: list[str]) -> None:  # per-silo sets, one LLM pass for all of them
-            sets = self._augmented(session, {silo: ([silo], demos[silo]) for silo in silos}, model, tok)
+            sets = self._augmented(session, {silo: ([silo], demos[silo]) for silo in silos}, llm)
             for silo in silos:
                 send([silo], sets[silo])
 
@@ -156,7 +154,7 @@ class FDKT(Method):
                 jobs = ({"pooled": (sources, Examples.of([t for s in sources for t in demos[s].texts],
                                                          [y for s in sources for y in demos[s].labels]))}
                         if cfg.pooled else {s: ([s], demos[s]) for s in sources})
-                sets = self._augmented(session, jobs, model, tok)
+                sets = self._augmented(session, jobs, llm)
         if not early and demos:
             if cfg.labels == "dp-votes":
                 with session.phase("silo-vote"):
@@ -193,8 +191,8 @@ class FDKT(Method):
         ckpt.complete("votes", histogram=histogram.tolist(), noise_std=noise_std)  # with the record as it is now
         return out
 
-    def _augmented(self, session: Session, jobs: Mapping[str, tuple[list[str], Examples]], model: PreTrainedModel,
-                   tok: PreTrainedTokenizerBase) -> dict[str, Examples]:
+    def _augmented(self, session: Session, jobs: Mapping[str, tuple[list[str], Examples]],
+                   llm: LLM) -> dict[str, Examples]:
         """The augmented set of each key (a silo, or 'pooled') from its (source silos, their demonstrations): from the
         checkpoint where a resumed run made it already; the others made in one ``augment`` call, counted in the
         record, and checkpointed."""
@@ -208,7 +206,7 @@ class FDKT(Method):
         if not todo:
             return out
         stats, counts = GenerationStats(), Counter()
-        out |= augment(model, tok, session.task, todo, self.options, self.cfg.seed, stats, counts)
+        out |= augment(llm, session.task, todo, self.options, self.cfg.seed, stats, counts)
         for name, value in {**counts, "llm-seconds": stats.seconds}.items():
             record.server_metrics[f"fdkt.{name}"] = record.server_metrics.get(f"fdkt.{name}", 0) + value
         record.tokens["prompt"] += stats.prompt_tokens

@@ -23,7 +23,6 @@ import random
 from collections import Counter
 
 import numpy as np
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
@@ -32,8 +31,8 @@ from fedbridge.methods.pe.config import PEConfig
 from fedbridge.methods.seeding import STYLES, generation_prompt, variation_prompt
 from fedbridge.methods.text import NearDuplicates, parse_generation
 from fedbridge.methods.votes import VoteRequest, best_per_label, collect_votes, tally
-from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
-from fedbridge.models.loading import load_llm
+from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig
+from fedbridge.models.llm import LLM, load_server_llm
 from fedbridge.tasks import Examples, Task
 
 
@@ -52,7 +51,7 @@ class PrivateEvolution(Method):
                 not in record.notes:
             record.notes.append(note)
         with session.phase("server-llm-load"):
-            model, tok = load_llm(self.cfg.llm.model, device=session.device)
+            llm = load_server_llm(self.cfg.llm, session.device)
         stats, counts = GenerationStats(), Counter()
         seen = NearDuplicates(opts.near_duplicate)  # every candidate ever written: variations must be new
         pool: list[tuple[str, int, float]] = []  # every kept candidate of every iteration: (text, label, votes)
@@ -61,7 +60,7 @@ class PrivateEvolution(Method):
             population = ckpt.load_examples(f"population/{t}")
             if population is None:
                 with session.phase("server-generate"):
-                    population = self._population(model, tok, task, parents, seen, self.cfg.seed + t, stats, counts)
+                    population = self._population(llm, task, parents, seen, self.cfg.seed + t, stats, counts)
                 ckpt.save_examples(f"population/{t}", population)
             else:
                 for text in population.texts:
@@ -93,9 +92,8 @@ class PrivateEvolution(Method):
 
     # ------------------------------------------------------------ the steps
 
-    def _population(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, task: Task,
-                    parents: list[tuple[str, int]], seen: NearDuplicates, seed: int, stats: GenerationStats,
-                    counts: Counter) -> Examples:
+    def _population(self, llm: LLM, task: Task, parents: list[tuple[str, int]], seen: NearDuplicates, seed: int,
+                    stats: GenerationStats, counts: Counter) -> Examples:
         """Parents, variations of them and fresh candidates: ``candidates-per-label`` per label, each new text not a
         near-copy of any written before."""
         opts, rng = self.options, random.Random(seed)
@@ -110,7 +108,7 @@ class PrivateEvolution(Method):
                                else generation_prompt(task, label, style))
                 intended.append(y)
         sampling = SamplingConfig(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p)
-        outputs, st = generate(model, tok, prompts, sampling, seed=seed, progress="pe generate")
+        outputs, st = llm.generate(prompts, sampling, seed=seed, progress="pe generate")
         stats += st
         counts["generated"] += len(outputs)
         for text, y in zip(map(parse_generation, outputs), intended):

@@ -29,6 +29,7 @@ from fedbridge.methods.crosslm.server import CrossLM, _Pending, _Run
 from fedbridge.methods.crosslm.state import Generated
 from fedbridge.methods.fdkt.config import FDKTConfig
 from fedbridge.methods.seeding import filter_demonstrations, keep_demonstrations, read_demonstrations, seeded_prompts
+from fedbridge.models.llm import FedbridgeLLM
 from fedbridge.tasks import Examples
 
 
@@ -96,8 +97,9 @@ class _PipelineRun(_Run):
         pool = Examples.of([t for s in sources for t in self.demos[s].texts],
                            [y for s in sources for y in self.demos[s].labels])
         state = self.state
-        kept = filter_demonstrations(self.llm.model, self.llm.tok, self.task, pool, self.fdkt.llm_filter, seed,
-                                     state.stats, state.counts)
+        # the LLM CrossLM trains: fedbridge's backend, whatever llm.engine says (vLLM cannot train it)
+        kept = filter_demonstrations(FedbridgeLLM(self.llm.model, self.llm.tok), self.task, pool, self.fdkt.llm_filter,
+                                     seed, state.stats, state.counts)
         prompts, labels = seeded_prompts(self.task, kept, self.opts.per_label, self.fdkt.demos_per_prompt,
                                          random.Random(seed))
         state.counts["seeded-batches"] += 1

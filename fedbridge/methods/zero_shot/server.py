@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from fedbridge import protocol as p
 from fedbridge.methods.base import Method, Session, mean_over_silos
-from fedbridge.models.llm_classifier import label_probabilities
-from fedbridge.models.loading import load_llm
+from fedbridge.models.llm import load_server_llm
 from fedbridge.tasks import classification_metrics
 
 
@@ -18,12 +17,11 @@ class LLMZeroShot(Method):
 
     def run(self, session: Session) -> None:
         with session.phase("server-llm-load"):
-            model, tok = load_llm(self.cfg.llm.model, device=session.device)
+            llm = load_server_llm(self.cfg.llm, session.device)
         with session.phase("server-llm-eval"):
-            probs = label_probabilities(model, tok, session.global_test.texts, session.task.labels,
-                                        session.task.instruction, batch_size=self.cfg.llm.batch_size,
-                                        max_tokens=self.cfg.llm.max_length, progress="server llm",
-                                        calibrate=self.cfg.llm.calibrate)
+            probs = llm.label_probabilities(session.global_test.texts, session.task.labels, session.task.instruction,
+                                            batch_size=self.cfg.llm.batch_size, max_tokens=self.cfg.llm.max_length,
+                                            progress="server llm", calibrate=self.cfg.llm.calibrate)
         session.record.global_metrics.update(classification_metrics(session.global_test.labels, probs))
         with session.phase("silo-llm-eval"):
             replies = session.broadcast(p.EVALUATE_LLM, p.request(), round_=1)
