@@ -67,6 +67,18 @@ def node_config_arg(node_config: Mapping[str, bool | int | float | str]) -> str:
     return " ".join(f"{key}={value(v)}" for key, v in node_config.items())
 
 
+def processes_naming(markers: list[str]) -> list[psutil.Process]:
+    """Live processes (not this one or its parents) whose command line names one of ``markers``: a deployment's
+    ports or directory, so that a test or a teardown finds what it left behind."""
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = " ".join(p.info["cmdline"] or ())
+        if p.pid not in mine and p.info["status"] != psutil.STATUS_ZOMBIE and any(m in cmdline for m in markers):
+            found.append(p)
+    return found
+
+
 class LoopbackDeployment:
     """A SuperLink (TLS, SuperNode authentication) and one registered SuperNode per node config, on 127.0.0.1.
 
@@ -250,14 +262,7 @@ class LoopbackDeployment:
 
     def leftovers(self) -> list[psutil.Process]:
         """Live processes of this deployment: any whose command line names its ports or its work dir."""
-        markers = [f"127.0.0.1:{port}" for port in (self.port, *self.node_ports)] + [str(self.workdir)]
-        mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-        found = []
-        for p in psutil.process_iter(["pid", "cmdline", "status"]):
-            cmdline = " ".join(p.info["cmdline"] or ())
-            if p.pid not in mine and p.info["status"] != psutil.STATUS_ZOMBIE and any(m in cmdline for m in markers):
-                found.append(p)
-        return found
+        return processes_naming([f"127.0.0.1:{port}" for port in (self.port, *self.node_ports)] + [str(self.workdir)])
 
     def __enter__(self) -> LoopbackDeployment:
         try:

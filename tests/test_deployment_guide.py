@@ -22,7 +22,7 @@ import psutil
 import pytest
 from conftest import toy_frame
 
-from fedbridge.deploy import free_port
+from fedbridge.deploy import free_port, processes_naming
 from fedbridge.simulations.runner import app_dir
 
 GUIDE = app_dir() / "docs" / "deployment.md"
@@ -58,17 +58,6 @@ def free_port_pair() -> int:
     raise RuntimeError("no two adjacent free ports")
 
 
-def deployment_processes(markers: list[str]) -> list[psutil.Process]:
-    """Live processes whose command line names the deployment's directory or one of its ports."""
-    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline", "status"]):
-        cmdline = " ".join(p.info["cmdline"] or ())
-        if p.pid not in mine and p.info["status"] != psutil.STATUS_ZOMBIE and any(m in cmdline for m in markers):
-            found.append(p)
-    return found
-
-
 def tear_down(work: Path, markers: list[str]) -> None:
     """Whatever the guide started and did not stop (a failed step): SuperNodes first, then the SuperLink, then
     anything of the deployment left."""
@@ -85,7 +74,7 @@ def tear_down(work: Path, markers: list[str]) -> None:
         for p in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-    left = deployment_processes(markers)
+    left = processes_naming(markers)
     for p in left:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
@@ -118,9 +107,9 @@ def test_the_deployment_guide_followed_as_written(tmp_path):
         context = said[-4000:] + "".join(f"\n--- {name}\n{text[-2000:]}" for name, text in logs.items())
         assert done.returncode == 0, context
         deadline = time.monotonic() + 60  # the guide's stop: every process of the deployment exits
-        while deployment_processes(markers) and time.monotonic() < deadline:
+        while processes_naming(markers) and time.monotonic() < deadline:
             time.sleep(1)
-        assert not deployment_processes(markers), [p.info["cmdline"] for p in deployment_processes(markers)]
+        assert not processes_naming(markers), [p.info["cmdline"] for p in processes_naming(markers)]
     finally:
         tear_down(work, markers)
 

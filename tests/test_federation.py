@@ -333,7 +333,7 @@ def test_deployed_silos_read_their_own_files(tmp_path):
     assert all("global-test.accuracy" in record.silo_metrics[f"silo-{i}"] for i in range(2))
 
 
-EPSILON_DEFAULT = FDKTConfig().epsilon
+EPSILON_DEFAULT = FDKTConfig().epsilon + FDKTConfig().vote_epsilon
 
 
 @pytest.mark.parametrize("mode", ["head", "lora", "full"])
@@ -360,8 +360,12 @@ def test_every_slm_mode_runs_every_method(tmp_path, method, mode):
     elif method == "crosslm":  # DP votes (crosslm.scores=dp-votes): the run's total per silo, within what it asked
         assert record.privacy and all(v["mechanism"] == "dp-nn-votes" and 3.9 < v["epsilon"] <= 4.0
                                       for v in record.privacy.values())
+    elif method == "fdkt":  # DP demonstrations and the DP votes that label the augmented set, summed per silo
+        assert record.privacy and all(v["mechanism"] == "dp-fewshot + dp-nn-votes (basic composition)"
+                                      and EPSILON_DEFAULT - 0.1 < v["epsilon"] <= EPSILON_DEFAULT
+                                      for v in record.privacy.values())
     else:
-        assert row.epsilon == ("—" if method == "local" else f"{EPSILON_DEFAULT:.2f}")
+        assert row.epsilon == "—"
     if method == "fedavg":
         from fedbridge.models.loading import load_slm
 

@@ -255,7 +255,7 @@ def test_fedavg_averages_only_valid_weights(tmp_path, fedavg_without_silo_1, tam
 def test_fdkt_trains_the_honest_silo_when_the_other_sends_labels_outside_the_label_set(tmp_path):
     fast = {"fdkt.generator": "tiny-llama", "fdkt.num-per-label": 2, "fdkt.max-tokens": 6,
             "fdkt.augment-per-label": 2, "fdkt.min-words": 1, "fdkt.max-new-tokens": 12,
-            "fdkt.llm-filter": False}
+            "fdkt.llm-filter": False, "fdkt.vote-threshold": 0.0}  # tiny silos: keep every voted example
 
     def bad_labels(content: RecordDict) -> RecordDict:
         content[p.EXAMPLES]["labels"] = [7] * len(content[p.EXAMPLES]["labels"])
@@ -266,7 +266,8 @@ def test_fdkt_trains_the_honest_silo_when_the_other_sends_labels_outside_the_lab
         record = run_experiment(grid, cfg)
     assert record.status == "ok"
     assert "labels ints in 0..2" in only_reason(record)
-    assert set(record.privacy) == {"silo-0"} and record.silo_metrics["silo-0"]["train.synthetic"] > 0
+    assert record.silo_metrics["silo-0"]["train.synthetic"] > 0
+    assert record.privacy["silo-1"]["mechanism"] == "dp-nn-votes"  # its demonstrations were rejected; it still voted
     assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == p.TRAIN_AUGMENTED} == {GOOD}
     assert math.isfinite(record.global_metrics["accuracy"])
 

@@ -58,8 +58,8 @@ def compose_privacy(before: dict | None, privacy: dict) -> dict:
     entry = {**privacy, "epsilon": privacy["epsilon-total"]}
     other = (before or {}).get("other")
     if other is None and before and before["mechanism"] != privacy["mechanism"]:
-        other = {"mechanism": before["mechanism"], "epsilon": before.get("epsilon-total", before["epsilon"]),
-                 "delta": before["delta"], "private": before.get("private", True)}
+        other = {**before, "epsilon": before.get("epsilon-total", before["epsilon"]),
+                 "private": before.get("private", True)}  # the earlier release's whole entry (its steps, σ, budget)
     if other:
         entry |= {"other": other, "epsilon": entry["epsilon"] + other["epsilon"],
                   "delta": privacy["delta"] + other["delta"], "private": privacy["private"] and other["private"],

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common import log as flower_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -40,6 +39,7 @@ from fedbridge.methods.registry import METHODS, get_method
 from fedbridge.results import RunRecord
 
 log = logging.getLogger(__name__)
+flower_log = logging.getLogger("flwr").log  # the ServerApp's own log lines, as Flower's strategies write them
 
 # What the silos read from the run config: their data and its split, their SLM, the LLM they score with, the seed,
 # FedAvg's rounds (a DP SLM's budget is split over them), their device, and the options of the silo side of FDKT,
