@@ -23,18 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedbridge.config import ExperimentConfig
-from fedbridge.faults import FaultConfig
-from fedbridge.methods.crosslm.config import CrossLMConfig
-from fedbridge.methods.fdkt.config import FDKTConfig
-from fedbridge.methods.fedavg.config import FedAvgConfig
-from fedbridge.methods.pe.config import PEConfig
-from fedbridge.methods.social.config import SocialConfig
+from fedbridge.methods.registry import METHODS, option_class
 
 COMMAND = "python -m fedbridge.config_reference"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 # the sections ExperimentConfig keeps flat in method_options, each parsed by its own dataclass with from_flat
-OPTION_SECTIONS: dict[str, type] = {"fedavg": FedAvgConfig, "fdkt": FDKTConfig, "crosslm": CrossLMConfig,
-                                    "pe": PEConfig, "social": SocialConfig, "faults": FaultConfig}
+# every method's own options (the registry's order: a new method's appear with no edit here), then faults.*
+OPTION_SECTIONS: dict[str, type] = {name: cls for name in (*METHODS, "faults") if (cls := option_class(name))}
 NOT_KEYS = ("method_options",)  # ExperimentConfig fields that are no run-config key of their own
 
 HEADER = f"""\

@@ -28,7 +28,7 @@ from fedbridge.faults import FaultConfig
 from fedbridge.methods.fdkt.config import FDKTConfig
 from fedbridge.methods.fedavg.config import FedAvgConfig
 from fedbridge.methods.pe.config import PEConfig
-from fedbridge.methods.registry import METHODS
+from fedbridge.methods.registry import METHODS, option_class
 from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
 from fedbridge.simulations.inprocess import InProcessGrid
@@ -41,7 +41,7 @@ from fedbridge.strategies import (
     WeightSharing,
     strategy_for,
 )
-from fedbridge.strategies.base import SILO_SECTIONS, option_class
+from fedbridge.strategies.base import SILO_SECTIONS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # conftest's TINY, typed

@@ -1,6 +1,10 @@
 """fedbridge methods, by name (the server side). A method is a ``Method`` subclass; add one here to make it runnable."""
 
+import dataclasses
+import importlib
+
 from fedbridge.errors import ConfigError
+from fedbridge.faults import FaultConfig
 from fedbridge.methods.base import Method, Session
 from fedbridge.methods.centralized.server import Centralized
 from fedbridge.methods.crosslm.server import CrossLM
@@ -22,6 +26,23 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
+def option_class(section: str) -> type | None:
+    """The typed options of config section ``section``: ``FaultConfig`` for ``faults``, else the one dataclass that
+    method ``section``'s ``config.py`` defines (None for a method without options of its own)."""
+    if section == "faults":
+        return FaultConfig
+    name = f"{METHODS[section].__module__.rpartition('.')[0]}.config"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name == name:
+            return None
+        raise
+    [cls] = [c for c in vars(module).values()
+             if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == name]
+    return cls
+
+
 def option_applies(key: str, method: str) -> bool:
     """Whether a config key concerns ``method``: a key in another method's section (``fdkt.*`` for ``local``) says
     nothing about it. ``method`` may carry a variant after a space ('social voting')."""
@@ -29,4 +50,4 @@ def option_applies(key: str, method: str) -> bool:
     return section not in METHODS or section == name or (name in METHODS and section in METHODS[name].sections)
 
 
-__all__ = ["METHODS", "Method", "Session", "get_method", "option_applies"]
+__all__ = ["METHODS", "Method", "Session", "get_method", "option_applies", "option_class"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import logging
 import os
 import time
@@ -35,7 +34,7 @@ from fedbridge.config import ExperimentConfig, TaskConfig, from_flat, to_flat
 from fedbridge.errors import ConfigError, FedbridgeError
 from fedbridge.faults import FaultConfig
 from fedbridge.methods.base import MeteredGrid, Session, default_run_name, label_non_private, server_task
-from fedbridge.methods.registry import METHODS, get_method
+from fedbridge.methods.registry import METHODS, get_method, option_class
 from fedbridge.results import RunRecord
 
 log = logging.getLogger(__name__)
@@ -95,23 +94,6 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> RunRecord:
 def silo_reads(key: str) -> bool:
     """Whether the silos read flat run-config ``key`` (from the run config, not from the server)."""
     return key in SILO_KEYS or key.split(".")[0] in SILO_SECTIONS
-
-
-def option_class(section: str) -> type | None:
-    """The typed options of config section ``section``: ``FaultConfig`` for ``faults``, else the one dataclass that
-    method ``section``'s ``config.py`` defines (None for a method without options of its own)."""
-    if section == "faults":
-        return FaultConfig
-    name = f"{METHODS[section].__module__.rpartition('.')[0]}.config"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name == name:
-            return None
-        raise
-    [cls] = [c for c in vars(module).values()
-             if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == name]
-    return cls
 
 
 def flower_result(record: RunRecord) -> Result:
