@@ -3,15 +3,34 @@ deployment; a ServerApp of your own composes the strategies itself (``fedbridge.
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context
+from flwr.common.logger import LOGGER_NAME
 from flwr.serverapp import Grid, ServerApp
 
 from fedbridge.config import ExperimentConfig
+from fedbridge.errors import FedbridgeError
 from fedbridge.strategies import strategy_for
 from fedbridge.strategies.base import run_experiment
 
 __all__ = ["app", "run_experiment"]  # run_experiment: one run without a strategy object (the CLI, the tests)
 app = ServerApp()
+
+
+class OneLineErrors(logging.Filter):
+    """Flower logs whatever a ServerApp raises with its traceback. A fedbridge error already names the problem and
+    the fix (a bad config, every silo refusing), and its traceback only shows fedbridge's internals to an operator:
+    keep Flower's line, add the reason, drop the traceback. A bug (any other exception) keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, FedbridgeError):
+            record.msg, record.args, record.exc_info = f"{record.getMessage()}: {error}", (), None
+        return True
+
+
+logging.getLogger(LOGGER_NAME).addFilter(OneLineErrors())
 
 
 @app.main()

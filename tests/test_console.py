@@ -121,3 +121,25 @@ def test_own_code_is_fedbridge_s_files_wherever_they_are_installed():
     assert own_code("/venv/lib/python3.11/site-packages/fedbridge/models/slm.py")
     assert not own_code("/home/me/fedbridge/.venv/lib/python3.11/site-packages/ray/_private/worker.py")
     assert not own_code("/venv/lib/python3.11/site-packages/opacus/accountants/analysis/rdp.py")
+
+
+def test_flower_logs_a_fedbridge_error_of_the_serverapp_as_one_line(caplog):
+    """An error fedbridge explained (here every silo refusing) reaches the operator's terminal without a traceback;
+    a bug keeps its traceback."""
+    from flwr.common.logger import log
+
+    import fedbridge.server_app  # noqa: F401 - installs the filter on Flower's logger
+    from fedbridge.errors import SiloFailure
+
+    def raised(error: Exception) -> str:
+        caplog.clear()
+        try:
+            raise error
+        except Exception as ex:  # noqa: BLE001 - what Flower's runner does
+            log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=ex)
+        return caplog.text
+
+    shown = raised(SiloFailure("No silo completed FedAvg round 1: every silo refused: silo-0 refuses SLM weights"))
+    assert "ServerApp raised an exception: No silo completed FedAvg round 1: every silo refused" in shown
+    assert "Traceback" not in shown
+    assert "Traceback" in raised(KeyError("a bug"))
