@@ -7,7 +7,7 @@ SEEDS ?= 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test test-vllm bench clean
+.PHONY: install demo test test-vllm bench bench-generation clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -56,6 +56,11 @@ test-vllm: $(VLLM_VENV)/.installed
 
 bench: install
 	$(PY) benchmarks/bench_foundation.py
+
+# HF generate, fedbridge's decoder and vLLM on the same prompts, and DP few-shot (~25 min on 2 CPU cores, alone):
+# benchmarks/results/generation.{json,md}. vLLM runs in $(VLLM_VENV) when it exists (`make test-vllm` builds it).
+bench-generation: install
+	$(PY) benchmarks/bench_generation.py $(if $(wildcard $(VLLM_PY)),--vllm-python $(VLLM_PY),--vllm-python '')
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) results .pytest_cache

@@ -152,6 +152,29 @@ def test_packed_prompts_give_the_whole_prompts_distributions(max_cached):
     assert cached.peak_cached == (4 if max_cached else 5)
 
 
+def test_a_donor_lends_its_template_tokens_to_prompts_not_yet_cached():
+    """Every demonstration's prompt starts with the template the data-free prompt is (``BOS Label: a\nText:``): a
+    prompt read for the first time starts from the data-free prompt's cache of those tokens, reads only the rest,
+    and still gives the whole prompt's distribution."""
+    model, tok = tiny_llm()
+    bos, query = tok("")["input_ids"], tok("Label: a\nText:", add_special_tokens=False)["input_ids"]
+    demos = [tok(f"Label: a\nText: {t}\n\n", add_special_tokens=False)["input_ids"] for t in TEXTS[:6]]
+    prefixes = {-1: bos + query, **{i: bos + d + query for i, d in enumerate(demos)}}
+    read = {}
+    for lend in (False, True):
+        packed = PackedPrompts(model, dict(prefixes), donors={i: -1 for i in range(6)} if lend else None)
+        out = []
+        for step in range(6):
+            keys = (-1, step, (step + 3) % 6)  # new prompts at every step, after the donor's first call
+            for key, probs in zip(keys, packed.probs([(key, out) for key in keys])):
+                full = _next_token_probs(model, [prefixes[key] + out], tok.pad_token_id)[0]
+                assert torch.allclose(probs, full, atol=1e-6)
+            out.append(40 + step)
+        read[lend] = packed.tokens_read
+    shared = len(prefixes[-1])  # the data-free prompt is the template every demonstration's prompt starts with
+    assert read[False] - read[True] == 4 * shared  # prompts 1, 4, 2 and 5 are first read after the donor's first call
+
+
 def test_kv_cached_synthesis_releases_exactly_what_the_uncached_one_does():
     """Same noise seed, same subsampling and noise draws: the same demonstrations and the same charge, with far
     fewer private prompt tokens read."""

@@ -1,7 +1,8 @@
 """The one batched generation engine every method calls, and the one likelihood scorer.
 
-``generate`` runs fedbridge's decoder (``engine.py``: continuous batching over a preallocated KV cache, CUDA graphs on
-GPU) and keeps HF ``generate`` as the reference, which is overhead-bound on GPU (~30 ms a step for 135M at any batch).
+``generate`` runs fedbridge's decoder (``engine.py``: continuous batching over a preallocated KV cache, eager PyTorch,
+measured on CPUs only) and keeps HF ``generate`` as the reference. On a GPU the server LLM's engine is vLLM
+(``models/llm.py``, ``llm.engine=auto``).
 """
 
 from __future__ import annotations
@@ -108,8 +109,15 @@ class SeededSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1)
-        choice = torch.multinomial(probs, 1, generator=self.generator)
-        return torch.full_like(scores, -math.inf).scatter_(1, choice, 0.0)
+        choice = draw(probs, self.generator)
+        return torch.full_like(scores, -math.inf).scatter_(1, choice[:, None], 0.0)
+
+
+def draw(probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """One index per row of (rows, n) unnormalised probabilities: the exponential race ``argmax(p / E)``, E ~ Exp(1)
+    drawn from ``rng``. Exactly what ``torch.multinomial(probs, 1, generator=rng)`` computes and draws (its one-sample
+    path; tested equal), without its host-side validity checks, which wait for the device at every call."""
+    return (probs / torch.empty_like(probs).exponential_(1, generator=rng)).argmax(-1)
 
 
 @torch.no_grad()
@@ -161,7 +169,7 @@ def _chooser(sampling: SamplingConfig, rng: torch.Generator) -> Callable[[torch.
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         ids, probs = candidates(logits, sampling)
-        return ids.gather(-1, torch.multinomial(probs, 1, generator=rng))[:, 0]
+        return ids.gather(-1, draw(probs, rng)[:, None])[:, 0]
     return sample
 
 
@@ -191,7 +199,7 @@ def _decode(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: lis
             sampling: SamplingConfig, rng: torch.Generator, bar: tqdm) -> list[list[int]]:
     tail = max(map(len, sampling.stop), default=0) + 1  # tokens whose text can hold a stop string just completed
     done = (lambda tokens: any(s in tokenizer.decode(tokens[-tail:]) for s in sampling.stop)) if sampling.stop \
-        else (lambda tokens: False)
+        else None
     decoder = Decoder(model, sampling.batch_size, sampling.max_new_tokens, {tokenizer.eos_token_id},
                       tokenizer.pad_token_id, _chooser(sampling, rng), done)
     return decoder.run(ids, on_finish=lambda _: bar.update())

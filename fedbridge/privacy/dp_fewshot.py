@@ -169,11 +169,14 @@ class PackedPrompts:
     dropped, never one asked by the call, so at least the prompts in flight stay. Every private example is one
     prompt and the groups are drawn afresh at every token, so any prompt may be asked again; a dropped one is fed
     its whole prompt when it is, which costs tokens, not output. ``peak_cached`` is the most prompts held at once.
+
+    ``donors`` maps a key to another key whose prompt starts like it (a public template: ``BOS Label: y\nText:``):
+    a prompt with no cache of those tokens starts from the donor's cache of them, if held, and reads only the rest.
     """
 
     def __init__(self, model: PreTrainedModel, prefixes: dict[Hashable, list[int]],
-                 max_cached: int | None = None) -> None:
-        self.model, self.prefixes, self.max_cached = model, prefixes, max_cached
+                 max_cached: int | None = None, donors: dict[Hashable, Hashable] | None = None) -> None:
+        self.model, self.prefixes, self.max_cached, self.donors = model, prefixes, max_cached, donors or {}
         self.cache_arg = cache_argument(model)
         # key -> tokens, keys, values; least recently asked first
         self._fed: dict[Hashable, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
@@ -199,22 +202,26 @@ class PackedPrompts:
         unique = list(dict.fromkeys((key, tuple(out)) for key, out in asks))
         if len({key for key, _ in unique}) < len(unique):
             raise ValueError("one call may ask each prompt for one continuation only (its cache follows one)")
-        rows = []  # (key, tokens, tokens held in its cache)
+        rows = []  # (key, tokens, tokens held in its cache, their keys and values)
         for key, out in unique:
             tokens = self.prefixes[key] + list(out)
-            fed = self._fed.get(key, ([], None, None))[0]
+            fed, keys, values = self._fed.get(key, ([], None, None))
             held = min(common_prefix(fed, tokens), len(tokens) - 1)  # at least one token runs: its logits answer
-            rows.append((key, tokens, held))
+            donor = self._fed.get(self.donors.get(key), ([], None, None))
+            if (lent := min(common_prefix(donor[0], tokens), len(tokens) - 1)) > held:
+                held, keys, values = lent, donor[1], donor[2]
+            rows.append((key, tokens, held, keys[:, :, :held] if held else None,
+                         values[:, :, :held] if held else None))
         asked = {key for key, _ in unique}
         self._evict(asked, sum(key not in self._fed for key in asked))  # before the forward: peak stays bounded
-        past_k = [self._fed[key][1][:, :, :held] for key, _, held in rows if held]
-        past_v = [self._fed[key][2][:, :, :held] for key, _, held in rows if held]
-        feeds = [tokens[held:] for _, tokens, held in rows]
-        width_past, width_new = sum(held for *_, held in rows), sum(map(len, feeds))
+        past_k = [keys for *_, held, keys, _ in rows if held]
+        past_v = [values for *_, held, _, values in rows if held]
+        feeds = [tokens[held:] for _, tokens, held, *_ in rows]
+        width_past, width_new = sum(held for _, _, held, *_ in rows), sum(map(len, feeds))
         device, dtype = self.model.device, self.model.dtype
         visible = torch.zeros(width_new, width_past + width_new, dtype=torch.bool, device=device)
         positions, last, at_past, at_new = [], [], 0, 0
-        for (_, _, held), feed in zip(rows, feeds):
+        for (_, _, held, *_), feed in zip(rows, feeds):
             n = len(feed)
             visible[at_new:at_new + n, at_past:at_past + held] = True
             visible[at_new:at_new + n, width_past + at_new:width_past + at_new + n] = torch.ones(
@@ -230,12 +237,12 @@ class PackedPrompts:
                             **{self.cache_arg: cache}).logits[0]
         new_k, new_v = torch.stack(cache.new_keys, 0)[:, 0], torch.stack(cache.new_values, 0)[:, 0]
         at_new = 0
-        for (key, tokens, held), feed in zip(rows, feeds):
-            _, keys, values = self._fed.pop(key, ([], None, None))  # re-inserted last: the most recently asked
+        for (key, tokens, held, keys, values), feed in zip(rows, feeds):
+            self._fed.pop(key, None)  # re-inserted last: the most recently asked
             span = slice(at_new, at_new + len(feed))
             # copies, not views: a view of new_k would keep the whole call's keys alive
-            keys = new_k[:, :, span].clone() if not held else torch.cat([keys[:, :, :held], new_k[:, :, span]], 2)
-            values = new_v[:, :, span].clone() if not held else torch.cat([values[:, :, :held], new_v[:, :, span]], 2)
+            keys = new_k[:, :, span].clone() if not held else torch.cat([keys, new_k[:, :, span]], 2)
+            values = new_v[:, :, span].clone() if not held else torch.cat([values, new_v[:, :, span]], 2)
             self._fed[key] = (tokens, keys, values)
             at_new += len(feed)
         self.peak_cached = max(self.peak_cached, len(self._fed))
@@ -369,7 +376,9 @@ def dp_fewshot_synthesize(model: PreTrainedModel, tok: PreTrainedTokenizerBase, 
         in_flight = len(label_names) * (cfg.num_groups + 1)  # the prompts one token asks
         prompts = PackedPrompts(model, {(y, i): bos + d + queries[y] for y in range(len(label_names))
                                         for i, d in [(-1, []), *enumerate(demos[y])]},
-                                max_cached=max(cfg.kv_cache_prompts or DEFAULT_CACHED_PROMPTS, in_flight))
+                                max_cached=max(cfg.kv_cache_prompts or DEFAULT_CACHED_PROMPTS, in_flight),
+                                # the data-free prompt (asked at every token) lends its template's keys and values
+                                donors={(y, i): (y, -1) for y in range(len(label_names)) for i in range(len(demos[y]))})
     written: list[_Writer] = []
     prompt_tokens = 0
     t0 = time.perf_counter()
