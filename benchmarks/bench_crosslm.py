@@ -48,6 +48,7 @@ from fedbridge.methods.crosslm.llm import crosslm_prompts, write_labelled
 from fedbridge.methods.crosslm.silo import KEPT_SLM
 from fedbridge.methods.seeding import generation_prompt
 from fedbridge.models.generation import GenerationStats
+from fedbridge.models.llm import load_llm_interface
 from fedbridge.models.loading import load_llm, load_slm
 from fedbridge.models.reward import LLMUpdateConfig, RewardTrainer, ScoredExample
 from fedbridge.models.slm import predict_proba
@@ -110,12 +111,12 @@ def bench_scoring(spec: str, texts: list[str], batch: int, cfg: ExperimentConfig
 
 
 def bench_generation(spec: str, cfg: ExperimentConfig, options: CrossLMConfig) -> dict:
-    model, tok = load_llm(spec)
+    llm = load_llm_interface(spec, torch.device("cpu"))  # fedbridge's backend, as before
     task = load_task(cfg.task, cfg.seed)
     stats, counts = GenerationStats(), Counter()
     t0 = time.perf_counter()
     prompts, labels = crosslm_prompts(task, options.per_label, random.Random(cfg.seed))
-    examples = write_labelled(model, tok, prompts, labels, options, [], cfg.seed, cfg.llm.batch_size, stats, counts)
+    examples = write_labelled(llm, prompts, labels, options, [], cfg.seed, cfg.llm.batch_size, stats, counts)
     seconds = time.perf_counter() - t0
     return {"spec": spec, "prompts": stats.prompts, "kept": len(examples), "max_new_tokens": options.max_new_tokens,
             "batch_size": cfg.llm.batch_size, "seconds": round(seconds, 2),

@@ -4,7 +4,9 @@
     python benchmarks/same_records.py diff OLD NEW                         # exit 1 if a computed figure differs
 
 ``run`` writes one record per method with tiny models built in process (``tiny-bert`` SLMs, a ``tiny-llama`` LLM), 120
-drug reviews, 2 iid silos, every random choice seeded (FDKT's noise seed too), on the in-process engine, through the
+drug reviews, 2 iid silos, every random choice seeded (FDKT's and PE's noise seeds too; CrossLM scores with the
+silos' SLMs, as its DP votes take no run-config seed), each run with a fresh silo state directory (a seeded
+silo's noise also depends on the releases its lifetime ledger holds), on the in-process engine, through the
 CLI (``fedbridge run``), the one interface every version has. To run an older version, check it out elsewhere and put
 it first on the path:
 
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 TINY = {"slm.model": "tiny-bert", "llm.model": "tiny-llama", "task.max-examples": 120, "slm.epochs": 1,
@@ -30,14 +34,16 @@ TINY = {"slm.model": "tiny-bert", "llm.model": "tiny-llama", "task.max-examples"
 METHOD_SIZES = {
     "fdkt": {"fdkt.num-per-label": 1, "fdkt.max-tokens": 8, "fdkt.groups": 2, "fdkt.augment-per-label": 2,
              "fdkt.max-new-tokens": 16, "fdkt.noise-seed": 0, "fdkt.min-words": 1, "fdkt.generator": "tiny-llama"},
-    "crosslm": {"crosslm.per-label": 2, "crosslm.max-new-tokens": 16, "crosslm.min-words": 1,
+    "crosslm": {"crosslm.scores": "slm",  # DP votes draw the silos' own noise (no run-config seed): not repeatable
+                "crosslm.per-label": 2, "crosslm.max-new-tokens": 16, "crosslm.min-words": 1,
                 "crosslm.llm-eval-examples": 10, "crosslm.ppl-passages": 2, "crosslm.mode": "sync",
                 "crosslm.min-reward": -1.0},  # every example eligible: random tiny SLMs score below 0
     "social": {"social.samples": 4, "social.top-k": 2, "social.num-examples": 2, "social.max-test": 10,
                "social.max-new-tokens": 16, "social.shots": 2, "social.vote-examples": 2, "social.teacher": "tiny-llama"},
 }
 METHOD_SIZES["pipeline"] = {**METHOD_SIZES["fdkt"], **METHOD_SIZES["crosslm"]}
-METHODS = "local,fedavg,centralized,llm-zero-shot,fdkt,crosslm,social,pipeline"
+METHOD_SIZES["pe"] = {"pe.noise-seed": 0}
+METHODS = "local,fedavg,centralized,llm-zero-shot,fdkt,crosslm,social,pipeline,pe"
 COMPARED = ("status", "global_metrics", "silo_metrics", "server_metrics", "communication", "tokens", "privacy",
             "failures")
 
@@ -50,8 +56,11 @@ def run(out: Path, methods: str) -> None:
         argv = ["run", "--engine", "inprocess", "--method", method, "--seed", "0", "--results-dir", str(out)]
         argv += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
         code = "import fedbridge, sys; print(fedbridge.__file__, file=sys.stderr); from fedbridge.simulations.cli import main; main()"
+        # a fresh silo state directory per run: a seeded silo's noise also depends on how many releases its
+        # lifetime ledger already holds, so a ledger left by an earlier run would change every draw
+        env = {**os.environ, "FEDBRIDGE_SILO_STATE_DIR": tempfile.mkdtemp(prefix=f"silo-state-{method}-")}
         # run from OUT: `python -c` puts its working directory first on sys.path, ahead of PYTHONPATH's version
-        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=out)
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=out, env=env)
         where = done.stderr.splitlines()[0] if done.stderr else "?"
         print(f"{method}: {'ok' if done.returncode == 0 else 'FAILED'} (fedbridge from {where})", flush=True)
         if done.returncode:

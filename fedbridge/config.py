@@ -104,9 +104,10 @@ class LLMConfig:
         "help": "contextual calibration of the LLM's label answers: probabilities divided by those of content-free "
                 "inputs under the same prompt, then renormalised"})
     engine: str = field(default="auto", metadata={
-        "help": "what runs the server's LLM (FDKT, PE, zero-shot): fedbridge (transformers and fedbridge's decoder), "
-                "vllm (vLLM's offline engine: pip install 'fedbridge[vllm]'), auto (vllm where it is installed for "
-                "the server's device and can load llm.model, else fedbridge)"})
+        "help": "what answers every method's LLM asks (fedbridge.models.llm): fedbridge (transformers and "
+                "fedbridge's decoder), vllm (vLLM's offline engine: pip install 'fedbridge[vllm]'), auto (on the "
+                "server vllm where it is installed for its device and can load llm.model, else fedbridge; on a silo "
+                "fedbridge). DP synthesis and training always take the exact path (docs/models.md)"})
     gpu_memory_fraction: float = field(default=0.5, metadata={
         "help": "llm.engine=vllm on a GPU: the share of the GPU's memory vLLM may take (weights and KV cache), "
                 "in (0, 1]"})

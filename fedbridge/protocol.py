@@ -2,34 +2,27 @@
 
 Every message carries ``config["protocol"] = PROTOCOL_VERSION``; a silo refuses a message of another major version.
 
-Message types (Flower ``<category>.<action>``), request -> reply:
+Message types (Flower ``<category>.<action>``): the core's are declared here, with their entry of the catalogue
+(``CORE_CATALOGUE``: ``query.info`` for discovery, and ``train.local``, ``evaluate``, ``train.augmented``,
+``query.dp_vote``, which several methods send); each method declares its own in its folder's ``messages.py``
+(``fedbridge/methods/<name>/messages.py``: the constants and a ``CATALOGUE`` entry each, request -> reply).
+``catalogue()`` assembles them all, and docs/architecture.md#protocol shows them (written by
+``python -m fedbridge.config_reference``; a test keeps it current).
 
-``query.info``     {}                                        -> metrics: partition-id, num-train, num-test
-``train.local``    config, global-test                       -> metrics: silo-test.*, global-test.*, train.*
-``train``          arrays (SLM weights), config              -> arrays, metrics: num-examples, train.*   (FedAvg)
-``evaluate``       arrays, global-test (optional)            -> metrics: silo-test.*, global-test.*
-``evaluate.llm``   config                                    -> metrics: silo-test.*  (the public LLM on the silo's test split)
-``query.synthesize`` config                                  -> examples (DP synthetic), privacy, metrics: synth.*  (FDKT)
-``train.augmented``  config (synthetic-weight), examples, global-test -> metrics: silo-test.*, global-test.*, train.*
-``train.private``  config, global-test                       -> metrics: silo-test.*, global-test.*, train.*  (CrossLM:
-                   train a fresh SLM on the private split and keep it in the node state for the messages below)
-``query.score``    config, examples (texts, intended labels) -> scores, metrics: score.*  (CrossLM: the kept SLM's class
-                   probabilities of the server's examples; no weights leave the silo)
-``query.upload``   config                                    -> arrays (the kept SLM), slm, metrics  (CrossLM
-                   ``score-on=server`` only: opt-in, weaker privacy)
-``train.enhance``  config (epochs, synthetic-weight, with-private), examples [+ targets], global-test
-                   -> metrics: silo-test.*, global-test.*, train.*  (CrossLM: fine-tune the kept SLM on selected
-                   examples, hard labels or soft ``targets``); or arrays (weights the server enhanced), global-test
-                   -> metrics: silo-test.*, global-test.*  (the silo keeps them)
-``query.teach``    config (mode: examples | instructions)     -> examples (synthetic) or instructions, provenance,
-                   privacy, metrics: teach.*  (Social Learning: the silo as a teacher; nothing else leaves it)
-``query.vote``     config (mode), examples or instructions (the candidates) -> votes, metrics: vote.*  (Social
-                   Learning: the teacher's score of every candidate against its held-out examples)
-``query.dp_vote``  config (epsilon, releases, k, noise-seed), examples (the candidates; labels are the ones the LLM was
-                   asked for, which the silo ignores) -> histogram, privacy, metrics: vote.*  (Private Evolution and
-                   every DP-scored method: the silo's DP nearest-neighbour vote histogram, candidates x labels)
-``query.share_raw`` config (n)                               -> examples (n RAW private examples), privacy, metrics
-                   (Social Learning's NON-PRIVATE upper bound only; never part of a private method)
+Option channels, one rule. A silo reads from the run config only what holds for the whole run and what it applies on
+its own: its data and split, its models, fault injection, and the options of a mechanism it runs on its private data
+by itself (FDKT's demonstrations, Social Learning's teaching): the keys ``strategies.base.SILO_KEYS`` and
+``SILO_SECTIONS`` name (a method's ``messages.py`` names its section in ``SILO_SECTIONS``), which a strategy cannot
+change in Python. Whatever the server decides about one request travels in that request's ``config``: round,
+experiment, final, the candidates, epochs, a loss weight (``synthetic-weight``), a vote's epsilon, releases, k and
+noise seed, a mode, a count. A handler never reads a request option from the run config: a message several methods
+send (``train.augmented`` from FDKT and Private Evolution, ``query.dp_vote``) could not tell whose section to read,
+since a ServerApp of one's own may run several methods on one run config (docs/strategies.md). So ``fdkt.epsilon``
+(the silo's own DP demonstrations) is read by the silo from the run config, and ``fdkt.synthetic-weight`` or
+``pe.synthetic-weight`` (how the server wants its examples weighed in the training it asks for) travels in
+``train.augmented``. ``SILO_SECTIONS`` names whole sections: the keys of ``fdkt.*`` and ``social.*`` that only the
+server reads and sends (``fdkt.synthetic-weight``, ``fdkt.vote-*``, ``social.mode``...) are in it too, so a strategy
+refuses a Python change of them as well (stricter than needed, never a split between the two sides).
 
 Records:
   ``config``       ConfigRecord: protocol (str), round (int), and per-type options (e.g. epochs)
@@ -72,28 +65,30 @@ from fedbridge.tasks.task import Examples
 
 PROTOCOL_VERSION = "1.0"
 
+# the core's message types (several methods send each; a method's own are in its folder's messages.py)
 INFO = "query.info"
 TRAIN_LOCAL = "train.local"
-TRAIN_FEDAVG = "train"
 EVALUATE = "evaluate"
-EVALUATE_LLM = "evaluate.llm"
-SYNTHESIZE = "query.synthesize"
 TRAIN_AUGMENTED = "train.augmented"
+DP_VOTE = "query.dp_vote"  # Private Evolution and every DP-scored method
+CORE_CATALOGUE: dict[str, str] = {  # message type -> request -> reply (what the silo does)
+    INFO: "{} -> metrics: partition-id, num-train, num-test (discovery: every method)",
+    TRAIN_LOCAL: "config, global-test -> metrics: silo-test.*, global-test.*, train.* (a fresh SLM on the private "
+                 "split only)",
+    EVALUATE: "arrays, global-test (optional) -> metrics: silo-test.*, global-test.* (the server's SLM weights)",
+    TRAIN_AUGMENTED: "config (synthetic-weight), examples, global-test -> metrics: silo-test.*, global-test.*, "
+                     "train.* (a fresh SLM on the private split + the server's examples)",
+    DP_VOTE: "config (epsilon, releases, k, noise-seed), examples (the candidates; labels are the ones the LLM was "
+             "asked for, which the silo ignores) -> histogram, privacy, metrics: vote.* (the silo's DP "
+             "nearest-neighbour vote histogram, candidates x labels)",
+}
 
 CONFIG, GLOBAL_TEST, ARRAYS, METRICS = "config", "global-test", "arrays", "metrics"
 EXAMPLES, PRIVACY = "examples", "privacy"
 SLM_PRIVACY = "slm-privacy"  # the privacy record of a DP-trained SLM (slm.dp-epsilon), in any reply that has one
-TRAIN_PRIVATE = "train.private"  # CrossLM (fedbridge.methods.crosslm.server)
-SCORE = "query.score"
-UPLOAD = "query.upload"
-ENHANCE = "train.enhance"
-SCORES, TARGETS, SLM = "scores", "targets", "slm"
-TEACH = "query.teach"  # Social Learning (fedbridge.methods.social.server)
-VOTE = "query.vote"
-SHARE_RAW = "query.share_raw"
-INSTRUCTIONS, PROVENANCE, VOTES = "instructions", "provenance", "votes"
+SCORES, TARGETS, SLM = "scores", "targets", "slm"  # CrossLM
+INSTRUCTIONS, PROVENANCE, VOTES = "instructions", "provenance", "votes"  # Social Learning
 SOCIAL_MODES = ("examples", "instructions")
-DP_VOTE = "query.dp_vote"  # Private Evolution and every DP-scored method
 HISTOGRAM = "histogram"
 MAX_VOTE_K = 64  # nearest candidates one private record votes for
 MAX_EXAMPLES = 100_000  # a larger examples record is refused: a broken or hostile peer, not a real set
@@ -107,6 +102,35 @@ UNIT_METRICS = ("accuracy", "macro_f1")  # a metric named <split>.<one of these>
 
 class ProtocolError(FedbridgeError):
     """A message that does not follow this protocol (wrong version, missing or malformed record)."""
+
+
+def _method_messages() -> dict[str, Any]:
+    """Each registered method's ``messages`` module (None where it adds no message type), by method name."""
+    from fedbridge import methods  # a registry of package names that imports nothing: the silo side may read it
+
+    return {name: methods.method_module(name, "messages") for name in methods.PACKAGES}
+
+
+def catalogue() -> dict[str, tuple[str, str]]:
+    """Every message type -> (who declares it: 'core' or a method's name, its entry: request -> reply): the core's,
+    then each method's ``messages.CATALOGUE`` in the registry's order. A type declared twice is an error."""
+    out = {t: ("core", entry) for t, entry in CORE_CATALOGUE.items()}
+    for name, module in _method_messages().items():
+        for message_type, entry in getattr(module, "CATALOGUE", {}).items():
+            if message_type in out:
+                raise ValueError(f"message type '{message_type}' of method '{name}' is {out[message_type][0]}'s "
+                                 "already")
+            out[message_type] = (name, " ".join(entry.split()))
+    return out
+
+
+def catalogue_markdown() -> str:
+    """The catalogue as a Markdown table (docs/architecture.md#protocol)."""
+    def cell(text: str) -> str:  # | would end the cell, * start an emphasis
+        return text.replace("|", "\\|").replace("*", "\\*")
+
+    rows = "".join(f"| `{t}` | {owner} | {cell(entry)} |\n" for t, (owner, entry) in catalogue().items())
+    return "| message type | declared by | request -> reply |\n|---|---|---|\n" + rows
 
 
 def request(config: Mapping[str, int | float | str | bool] | None = None, global_test: Examples | None = None,

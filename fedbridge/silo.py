@@ -30,8 +30,8 @@ from fedbridge.checkpoint import DEFAULT_SILO_STATE_DIR, atomic_write
 from fedbridge.config import ExperimentConfig, TaskConfig
 from fedbridge.errors import ConfigError
 from fedbridge.models.device import resolve_device
-from fedbridge.models.llm_classifier import label_probabilities
-from fedbridge.models.loading import load_llm, load_slm
+from fedbridge.models.llm import load_silo_llm
+from fedbridge.models.loading import load_slm
 from fedbridge.models.slm import SLM, SLMOptions, TrainStats, predict_proba, train_classifier, validation_split
 from fedbridge.privacy import (
     PrivacyEvent,
@@ -222,13 +222,14 @@ class Silo:
     # ------------------------------------------------------------ LLM
 
     def evaluate_llm(self) -> dict[str, float]:
-        """The public LLM, run inside the silo on the silo's own test split (no data leaves)."""
-        model, tok = load_llm(self.cfg.llm.model, device=self.device)
+        """The public LLM, run inside the silo on the silo's own test split (no data leaves), asked through the
+        silo's LLM interface (``load_silo_llm``: fedbridge's unless ``llm.engine=vllm``)."""
+        llm = load_silo_llm(self.cfg.llm, self.cfg.llm.model, self.device)
         task = load_task(self.cfg.task, self.cfg.seed)
         t0 = time.perf_counter()
-        probs = label_probabilities(model, tok, self.data.test.texts, self.labels, task.instruction,
-                                    batch_size=self.cfg.llm.batch_size, max_tokens=self.cfg.llm.max_length,
-                                    progress=f"{self.name} llm", calibrate=self.cfg.llm.calibrate)
+        probs = llm.label_probabilities(self.data.test.texts, self.labels, task.instruction,
+                                        batch_size=self.cfg.llm.batch_size, max_tokens=self.cfg.llm.max_length,
+                                        progress=f"{self.name} llm", calibrate=self.cfg.llm.calibrate)
         metrics = {f"silo-test.{k}": v for k, v in classification_metrics(self.data.test.labels, probs).items()}
         return {**metrics, "llm.seconds": time.perf_counter() - t0}
 

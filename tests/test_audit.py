@@ -21,6 +21,7 @@ from fedbridge.models.generation import (
     prefix_cached_logprobs,
     prompt_ids,
 )
+from fedbridge.models.llm import FedbridgeLLM
 from fedbridge.models.llm_classifier import classification_prompt, label_probabilities
 from fedbridge.models.loading import byte_tokenizer, tiny_llm
 from fedbridge.privacy import CopyDetector, canary_rank, candidate_secrets, exposure, make_canary, plant
@@ -47,16 +48,16 @@ def copier():
 def test_a_prompt_that_contains_the_canary_gives_rank_zero_and_maximal_exposure(copier):
     canary = make_canary("digits", seed=5)
     candidates = candidate_secrets(canary, 999, seed=1)
-    leaked = canary_report(*copier, NOTES + canary.text + "\n" + NOTES, canary, candidates)
+    leaked = canary_report(FedbridgeLLM(*copier), NOTES + canary.text + "\n" + NOTES, canary, candidates)
     assert leaked == {"canary-rank": 0, "canary-exposure": pytest.approx(math.log2(1000))}
-    clean = canary_report(*copier, NOTES * 2, canary, candidates)
+    clean = canary_report(FedbridgeLLM(*copier), NOTES * 2, canary, candidates)
     assert clean["canary-rank"] > 50 and clean["canary-exposure"] < 5  # the scorer alone does not favour the secret
 
 
 def test_a_name_canary_leaks_the_same_way(copier):
     canary = make_canary("name", seed=2)
     candidates = candidate_secrets(canary, 999, seed=3)
-    assert canary_report(*copier, f"Team list.\n{canary.text}\nEnd.", canary, candidates)["canary-rank"] == 0
+    assert canary_report(FedbridgeLLM(*copier), f"Team list.\n{canary.text}\nEnd.", canary, candidates)["canary-rank"] == 0
 
 
 def test_the_cached_rank_equals_the_uncached_one(copier):
@@ -66,8 +67,9 @@ def test_the_cached_rank_equals_the_uncached_one(copier):
     candidates = candidate_secrets(canary, 199, seed=0)
     for m in (model, copier[0]):
         for prompt in (NOTES, NOTES + canary.text.replace(canary.secret, "0000")):
-            assert canary_rank(m, tok, prompt, canary, candidates, cache_prompt=True) == \
-                canary_rank(m, tok, prompt, canary, candidates)
+            llm = FedbridgeLLM(m, tok)
+            assert canary_rank(llm, prompt, canary, candidates, cache_prompt=True) == \
+                canary_rank(llm, prompt, canary, candidates)
 
 
 def test_exposure_matches_the_rank_definition():
@@ -201,7 +203,7 @@ def test_fedbridge_audit_finds_the_leak_of_a_copying_teacher(tmp_path, monkeypat
     the secret in the shared text, and rank 0 for the canary against what was shared."""
     from test_social import WHOLE_COPIES, CopyingTeacher, run_social
 
-    monkeypatch.setattr("fedbridge.methods.social.teaching.generate", CopyingTeacher())
+    monkeypatch.setattr("fedbridge.models.llm.generate", CopyingTeacher())  # the teachers' fedbridge backend
     options = {**WHOLE_COPIES, "social.verbatim-filter": False, "canaries.enabled": True, "canaries.copies": 40}
     record, grid = run_social(tmp_path, "leaky", **options)
     grid.close()

@@ -25,6 +25,10 @@ from fedbridge.client_app import app as client_app
 from fedbridge.config import RENAMED, ExperimentConfig
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
 from fedbridge.methods.crosslm import silo as crosslm_silo
+from fedbridge.methods.crosslm.messages import ENHANCE, SCORE, TRAIN_PRIVATE, UPLOAD
+from fedbridge.methods.fdkt.messages import SYNTHESIZE
+from fedbridge.methods.fedavg.messages import TRAIN_FEDAVG
+from fedbridge.methods.social.messages import SHARE_RAW, TEACH, VOTE
 from fedbridge.models.loading import tiny_llm
 from fedbridge.privacy import PrivacyEvent
 from fedbridge.privacy.policy import SiloLedger, SiloPolicy
@@ -287,7 +291,7 @@ def test_fdkt_resumes_without_asking_or_augmenting_again(tmp_path, monkeypatch, 
     monkeypatch.setattr(fdkt, "augment", lambda *args, **kwargs: augmented.append(1))
     resumed, grid = attempt(tmp_path, "fdkt-resume", resume=True)
     assert resumed.status == "ok" and resumed.failures == [] and augmented == []
-    assert sent(grid, p.SYNTHESIZE) == [] == sent(grid, p.DP_VOTE)
+    assert sent(grid, SYNTHESIZE) == [] == sent(grid, p.DP_VOTE)
     assert sent(grid, p.TRAIN_AUGMENTED) == [(NODES[0], "2"), (NODES[1], "2")]
     requests = {m.metadata.dst_node_id: m for m in grid.sent if m.metadata.message_type == p.TRAIN_AUGMENTED}
     for node, silo in zip(NODES, ("silo-0", "silo-1")):  # each silo trains on exactly the set attempt 1 made
@@ -316,7 +320,7 @@ def test_fdkt_resumes_without_asking_or_augmenting_again(tmp_path, monkeypatch, 
 def test_a_resumed_run_cannot_spend_a_silos_budget_again(tmp_path, fdkt_uninterrupted):
     # attempt 1 dies right after silo 1 released its demonstrations: silo 1 has spent its budget, the server
     # never saw the release
-    first, _ = attempt(tmp_path, "fdkt-resume", die_on_reply=is_(p.SYNTHESIZE, NODES[1]))
+    first, _ = attempt(tmp_path, "fdkt-resume", die_on_reply=is_(SYNTHESIZE, NODES[1]))
     assert first is None
     state = json.loads((checkpoint_dir(tmp_path, "fdkt-resume") / STATE_FILE).read_text())
     assert "demonstrations/silo-0" in state["steps"] and "demonstrations/silo-1" not in state["steps"]
@@ -326,7 +330,7 @@ def test_a_resumed_run_cannot_spend_a_silos_budget_again(tmp_path, fdkt_uninterr
 
     resumed, grid = attempt(tmp_path, "fdkt-resume", resume=True)  # a new Flower run: fresh node state
     assert resumed.status == "ok"
-    assert sent(grid, p.SYNTHESIZE) == [(NODES[1], "1")]  # silo 0's demonstrations came from the checkpoint
+    assert sent(grid, SYNTHESIZE) == [(NODES[1], "1")]  # silo 0's demonstrations came from the checkpoint
     [failure] = resumed.failures
     assert failure["silo"] == "silo-1" and "PrivacyBudgetExceeded" in failure["reason"]
     assert "is spent" in failure["reason"] and "of the 1 it asked for" in failure["reason"]
@@ -350,7 +354,7 @@ def test_fedavg_resumes_at_the_round_it_lost(tmp_path):
     ledgers = sorted((tmp_path / "reference" / "silos" / "privacy").glob("*.json"))
     assert len(ledgers) == 2 and all([c["event"]["mechanism"] for c in json.loads(path.read_text())["charges"]] ==
                                      ["SLM weights"] for path in ledgers)
-    first, _ = attempt(tmp_path, "fedavg-resume", die_on_push=is_(p.TRAIN_FEDAVG, round_="3"))
+    first, _ = attempt(tmp_path, "fedavg-resume", die_on_push=is_(TRAIN_FEDAVG, round_="3"))
     assert first is None
     state = json.loads((checkpoint_dir(tmp_path, "fedavg-resume") / STATE_FILE).read_text())
     assert list(state["steps"]) == ["round-1", "round-2"]
@@ -359,7 +363,7 @@ def test_fedavg_resumes_at_the_round_it_lost(tmp_path):
 
     resumed, grid = attempt(tmp_path, "fedavg-resume", resume=True)
     assert resumed.status == "ok" and resumed.failures == []
-    assert sent(grid, p.TRAIN_FEDAVG) == [(NODES[0], "3"), (NODES[1], "3")]  # rounds 1-2 are not redone
+    assert sent(grid, TRAIN_FEDAVG) == [(NODES[0], "3"), (NODES[1], "3")]  # rounds 1-2 are not redone
     losses = {k: v for k, v in resumed.server_metrics.items() if k.startswith("round-")}
     assert losses == {k: v for k, v in reference.server_metrics.items() if k.startswith("round-")}
     assert set(losses) == {f"round-{r}.{m}" for r in (1, 2, 3) for m in ("train-loss", "silos")}
@@ -424,7 +428,7 @@ def test_crosslm_resumes_with_its_llm_adapter_batches_and_silo_rounds(tmp_path, 
     writes batch 2 only, asks silo 1 for round 1 again (answered from its disk, not retrained), and ends with exactly
     the numbers of an uninterrupted run."""
     name, options = f"crosslm-{mode}-{score_on}", crosslm_variant(mode, score_on)
-    first, _ = attempt(tmp_path, name, crosslm_options=options, die_on_reply=is_(p.ENHANCE, NODES[1], "1"))
+    first, _ = attempt(tmp_path, name, crosslm_options=options, die_on_reply=is_(ENHANCE, NODES[1], "1"))
     assert first is None
     state = checkpoint_state(tmp_path, name)["steps"]["crosslm"]
     assert state["version"] >= 1 and len(state["batches"]) >= 1 and state["progress"]["silo-1"] == {"scored": 1, "enhanced": 0}
@@ -436,10 +440,10 @@ def test_crosslm_resumes_with_its_llm_adapter_batches_and_silo_rounds(tmp_path, 
 
     resumed, grid = attempt(tmp_path, name, resume=True, crosslm_options=options)
     assert resumed.status == "ok" and resumed.failures == []
-    assert sent(grid, p.TRAIN_PRIVATE) == []  # both silos' private training is kept
-    assert (NODES[1], "1") not in sent(grid, p.SCORE)  # its batch-1 scores are in the checkpoint
-    assert sent(grid, p.UPLOAD) == []  # score-on=server: the server's copies of the SLMs are in its checkpoint
-    assert (NODES[1], "1") in sent(grid, p.ENHANCE)  # asked again; the silo answers from its disk
+    assert sent(grid, TRAIN_PRIVATE) == []  # both silos' private training is kept
+    assert (NODES[1], "1") not in sent(grid, SCORE)  # its batch-1 scores are in the checkpoint
+    assert sent(grid, UPLOAD) == []  # score-on=server: the server's copies of the SLMs are in its checkpoint
+    assert (NODES[1], "1") in sent(grid, ENHANCE)  # asked again; the silo answers from its disk
     assert resumed.server_metrics["crosslm.batches"] == 2
     assert_same_results(resumed, crosslm_uninterrupted[mode, score_on])  # nothing lost, nothing done twice
     steps = [json.loads(line) for line in Path(resumed.artifacts["crosslm-steps"]).read_text().splitlines()]
@@ -506,7 +510,7 @@ def social_uninterrupted(tmp_path_factory) -> RunRecord:
     return record
 
 
-@pytest.mark.parametrize("die_before", [p.VOTE, p.SHARE_RAW])
+@pytest.mark.parametrize("die_before", [VOTE, SHARE_RAW])
 def test_social_resumes_without_asking_a_teacher_again(tmp_path, die_before, social_uninterrupted):
     """Killed before the vote (lessons checkpointed) or before the original baseline (votes too): the resumed run
     sends no query.teach (the DP teachers have spent their budgets), votes again only if it had not, and ends with
@@ -515,11 +519,11 @@ def test_social_resumes_without_asking_a_teacher_again(tmp_path, die_before, soc
     assert first is None
     steps = checkpoint_state(tmp_path, "social-resume")["steps"]
     assert {"lesson/silo-0", "lesson/silo-1"} <= set(steps)
-    assert ("vote/silo-0" in steps) == (die_before == p.SHARE_RAW)
+    assert ("vote/silo-0" in steps) == (die_before == SHARE_RAW)
     resumed, grid = attempt(tmp_path, "social-resume", resume=True)
     assert resumed.status == "ok" and resumed.failures == []
-    assert sent(grid, p.TEACH) == []
-    assert len(sent(grid, p.VOTE)) == (2 if die_before == p.VOTE else 0)
+    assert sent(grid, TEACH) == []
+    assert len(sent(grid, VOTE)) == (2 if die_before == VOTE else 0)
     assert resumed.privacy == social_uninterrupted.privacy
     # the DP teachers' examples are accounted; the votes and raw examples beside them make the run non-private
     assert all(v["epsilon-dp"] <= 8.0 and v["private"] is False and v["non-private"] == "votes, raw examples"

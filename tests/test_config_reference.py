@@ -1,4 +1,5 @@
-"""docs/config.md is generated from the config dataclasses' field help, and agrees with pyproject.toml."""
+"""docs/config.md and pyproject.toml's [tool.flwr.app.config] are generated from the config dataclasses (field help
+and defaults), and docs/architecture.md's protocol catalogue from the message declarations: all three are current."""
 
 from __future__ import annotations
 
@@ -11,7 +12,20 @@ from test_config import method_option_sections, pyproject_run_config
 
 from fedbridge import config_reference
 from fedbridge.config import ExperimentConfig
-from fedbridge.config_reference import COMMAND, DOC, main, reference_markdown, sections
+from fedbridge.config_reference import (
+    ARCHITECTURE,
+    CATALOGUE_BEGIN,
+    COMMAND,
+    DOC,
+    PYPROJECT,
+    main,
+    pyproject_block,
+    reference_markdown,
+    sections,
+    with_catalogue,
+    with_pyproject_block,
+)
+from fedbridge.protocol import catalogue
 
 
 def reference_rows() -> dict:
@@ -34,12 +48,33 @@ def test_docs_config_md_is_the_generated_reference():
     assert DOC.read_text(encoding="utf-8") == reference_markdown(), f"docs/config.md is stale: run {COMMAND}"
 
 
+def test_pyproject_run_config_is_the_generated_block():
+    text = PYPROJECT.read_text(encoding="utf-8")
+    assert text == with_pyproject_block(text), f"pyproject.toml's [tool.flwr.app.config] is stale: run {COMMAND}"
+
+
+def test_architecture_protocol_catalogue_is_current():
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    assert text == with_catalogue(text), f"docs/architecture.md's protocol catalogue is stale: run {COMMAND}"
+    assert all(f"| `{message_type}` |" in text for message_type in catalogue())
+
+
 def test_generator_writes_and_checks(tmp_path):
-    out = tmp_path / "config.md"
-    assert main(["--check", "--output", str(out)]) == 1  # missing is stale
-    assert main(["--output", str(out)]) == 0
+    out, pyproject, architecture = tmp_path / "config.md", tmp_path / "pyproject.toml", tmp_path / "architecture.md"
+    pyproject.write_text('[project]\nname = "x"\n\n[tool.flwr.app.config]\nmethod = "fedavg"\nold-key = 1\n\n\n'
+                         '[tool.ruff]\nline-length = 120\n', encoding="utf-8")
+    architecture.write_text(f"# A\n\n{CATALOGUE_BEGIN}\nold\n<!-- End of the generated protocol catalogue. -->\n",
+                            encoding="utf-8")
+    paths = ["--output", str(out), "--pyproject", str(pyproject), "--architecture", str(architecture)]
+    assert main(["--check", *paths]) == 1  # missing is stale
+    assert main(paths) == 0
     assert out.read_text(encoding="utf-8") == reference_markdown()
-    assert main(["--check", "--output", str(out)]) == 0
+    written = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    assert written["project"] == {"name": "x"} and written["tool"]["ruff"] == {"line-length": 120}
+    assert pyproject_block() in pyproject.read_text(encoding="utf-8") and "old-key" not in pyproject.read_text()
+    assert "\n\n\n[tool.ruff]" in pyproject.read_text(encoding="utf-8")  # the spacing before the next table is kept
+    assert "| `query.info` | core |" in architecture.read_text(encoding="utf-8") and "\nold\n" not in architecture.read_text()
+    assert main(["--check", *paths]) == 0
 
 
 def test_every_pyproject_key_is_in_the_reference_with_its_default():

@@ -21,9 +21,11 @@ from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.errors import ConfigError, DataError
 from fedbridge.methods.crosslm.config import CrossLMConfig
+from fedbridge.methods.crosslm.messages import ENHANCE, SCORE, TRAIN_PRIVATE, UPLOAD
 from fedbridge.methods.crosslm.server import CrossLM, select_examples
 from fedbridge.methods.crosslm.silo import KEPT_SLM
 from fedbridge.models.generation import continuation_logprobs
+from fedbridge.models.llm import FedbridgeLLM
 from fedbridge.models.loading import byte_tokenizer, load_llm, tiny_llm
 from fedbridge.models.reward import (
     LLMUpdateConfig,
@@ -227,7 +229,7 @@ def test_perplexity_on_bundled_general_text():
     assert len(passages) >= 20 and all(len(p.split()) >= 30 for p in passages)
     assert not any(">>>" in p or ":func:" in p for p in passages)
     model, tok = tiny_llm()
-    ppl = perplexity(model, tok, passages[:2], max_tokens=16)
+    ppl = perplexity(FedbridgeLLM(model, tok), passages[:2], max_tokens=16)
     scored = continuation_logprobs(model, tok, ["", ""], [tok.decode(tok(t)["input_ids"][:16]) for t in passages[:2]])
     assert ppl == pytest.approx(np.exp(-sum(s for s, _ in scored) / sum(n for _, n in scored)), rel=1e-5)
     assert 1 < ppl < 10 * len(tok)  # a random byte model: near the vocabulary size
@@ -351,13 +353,13 @@ def test_loss_components_per_step_go_to_a_jsonl_artifact(mixed_run):
 def test_score_on_silo_never_sends_weights(mixed_run):
     grid = mixed_run.grid
     types = {m.metadata.message_type for m in grid.sent}
-    assert {p.TRAIN_PRIVATE, p.SCORE, p.ENHANCE} <= types and p.UPLOAD not in types
+    assert {TRAIN_PRIVATE, SCORE, ENHANCE} <= types and UPLOAD not in types
     for _, request, reply in grid.replied:
         for msg in (request, reply):
             assert not msg.has_error()
             assert not msg.content.array_records
             assert not any(isinstance(r, ArrayRecord) for r in msg.content.values())
-        if request.metadata.message_type == p.SCORE:  # DP votes (the default scores): their cost beside them
+        if request.metadata.message_type == SCORE:  # DP votes (the default scores): their cost beside them
             assert set(reply.content.keys()) == {p.METRICS, p.SCORES, p.PRIVACY}
             assert p.read_privacy(reply.content)["mechanism"] == "dp-nn-votes"
             assert set(reply.content[p.METRICS]) == {"score.examples", "score.seconds", "score.agreement"}
@@ -372,16 +374,16 @@ def test_a_delayed_silo_does_not_hold_back_the_others_in_async_mode(tmp_path, mo
     """Silo 0 answers its first scoring request 2 s late. Async: silo 1 gets its enhancement (and its next batch)
     before silo 0's scores arrive. Sync: nobody gets anything before the slowest silo answered."""
     def before_handle(node, msg):
-        if node == 1000 and msg.metadata.message_type == p.SCORE and msg.metadata.group_id == "1":
+        if node == 1000 and msg.metadata.message_type == SCORE and msg.metadata.group_id == "1":
             time.sleep(2.0)
 
     record, _ = start(tmp_path, f"crosslm-{mode}", before_handle=before_handle, **{"crosslm.mode": mode})
     assert record.status == "ok" and record.failures == []
-    slow_scores = event_time(record, "silo-0", "received", p.SCORE, 1)
-    fast_enhance = event_time(record, "silo-1", "sent", p.ENHANCE, 1)
+    slow_scores = event_time(record, "silo-0", "received", SCORE, 1)
+    fast_enhance = event_time(record, "silo-1", "sent", ENHANCE, 1)
     if mode == "async":
         assert fast_enhance < slow_scores
-        assert event_time(record, "silo-1", "sent", p.SCORE, 2) < slow_scores
+        assert event_time(record, "silo-1", "sent", SCORE, 2) < slow_scores
     else:
         assert fast_enhance > slow_scores
     for silo in ("silo-0", "silo-1"):
@@ -394,28 +396,28 @@ def test_a_failing_and_a_silent_silo_are_dropped_and_the_run_goes_on(tmp_path):
     release = threading.Event()
 
     def before_handle(node, msg):
-        if node == 1002 and msg.metadata.message_type == p.ENHANCE:
+        if node == 1002 and msg.metadata.message_type == ENHANCE:
             release.wait(timeout=60)  # silent until the run is over
 
     t0 = time.monotonic()
     record, grid = start(tmp_path, "crosslm-faults", silos=3, workers=3, before_handle=before_handle,
-                         before_close=release.set, **{"faults.crash-silos": "1", "faults.crash-message-types": p.SCORE,
+                         before_close=release.set, **{"faults.crash-silos": "1", "faults.crash-message-types": SCORE,
                                                       "crosslm.ttl": 8.0, "task.max-examples": 150})
     assert record.status == "ok"
     assert time.monotonic() - t0 < 60
     failed = {(f["silo"], f["message_type"], f["round"]): f["reason"] for f in record.failures}
-    assert set(failed) == {("silo-1", p.SCORE, 1), ("silo-2", p.ENHANCE, 1)}
-    assert "injected crash" in failed[("silo-1", p.SCORE, 1)] and "TTL" in failed[("silo-2", p.ENHANCE, 1)]
+    assert set(failed) == {("silo-1", SCORE, 1), ("silo-2", ENHANCE, 1)}
+    assert "injected crash" in failed[("silo-1", SCORE, 1)] and "TTL" in failed[("silo-2", ENHANCE, 1)]
     assert "round-2.global-test.accuracy" in record.silo_metrics["silo-0"]  # the healthy silo finished
     assert "before.global-test.accuracy" in record.silo_metrics["silo-1"]
     assert "global-test.accuracy" not in record.silo_metrics["silo-1"]
     assert record.server_metrics["crosslm.llm-updates"] >= 1  # the LLM kept learning from who was left
-    assert event_time(record, "silo-1", "failed", p.SCORE, 1) > 0
+    assert event_time(record, "silo-1", "failed", SCORE, 1) > 0
 
 
 def test_stale_rewards_do_not_update_the_llm(tmp_path):
     def before_handle(node, msg):
-        if node == 1001 and msg.metadata.message_type == p.SCORE:
+        if node == 1001 and msg.metadata.message_type == SCORE:
             time.sleep(1.5)
 
     record, _ = start(tmp_path, "crosslm-stale", before_handle=before_handle,
@@ -432,7 +434,7 @@ def test_soft_targets_distil_the_silos_combined_probabilities(tmp_path):
     record, grid = start(tmp_path, "crosslm-soft", **{"crosslm.targets": "soft", "crosslm.mode": "sync",
                                                       "crosslm.with-private": True, "crosslm.rounds": 1})
     assert record.status == "ok" and record.failures == []
-    enhancements = [m for m in grid.sent if m.metadata.message_type == p.ENHANCE]
+    enhancements = [m for m in grid.sent if m.metadata.message_type == ENHANCE]
     assert len(enhancements) == 2
     for msg in enhancements:
         n = len(msg.content[p.EXAMPLES]["texts"])
@@ -450,12 +452,12 @@ def test_score_on_server_uploads_once_and_returns_enhanced_weights(tmp_path, tin
     assert record.status == "ok" and record.failures == []
     assert any("score-on=server" in note and "weaker privacy" in note for note in record.notes)
     sent = [m.metadata.message_type for m in grid.sent]
-    assert p.SCORE not in sent and sent.count(p.UPLOAD) == 2 and sent.count(p.ENHANCE) == 4
-    uploads = grid.replies_of(p.UPLOAD)
+    assert SCORE not in sent and sent.count(UPLOAD) == 2 and sent.count(ENHANCE) == 4
+    uploads = grid.replies_of(UPLOAD)
     assert uploads[1000].content[p.SLM]["spec"] == tiny_distilbert and uploads[1001].content[p.SLM]["spec"] == "tiny-bert"
     last = {}
     for msg in grid.sent:
-        if msg.metadata.message_type == p.ENHANCE:
+        if msg.metadata.message_type == ENHANCE:
             assert p.EXAMPLES not in msg.content
             last[msg.metadata.dst_node_id] = msg.content[p.ARRAYS]
     for node, arrays in last.items():  # the silo keeps exactly what the server sent back

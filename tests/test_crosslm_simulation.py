@@ -13,7 +13,8 @@ import pytest
 from conftest import simulate
 from test_crosslm import FAST
 
-from fedbridge import protocol as p
+from fedbridge.methods.crosslm.messages import ENHANCE, SCORE, TRAIN_PRIVATE, UPLOAD
+from fedbridge.methods.fdkt.messages import SYNTHESIZE
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +28,14 @@ def test_crosslm_on_the_simulation_engine(tmp_path):
             assert 0.0 <= metrics[key] <= 1.0
         assert metrics["train.synthetic"] > 0
         events = [(e["event"], e["message_type"], e["round"]) for e in on_disk.timelines[silo]]
-        assert ("processed", p.SCORE, 2) in events and ("processed", p.ENHANCE, 2) in events
+        assert ("processed", SCORE, 2) in events and ("processed", ENHANCE, 2) in events
     server = on_disk.server_metrics
     assert server["crosslm.llm-updates"] == 2 and server["crosslm.step-last.kl"] > 0
     assert 0.0 <= server["crosslm.llm-after.accuracy"] <= 1.0 and server["crosslm.llm-after.perplexity"] > 1
     steps = Path(on_disk.artifacts["crosslm-steps"]).read_text().splitlines()
     assert len(steps) == server["crosslm.llm-steps"] and "quality" in json.loads(steps[0])
     by_type = on_disk.communication["by_message_type"]
-    assert by_type[p.SCORE]["received"] > 0 and by_type[p.ENHANCE]["sent"] > 0 and p.UPLOAD not in by_type
+    assert by_type[SCORE]["received"] > 0 and by_type[ENHANCE]["sent"] > 0 and UPLOAD not in by_type
 
 
 def test_the_pipeline_on_the_simulation_engine(tmp_path):
@@ -46,6 +47,6 @@ def test_the_pipeline_on_the_simulation_engine(tmp_path):
     assert on_disk.server_metrics["crosslm.seeded-batches"] == on_disk.server_metrics["crosslm.batches"] == 2
     for silo in ("silo-0", "silo-1"):
         processed = [e["message_type"] for e in on_disk.timelines[silo] if e["event"] == "processed"]
-        assert processed[:2] == [p.SYNTHESIZE, p.TRAIN_PRIVATE] and processed.count(p.ENHANCE) == 2
+        assert processed[:2] == [SYNTHESIZE, TRAIN_PRIVATE] and processed.count(ENHANCE) == 2
         privacy = on_disk.privacy[silo]  # demonstrations + DP-vote scores, each within its ε
         assert privacy["private"] is True and 0 < privacy["other"]["epsilon"] <= 4.0 < privacy["epsilon"] <= 8.0

@@ -38,6 +38,7 @@ from fedbridge.deploy import (
 )
 from fedbridge.errors import ConfigError, SiloFailure
 from fedbridge.methods.base import Session, refusal_reason
+from fedbridge.methods.fedavg.messages import TRAIN_FEDAVG
 from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
 from fedbridge.silo import _silo
@@ -111,7 +112,7 @@ class GridWithAHostDown(InProcessGrid):
         self.down: set[int] = set()
 
     def _maybe_go_down(self, node: int, msg) -> None:  # noqa: ANN001
-        if node == 1001 and msg.metadata.message_type == p.TRAIN_FEDAVG:
+        if node == 1001 and msg.metadata.message_type == TRAIN_FEDAVG:
             self.down.add(node)
 
     def get_node_ids(self):  # noqa: ANN201
@@ -239,7 +240,7 @@ def test_a_method_runs_end_to_end_with_uploads_far_above_flowers_chunk_size(depl
         {f"silo-{i}": rows for i, rows in enumerate(ROWS)}
     assert all(0.0 <= m["silo-test.accuracy"] <= 1.0 for m in record.silo_metrics.values())
     assert 0.0 <= record.global_metrics["accuracy"] <= 1.0 and record.global_metrics["n"] == 24  # 20% of 120
-    train = record.communication["by_message_type"][p.TRAIN_FEDAVG]
+    train = record.communication["by_message_type"][TRAIN_FEDAVG]
     per_silo = train["received"] / len(ROWS)
     assert per_silo > 50e6 > 9 * FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE  # every upload went through in >= 10 chunks
     assert train["sent"] > len(ROWS) * 50e6  # and so did the global model, to every silo
@@ -335,9 +336,9 @@ def test_a_silo_killed_mid_round_fails_that_round_only_and_is_served_again(deplo
             deployment.close()  # a failed check must not leave the run waiting for silo 2: stop everything
         pool.shutdown()
     assert record.status == "ok"
-    assert [(f["silo"], f["message_type"], f["round"]) for f in record.failures] == [("silo-2", p.TRAIN_FEDAVG, 1)]
+    assert [(f["silo"], f["message_type"], f["round"]) for f in record.failures] == [("silo-2", TRAIN_FEDAVG, 1)]
     events = {(e["event"], e["round"]): e["t"] for e in record.timelines["silo-2"]
-              if e["message_type"] == p.TRAIN_FEDAVG}
+              if e["message_type"] == TRAIN_FEDAVG}
     assert events[("failed", 1)] - events[("sent", 1)] <= timeout + 15  # the round ended at the timeout
     assert ("received", 2) in events  # served again in round 2
     assert record.server_metrics["round-1.silos"] == 2 and record.server_metrics["round-2.silos"] == 3

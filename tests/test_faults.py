@@ -14,6 +14,7 @@ from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.errors import ConfigError
 from fedbridge.faults import FaultConfig
+from fedbridge.methods.fedavg.messages import TRAIN_FEDAVG
 from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
 from fedbridge.simulations.inprocess import InProcessGrid
@@ -41,14 +42,14 @@ def test_crash_fraction_draws_that_many_silos_reproducibly():
 
 def test_crash_probability_lands_at_random_points_and_the_silo_comes_back():
     cfg = FaultConfig(crash_silos="0", crash_probability=0.5, crash_seed=1)
-    points = [cfg.crash_at(0, 2, p.TRAIN_FEDAVG, str(r)) for r in range(200)]
+    points = [cfg.crash_at(0, 2, TRAIN_FEDAVG, str(r)) for r in range(200)]
     crashed = sum(pt is not None for pt in points)
     assert 70 < crashed < 130 and set(points) == {"before", None}
     assert any(a is not None and b is None for a, b in zip(points, points[1:]))  # crashed, then served again
-    assert points == [cfg.crash_at(0, 2, p.TRAIN_FEDAVG, str(r)) for r in range(200)]  # same draws in any process
-    assert all(cfg.crash_at(1, 2, p.TRAIN_FEDAVG, str(r)) is None for r in range(50))  # silo 1 is not crashing
+    assert points == [cfg.crash_at(0, 2, TRAIN_FEDAVG, str(r)) for r in range(200)]  # same draws in any process
+    assert all(cfg.crash_at(1, 2, TRAIN_FEDAVG, str(r)) is None for r in range(50))  # silo 1 is not crashing
     both = FaultConfig(crash_silos="0", crash_point="random", crash_seed=1)
-    assert {both.crash_at(0, 2, p.TRAIN_FEDAVG, str(r)) for r in range(50)} == {"before", "after"}
+    assert {both.crash_at(0, 2, TRAIN_FEDAVG, str(r)) for r in range(50)} == {"before", "after"}
 
 
 def test_the_original_keys_keep_their_meaning():
@@ -79,11 +80,11 @@ def run(tmp_path, name: str, method: str, **options) -> tuple[RunRecord, InProce
 
 
 def test_fedavg_averages_whoever_answered_each_round(tmp_path):
-    faults = {"faults.crash-silos": "1", "faults.crash-message-types": p.TRAIN_FEDAVG,
+    faults = {"faults.crash-silos": "1", "faults.crash-message-types": TRAIN_FEDAVG,
               "faults.crash-probability": 0.5, "faults.crash-seed": 3}
     record, _ = run(tmp_path, "fedavg-flaky", "fedavg", rounds=4, **{"task.max-examples": 60, **faults})
-    cfg = FaultConfig(crash_silos="1", crash_message_types=p.TRAIN_FEDAVG, crash_probability=0.5, crash_seed=3)
-    crashed = [r for r in range(1, 5) if cfg.crash_at(1, 2, p.TRAIN_FEDAVG, str(r))]
+    cfg = FaultConfig(crash_silos="1", crash_message_types=TRAIN_FEDAVG, crash_probability=0.5, crash_seed=3)
+    crashed = [r for r in range(1, 5) if cfg.crash_at(1, 2, TRAIN_FEDAVG, str(r))]
     assert 0 < len(crashed) < 4, "seed 3 should crash some rounds, not all"  # else pick another seed
     assert record.status == "ok"
     assert [(f["silo"], f["round"]) for f in record.failures] == [("silo-1", r) for r in crashed]
@@ -173,10 +174,10 @@ def test_a_median_holds_where_the_mean_follows_an_adversarial_silo(tmp_path):
         finally:
             grid.close()
         assert record.status == "ok" and any("adversarial" in n for n in record.notes)
-        sent = {m.metadata.dst_node_id: m for m in grid.sent if m.metadata.message_type == p.TRAIN_FEDAVG}
+        sent = {m.metadata.dst_node_id: m for m in grid.sent if m.metadata.message_type == TRAIN_FEDAVG}
         start = next(iter(sent.values())).content[p.ARRAYS]["head.weight"].numpy()
         trained = {req.metadata.dst_node_id: rep.content[p.ARRAYS]["head.weight"].numpy()
-                   for _, req, rep in grid.replied if req.metadata.message_type == p.TRAIN_FEDAVG}
+                   for _, req, rep in grid.replied if req.metadata.message_type == TRAIN_FEDAVG}
         [final] = [m.content[p.ARRAYS]["head.weight"].numpy() for m in grid.sent
                    if m.metadata.message_type == p.EVALUATE][:1]
         assert not np.allclose(trained[1000], start)

@@ -21,9 +21,11 @@ from flwr.app import ArrayRecord, Message
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.methods.fdkt import silo as fdkt_silo
+from fedbridge.methods.fdkt.messages import SYNTHESIZE
 from fedbridge.methods.seeding import llm_filter, parse_kept_indices
 from fedbridge.methods.text import deduplicate, jaccard, parse_generation, shingles
 from fedbridge.models.generation import GenerationStats
+from fedbridge.models.llm import FedbridgeLLM
 from fedbridge.models.loading import byte_tokenizer
 from fedbridge.privacy import (
     canary_rank,
@@ -181,7 +183,7 @@ def fake_llm(answer_for):
             answers.append(answer_for(listing))
         return answers, GenerationStats(prompts=len(prompts))
 
-    return SimpleNamespace(generate=generate), asked
+    return SimpleNamespace(generate=generate, device=torch.device("cpu")), asked
 
 
 def test_llm_filter_keeps_a_whole_cluster_when_the_answer_is_unparseable():
@@ -307,13 +309,13 @@ def test_round_trains_every_silo_on_its_augmented_set_and_records_privacy(dp_run
         assert metrics["synth.examples"] > 0 and 0 <= metrics["global-test.accuracy"] <= 1
     assert record.tokens["silo-generated"] > 0 and record.tokens["prompt"] > 0 and record.tokens["generated"] > 0
     assert record.server_metrics["fdkt.generated"] > 0 and record.server_metrics["fdkt.demonstrations"] > 0
-    assert record.communication["by_message_type"][p.SYNTHESIZE]["received"] > 0
+    assert record.communication["by_message_type"][SYNTHESIZE]["received"] > 0
     assert not any("NOT differentially private" in note for note in record.notes)
 
 
 def test_synthesize_replies_carry_only_dp_examples_and_no_private_text(dp_run):
     grid = dp_run.grid
-    replies = grid.replies_of(p.SYNTHESIZE)
+    replies = grid.replies_of(SYNTHESIZE)
     assert set(replies) == set(NODES)
     for node, reply in replies.items():
         assert not reply.has_error()
@@ -336,12 +338,12 @@ def test_a_spent_budget_refuses_the_next_synthesize_and_charges_nothing(dp_run):
     silo = Silo.from_context(grid.contexts[node])
     path = silo.state_dir / "privacy" / f"{silo.data_id}.json"  # the silo's lifetime ledger, on its disk
     before = path.read_text()
-    experiment = grid.sent_of(p.SYNTHESIZE)[node].content[p.CONFIG][p.EXPERIMENT]
+    experiment = grid.sent_of(SYNTHESIZE)[node].content[p.CONFIG][p.EXPERIMENT]
     spent = silo.run_ledger(1.0, experiment).spent()
     assert 0 < spent <= 1.0
     assert spent == pytest.approx(dp_run.record.privacy["silo-0"]["other"]["epsilon"])
     # the same run asks again: its epsilon (1) is spent
-    msg = Message(p.request({p.EXPERIMENT: experiment}), dst_node_id=node, message_type=p.SYNTHESIZE, group_id="2")
+    msg = Message(p.request({p.EXPERIMENT: experiment}), dst_node_id=node, message_type=SYNTHESIZE, group_id="2")
     [reply] = grid.send_and_receive([msg], timeout=60)
     assert reply.has_error()
     reason = reply.error.reason
@@ -375,7 +377,7 @@ def test_pooled_sends_every_silo_the_same_augmented_set(tmp_path):
             for node, m in grid.sent_of(p.TRAIN_AUGMENTED).items()}
     assert set(sets) == set(NODES) and sets[NODES[0]] == sets[NODES[1]] and sets[NODES[0]][0]
     pooled = set(sets[NODES[0]][0])
-    for node, reply in grid.replies_of(p.SYNTHESIZE).items():  # without the filter every demonstration is kept
+    for node, reply in grid.replies_of(SYNTHESIZE).items():  # without the filter every demonstration is kept
         assert set(reply.content[p.EXAMPLES]["texts"]) <= pooled
     assert record.silo_metrics["silo-0"]["train.synthetic"] == record.silo_metrics["silo-1"]["train.synthetic"] > 0
 
@@ -390,7 +392,7 @@ def test_per_silo_sets_go_back_as_soon_as_they_are_ready(tmp_path):
             released.set()
 
     def before_handle(node, msg):
-        if node == NODES[0] and msg.metadata.message_type == p.SYNTHESIZE:
+        if node == NODES[0] and msg.metadata.message_type == SYNTHESIZE:
             released.wait(timeout=30)
 
     record, grid = start_fdkt(tmp_path, "fdkt-stream", workers=2, before_handle=before_handle, on_push=on_push,
@@ -400,11 +402,11 @@ def test_per_silo_sets_go_back_as_soon_as_they_are_ready(tmp_path):
     assert released.is_set()
     pushed_at = {(kind, node): t for t, kind, node in grid.pushed}
     replied_at = {(req.metadata.message_type, req.metadata.dst_node_id): t for t, req, _ in grid.replied}
-    assert pushed_at[(p.TRAIN_AUGMENTED, NODES[1])] < replied_at[(p.SYNTHESIZE, NODES[0])]
+    assert pushed_at[(p.TRAIN_AUGMENTED, NODES[1])] < replied_at[(SYNTHESIZE, NODES[0])]
     order = [(m.metadata.message_type, m.metadata.dst_node_id) for m in grid.sent]
     assert order.index((p.TRAIN_AUGMENTED, NODES[1])) < order.index((p.TRAIN_AUGMENTED, NODES[0]))
     # per-silo: each set is built from that silo's own demonstrations only
-    demos = {n: set(r.content[p.EXAMPLES]["texts"]) for n, r in grid.replies_of(p.SYNTHESIZE).items()}
+    demos = {n: set(r.content[p.EXAMPLES]["texts"]) for n, r in grid.replies_of(SYNTHESIZE).items()}
     for node, msg in grid.sent_of(p.TRAIN_AUGMENTED).items():
         other = demos[NODES[1 - NODES.index(node)]] - demos[node]
         assert demos[node] <= set(msg.content[p.EXAMPLES]["texts"])
@@ -459,12 +461,13 @@ def canary_silo():
         texts[i] = canary.text
     tok = byte_tokenizer()
     return SimpleNamespace(cfg=cfg, data=dataclasses.replace(data, train=Examples.of(texts, labels)), canary=canary,
-                           model=CopyingLM(len(tok)), tok=tok, candidates=candidate_secrets(canary, 999, seed=1))
+                           llm=FedbridgeLLM(CopyingLM(len(tok)), tok),
+                           candidates=candidate_secrets(canary, 999, seed=1))
 
 
 def release(canary_silo, monkeypatch, epsilon) -> tuple[list[str], dict]:
     """What silo 0 sends in reply to query.synthesize, at ``epsilon`` (dp-fewshot, fixed noise seed)."""
-    monkeypatch.setattr(fdkt_silo, "load_llm", lambda spec, trainable=False, device=None: (canary_silo.model, canary_silo.tok))
+    monkeypatch.setattr(fdkt_silo, "load_llm_interface", lambda spec, device: canary_silo.llm)
     options = {"fdkt.mechanism": "dp-fewshot", "fdkt.epsilon": epsilon, "fdkt.groups": 8,
                "fdkt.shots-per-group": 2, "fdkt.max-tokens": 24, "fdkt.public-top-k": 0, "fdkt.num-per-label": 2,
                "fdkt.min-words": 1}
@@ -475,7 +478,7 @@ def release(canary_silo, monkeypatch, epsilon) -> tuple[list[str], dict]:
 
 
 def rank(canary_silo, released: list[str]) -> int:
-    return canary_rank(canary_silo.model, canary_silo.tok, "\n".join(released), canary_silo.canary,
+    return canary_rank(canary_silo.llm, "\n".join(released), canary_silo.canary,
                        canary_silo.candidates)
 
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import simulate
 
 from fedbridge import protocol as p
+from fedbridge.methods.fdkt.messages import SYNTHESIZE
 
 pytestmark = pytest.mark.slow
 
@@ -35,4 +36,4 @@ def test_fdkt_on_the_simulation_engine(tmp_path):
         assert metrics["train.synthetic"] > 0 and 0.0 <= metrics["global-test.accuracy"] <= 1.0
     assert on_disk.tokens["silo-generated"] > 0
     by_type = on_disk.communication["by_message_type"]
-    assert by_type[p.SYNTHESIZE]["received"] > 0 and by_type[p.TRAIN_AUGMENTED]["sent"] > 0
+    assert by_type[SYNTHESIZE]["received"] > 0 and by_type[p.TRAIN_AUGMENTED]["sent"] > 0

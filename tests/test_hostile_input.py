@@ -17,6 +17,8 @@ from fedbridge.checkpoint import Checkpoint
 from fedbridge.client_app import app as client_app
 from fedbridge.config import ExperimentConfig
 from fedbridge.methods.base import MeteredGrid, Session, server_task
+from fedbridge.methods.fdkt.messages import SYNTHESIZE
+from fedbridge.methods.fedavg.messages import TRAIN_FEDAVG
 from fedbridge.results import RunRecord
 from fedbridge.server_app import run_experiment
 from fedbridge.simulations.inprocess import InProcessGrid
@@ -128,11 +130,11 @@ def test_a_hostile_reply_is_a_recorded_failure_and_the_others_pass(tmp_path, cap
     parse, hostile, reason = HOSTILE[name]
     good = demonstrations() if parse is read_demonstrations else metrics()
     with bare_session(tmp_path, {GOOD: good, BAD: hostile}) as session:
-        replies = session.exchange(p.SYNTHESIZE, {GOOD: p.request(), BAD: p.request()}, round_=1, parse=parse)
+        replies = session.exchange(SYNTHESIZE, {GOOD: p.request(), BAD: p.request()}, round_=1, parse=parse)
     assert set(replies) == {"silo-0"}
     assert replies["silo-0"] == parse(good)  # the honest silo's reply arrives whole
     assert reason in only_reason(session.record)
-    assert session.record.failures[0]["message_type"] == p.SYNTHESIZE and session.record.failures[0]["round"] == 1
+    assert session.record.failures[0]["message_type"] == SYNTHESIZE and session.record.failures[0]["round"] == 1
     assert any("silo-1 failed query.synthesize" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
     assert [e["event"] for e in session.record.timelines["silo-1"]] == ["sent", "failed"]
 
@@ -226,7 +228,7 @@ def crash(content: RecordDict) -> RecordDict:
 def fedavg_without_silo_1(tmp_path_factory) -> RunRecord:
     """FedAvg where silo 1's train reply is an error: what a rejected reply must amount to."""
     cfg = prepare(tiny_config(tmp_path_factory.mktemp("crash"), method="fedavg", run_name="crash"))
-    with federation(cfg, tampered(p.TRAIN_FEDAVG, crash)) as grid:
+    with federation(cfg, tampered(TRAIN_FEDAVG, crash)) as grid:
         return run_experiment(grid, cfg)
 
 
@@ -239,7 +241,7 @@ def fedavg_without_silo_1(tmp_path_factory) -> RunRecord:
 ])
 def test_fedavg_averages_only_valid_weights(tmp_path, fedavg_without_silo_1, tamper, reason):
     cfg = prepare(tiny_config(tmp_path, method="fedavg", run_name=tamper.__name__))
-    with federation(cfg, tampered(p.TRAIN_FEDAVG, tamper)) as grid:
+    with federation(cfg, tampered(TRAIN_FEDAVG, tamper)) as grid:
         record = run_experiment(grid, cfg)
     assert record.status == "ok"
     if reason is None:  # harmless extras are dropped before averaging, which then includes this silo
@@ -262,7 +264,7 @@ def test_fdkt_trains_the_honest_silo_when_the_other_sends_labels_outside_the_lab
         return content
 
     cfg = prepare(tiny_config(tmp_path, method="fdkt", run_name="fdkt-bad-labels", **fast))
-    with federation(cfg, tampered(p.SYNTHESIZE, bad_labels), tmp_path=tmp_path / "silos") as grid:
+    with federation(cfg, tampered(SYNTHESIZE, bad_labels), tmp_path=tmp_path / "silos") as grid:
         record = run_experiment(grid, cfg)
     assert record.status == "ok"
     assert "labels ints in 0..2" in only_reason(record)
@@ -289,13 +291,13 @@ def tiny_arrays(nan: bool = False) -> ArrayRecord:
 
 BAD_REQUESTS = {  # name -> (message type, content, what the error reply says)
     "no config": (p.INFO, RecordDict({p.METRICS: MetricRecord({"x": 1.0})}), "no 'config' record"),
-    "train without weights": (p.TRAIN_FEDAVG, p.request({"epochs": 1}), "no 'arrays' ArrayRecord"),
-    "train with NaN weights": (p.TRAIN_FEDAVG, p.request({"epochs": 1}, arrays=tiny_arrays(nan=True)), "NaN"),
-    "train with text epochs": (p.TRAIN_FEDAVG, p.request({"epochs": "many"}, arrays=tiny_arrays()),
+    "train without weights": (TRAIN_FEDAVG, p.request({"epochs": 1}), "no 'arrays' ArrayRecord"),
+    "train with NaN weights": (TRAIN_FEDAVG, p.request({"epochs": 1}, arrays=tiny_arrays(nan=True)), "NaN"),
+    "train with text epochs": (TRAIN_FEDAVG, p.request({"epochs": "many"}, arrays=tiny_arrays()),
                                "'epochs' must be a number"),
-    "train with negative epochs": (p.TRAIN_FEDAVG, p.request({"epochs": -1}, arrays=tiny_arrays()),
+    "train with negative epochs": (TRAIN_FEDAVG, p.request({"epochs": -1}, arrays=tiny_arrays()),
                                    "outside [0, 1000]"),
-    "train with foreign weights": (p.TRAIN_FEDAVG, p.request({"epochs": 1}, arrays=tiny_arrays()), "state_dict"),
+    "train with foreign weights": (TRAIN_FEDAVG, p.request({"epochs": 1}, arrays=tiny_arrays()), "state_dict"),
     "evaluate with a broken global test": (
         p.EVALUATE,
         p.request(arrays=tiny_arrays(), **{p.GLOBAL_TEST: ConfigRecord({"texts": ["a", "b"], "labels": [0]})}),
@@ -306,7 +308,7 @@ BAD_REQUESTS = {  # name -> (message type, content, what the error reply says)
         p.TRAIN_AUGMENTED,
         p.request({"synthetic-weight": math.nan}, examples=ConfigRecord({"texts": ["x"], "labels": [1]})),
         "'synthetic-weight' must be finite"),
-    "synthesize for a path-like experiment": (p.SYNTHESIZE, p.request({p.EXPERIMENT: "../../etc"}), "experiment"),
+    "synthesize for a path-like experiment": (SYNTHESIZE, p.request({p.EXPERIMENT: "../../etc"}), "experiment"),
 }
 
 

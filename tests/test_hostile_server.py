@@ -18,6 +18,7 @@ from flwr.app import Message
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.errors import ConfigError, PrivacyBudgetExceeded
+from fedbridge.methods.crosslm.messages import SCORE, TRAIN_PRIVATE, UPLOAD
 from fedbridge.privacy import PrivacyEvent
 from fedbridge.privacy.policy import SiloLedger
 from fedbridge.silo import Silo, _silo
@@ -181,12 +182,12 @@ def test_a_kept_non_dp_crosslm_model_is_not_released_under_a_later_runs_dp_label
     grid = InProcessGrid(client_app, run_a.to_run_config(), [node(silo_file, tmp_path)])
     config = {p.EXPERIMENT: "exp", "round": 1}
     try:
-        [trained] = grid.send_and_receive([Message(p.request(config), dst_node_id=1000, message_type=p.TRAIN_PRIVATE,
+        [trained] = grid.send_and_receive([Message(p.request(config), dst_node_id=1000, message_type=TRAIN_PRIVATE,
                                                    group_id="0")], timeout=120)
         assert not trained.has_error()
         grid.contexts[1000].run_config = dict(run_b.to_run_config())  # the server changes its story
         examples = p.examples_record(SimpleNamespace(texts=["fine", "bad"], labels=[0, 1]))
-        for message_type, content in ((p.UPLOAD, p.request(config)), (p.SCORE, p.request(config, examples=examples))):
+        for message_type, content in ((UPLOAD, p.request(config)), (SCORE, p.request(config, examples=examples))):
             [reply] = grid.send_and_receive([Message(content, dst_node_id=1000, message_type=message_type,
                                                      group_id="1")], timeout=120)
             assert reply.has_error() and "allow-non-private=false" in reply.error.reason, message_type

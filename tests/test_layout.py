@@ -1,9 +1,14 @@
 """The package's shape, from its own imports: no import loop anywhere in fedbridge/, and the silo side (the ClientApp
-and everything it imports) imports no server module, so a SuperNode never loads the server's methods."""
+and everything it imports) imports no server module, so a SuperNode never loads the server's methods. The imports
+made by name from the registry (``fedbridge.methods.PACKAGES``: the ClientApp imports each method's ``handlers``, the
+protocol its ``messages``, the server registry its ``server`` and ``config``) are edges of the graph too, and a fresh
+interpreter that imports the ClientApp is checked to have loaded no server module."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -41,6 +46,9 @@ def import_graph(packages: bool = False) -> nx.DiGraph:
                     target = target.rpartition(".")[0]
                 if target.startswith("fedbridge") and target != name:
                     graph.add_edge(name, target)
+    for source, target in registry_imports():
+        if source in modules and target in modules:
+            graph.add_edge(source, target)
     for name in modules if packages else ():  # importing a.b.c runs a/__init__ and a/b/__init__
         parts = name.split(".")
         for i in range(1, len(parts)):
@@ -48,6 +56,19 @@ def import_graph(packages: bool = False) -> nx.DiGraph:
             if parent in modules and parent != name:
                 graph.add_edge(name, parent)
     return graph
+
+
+# which modules import which part of every registered method's package by name (importlib): static imports miss them
+REGISTRY_IMPORTS = {"fedbridge.client_app": ("handlers",), "fedbridge.protocol": ("messages",),
+                    "fedbridge.methods.registry": ("server", "config"), "fedbridge.strategies.base": ("messages",)}
+
+
+def registry_imports() -> list[tuple[str, str]]:
+    """(importer, imported) for the imports ``fedbridge.methods.method_module`` makes by name."""
+    from fedbridge.methods import PACKAGES
+
+    return [(source, f"{package}.{part}") for source, parts in REGISTRY_IMPORTS.items()
+            for package in PACKAGES.values() for part in parts]
 
 
 def is_server_module(name: str) -> bool:
@@ -66,6 +87,20 @@ def test_the_clientapp_imports_no_server_module():
     server = sorted(m for m in reached if is_server_module(m))
     assert not server, f"the ClientApp side reaches server modules: {server}"
     assert {"fedbridge.methods.fdkt.silo", "fedbridge.methods.crosslm.silo", "fedbridge.methods.social.silo"} <= reached
+    assert {f"fedbridge.methods.{m}.handlers" for m in ("local", "fedavg", "fdkt", "crosslm", "social", "pe")} <= reached
+
+
+def test_every_name_the_silo_side_imports_from_the_registry_is_silo_safe():
+    """The ClientApp imports what the registry names through importlib; whatever that loads, in a fresh interpreter,
+    is no server module (the static graph cannot see inside ``importlib.import_module``)."""
+    code = ("import sys, fedbridge.client_app, fedbridge.protocol as p; p.catalogue(); "
+            "print('\\n'.join(m for m in sys.modules if m.startswith('fedbridge')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=PACKAGE.parent, check=True)
+    loaded = done.stdout.split()
+    assert not (server := sorted(m for m in loaded if is_server_module(m))), f"the silo side loaded {server}"
+    reached = nx.descendants(import_graph(packages=True), "fedbridge.client_app") | {"fedbridge.client_app"}
+    assert not (unseen := sorted(set(loaded) - reached)), f"the graph misses what the silo side loads: {unseen}"
 
 
 def test_the_graph_sees_what_a_module_imports():

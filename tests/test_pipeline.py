@@ -13,9 +13,10 @@ from test_crosslm import FAST as FAST_CROSSLM
 from test_fdkt import FAST as FAST_FDKT
 
 import fedbridge.methods.crosslm.llm as server_llm
-from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.errors import ConfigError
+from fedbridge.methods.crosslm.messages import ENHANCE, TRAIN_PRIVATE
+from fedbridge.methods.fdkt.messages import SYNTHESIZE
 from fedbridge.methods.registry import get_method, option_applies
 from fedbridge.server_app import run_experiment
 from fedbridge.simulations.inprocess import InProcessGrid
@@ -31,9 +32,9 @@ def seeded_run(tmp_path_factory):
     prompts = []
     real = server_llm.write_labelled
 
-    def spy(model, tok, batch_prompts, *args, **kwargs):
+    def spy(llm, batch_prompts, *args, **kwargs):
         prompts.extend(batch_prompts)
-        return real(model, tok, batch_prompts, *args, **kwargs)
+        return real(llm, batch_prompts, *args, **kwargs)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(server_llm, "write_labelled", spy)  # what the pipeline's LLM writes every batch with
@@ -62,11 +63,11 @@ def test_every_batch_is_seeded_by_the_silos_dp_demonstrations(seeded_run):
 
 def test_each_silo_synthesizes_once_then_trains_scores_and_is_enhanced(seeded_run):
     record, grid, _ = seeded_run
-    assert sorted(m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == p.SYNTHESIZE) == list(NODES)
+    assert sorted(m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == SYNTHESIZE) == list(NODES)
     for silo in ("silo-0", "silo-1"):
         processed = [e["message_type"] for e in record.timelines[silo] if e["event"] == "processed"]
-        assert processed[:2] == [p.SYNTHESIZE, p.TRAIN_PRIVATE]
-        assert processed.count(p.ENHANCE) == 2
+        assert processed[:2] == [SYNTHESIZE, TRAIN_PRIVATE]
+        assert processed.count(ENHANCE) == 2
         assert 0 <= record.silo_metrics[silo]["round-2.global-test.accuracy"] <= 1
         assert record.silo_metrics[silo]["synth.examples"] > 0
 
@@ -95,11 +96,11 @@ def test_the_pipeline_reads_fdkt_and_crosslm_options_and_refuses_a_dp_slm(tmp_pa
 def test_a_restarted_server_resumes_without_asking_for_demonstrations_again(tmp_path, tmp_path_factory):
     reference, _ = attempt(tmp_path_factory.mktemp("reference"), "pipeline-r", crosslm_options={})
     assert reference.status == "ok" and reference.failures == []
-    first, _ = attempt(tmp_path, "pipeline-r", crosslm_options={}, die_on_reply=is_(p.ENHANCE, NODES[1], "1"))
+    first, _ = attempt(tmp_path, "pipeline-r", crosslm_options={}, die_on_reply=is_(ENHANCE, NODES[1], "1"))
     assert first is None
     assert set(checkpoint_state(tmp_path, "pipeline-r")["steps"]) >= {"demonstrations/silo-0", "demonstrations/silo-1"}
     resumed, grid = attempt(tmp_path, "pipeline-r", resume=True, crosslm_options={})
     assert resumed.status == "ok" and resumed.failures == []
-    assert sent(grid, p.SYNTHESIZE) == [] and sent(grid, p.TRAIN_PRIVATE) == []  # nothing private asked again
+    assert sent(grid, SYNTHESIZE) == [] and sent(grid, TRAIN_PRIVATE) == []  # nothing private asked again
     assert resumed.privacy["silo-1"]["epsilon"] == reference.privacy["silo-1"]["epsilon"]  # nothing charged twice
     assert_same_results(resumed, reference)

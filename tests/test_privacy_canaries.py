@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedbridge.errors import ConfigError
+from fedbridge.models.llm import FedbridgeLLM
 from fedbridge.models.loading import tiny_llm
 from fedbridge.privacy import (
     canary_rank,
@@ -116,8 +117,8 @@ def test_memorised_canary_ranks_first_and_a_fresh_model_does_not():
     canary = make_canary("digits", seed=7)
     candidates = candidate_secrets(canary, 999, seed=0)
     _, tok = tiny_llm()
-    rank = canary_rank(memorise(PROMPT + canary.text), tok, PROMPT, canary, candidates, batch_size=100)
+    rank = canary_rank(FedbridgeLLM(memorise(PROMPT + canary.text), tok), PROMPT, canary, candidates, batch_size=100)
     assert rank == 0
     assert exposure(rank, len(candidates) + 1) == pytest.approx(math.log2(1000))
     fresh, _ = tiny_llm(seed=0)
-    assert canary_rank(fresh, tok, PROMPT, canary, candidates, batch_size=100) > 10
+    assert canary_rank(FedbridgeLLM(fresh, tok), PROMPT, canary, candidates, batch_size=100) > 10

@@ -16,12 +16,13 @@ from conftest import tiny_config, wire_strings
 from copying_lm import CopyingLM
 from flwr.app import ConfigRecord, Message, RecordDict
 
-import fedbridge.methods.social.teaching as social  # the teacher's generation is patched there
+import fedbridge.models.llm as llm_module  # the teacher's generation (the interface's fedbridge backend) is patched there
 from fedbridge import protocol as p
 from fedbridge.client_app import app as client_app
 from fedbridge.errors import ConfigError
 from fedbridge.methods.social.aggregators import BalancedAggregator, Candidate, RandomAggregator, VotingAggregator
 from fedbridge.methods.social.config import SocialConfig
+from fedbridge.methods.social.messages import SHARE_RAW, TEACH, VOTE
 from fedbridge.methods.social.teaching import (
     examples_context,
     parse_free_generation,
@@ -30,6 +31,7 @@ from fedbridge.methods.social.teaching import (
     write_examples,
 )
 from fedbridge.models.generation import GenerationStats, continuation_logprobs
+from fedbridge.models.llm import FedbridgeLLM
 from fedbridge.models.loading import byte_tokenizer
 from fedbridge.privacy import CopyDetector, verbatim_copy_rate
 from fedbridge.results import RunRecord
@@ -134,15 +136,16 @@ def test_the_teacher_keeps_its_lowest_perplexity_generations(monkeypatch):
     private = Examples.of([f"review {i}: the pills made me feel {w} for days" for i, w in enumerate("abcdefgh")],
                           [i % 3 for i in range(8)])
     teacher = CopyingTeacher()
-    monkeypatch.setattr(social, "generate", teacher)
+    monkeypatch.setattr(llm_module, "generate", teacher)
     cfg = SocialConfig(shots=2, samples=6, top_k=2, max_example_chars=80)
-    lesson = write_examples(model, tok, LABELS, private, cfg, seed=0, detector=None)
+    lesson = write_examples(FedbridgeLLM(model, tok), LABELS, private, cfg, seed=0, detector=None)
     assert lesson.metrics["teach.parsed"] == 6 and lesson.metrics["teach.copies-dropped"] == 0
     assert lesson.texts[0] in private.texts  # a verbatim copy has the lowest perplexity
     assert lesson.provenance["perplexities"] == sorted(lesson.provenance["perplexities"])
 
     teacher.prompts.clear()
-    filtered = write_examples(model, tok, LABELS, private, cfg, seed=0, detector=CopyDetector(private.texts))
+    filtered = write_examples(FedbridgeLLM(model, tok), LABELS, private, cfg, seed=0,
+                              detector=CopyDetector(private.texts))
     assert filtered.metrics["teach.copies-dropped"] == 4 and filtered.metrics["teach.kept"] == 2
     assert not set(filtered.texts) & set(private.texts)
     # recompute: the two fresh generations, scored whole against the prompts that produced them
@@ -216,11 +219,11 @@ def test_a_teacher_scores_what_resembles_its_held_out_data_highest():
                        [0, 2])
     texts = ["completely unrelated words about the weather", "the tablets gave me awful headaches every morning",
              "another fresh sentence of new content"]
-    scores = vote_scores(model, tok, LABELS, held, "examples", texts, [1, 0, 2], max_chars=80)
+    scores = vote_scores(FedbridgeLLM(model, tok), LABELS, held, "examples", texts, [1, 0, 2], max_chars=80)
     assert int(np.argmax(scores)) == 1 and len(scores) == 3
     instructions = ["Label by tone.", "Label by tone. Text: the tablets gave me awful headaches every morning\n"
                     "Label: negative", "Read it carefully."]
-    scores = vote_scores(model, tok, LABELS, held, "instructions", instructions, None, max_chars=80)
+    scores = vote_scores(FedbridgeLLM(model, tok), LABELS, held, "instructions", instructions, None, max_chars=80)
     assert int(np.argmax(scores)) == 1
 
 
@@ -232,14 +235,14 @@ WHOLE_COPIES = {"social.top-k": 6, "social.max-example-chars": 2000}  # every ge
 def test_no_private_example_crosses_the_wire_with_the_verbatim_filter(tmp_path, monkeypatch):
     """Teachers that try to copy (verbatim, and long runs inside new text): with the filter on, nothing any silo
     sends, nothing the server forwards, and no student prompt holds a private example or a long run of one."""
-    monkeypatch.setattr(social, "generate", CopyingTeacher())
+    monkeypatch.setattr(llm_module, "generate", CopyingTeacher())
     record, grid = run_social(tmp_path, "filtered", **WHOLE_COPIES, **{"social.baselines": "zero-shot,raw"})
     grid.close()
     assert record.status == "ok" and record.failures == []
     private = {node: private_texts(grid, node) for node in NODES}
     everyone = [t for texts in private.values() for t in texts]
     detector = CopyDetector(everyone)
-    teach = grid.replies_of(p.TEACH)
+    teach = grid.replies_of(TEACH)
     assert set(teach) == set(NODES)
     for node, reply in teach.items():
         assert not reply.has_error()
@@ -258,10 +261,10 @@ def test_no_private_example_crosses_the_wire_with_the_verbatim_filter(tmp_path, 
 
 def test_without_the_filter_copies_do_cross(tmp_path, monkeypatch):
     """The same copying teachers with the filter off: the check above would fail (so it can fail)."""
-    monkeypatch.setattr(social, "generate", CopyingTeacher())
+    monkeypatch.setattr(llm_module, "generate", CopyingTeacher())
     record, grid = run_social(tmp_path, "unfiltered", **WHOLE_COPIES, **{"social.verbatim-filter": False})
     grid.close()
-    for node, reply in grid.replies_of(p.TEACH).items():
+    for node, reply in grid.replies_of(TEACH).items():
         shared, private = reply.content[p.EXAMPLES]["texts"], private_texts(grid, node)
         assert verbatim_copy_rate(shared, private) > 0 and CopyDetector(private).copy_rate(shared) > 0
         assert reply.content[p.PROVENANCE]["verbatim-filter"] is False
@@ -291,14 +294,14 @@ def test_examples_mode_runs_every_aggregator_and_baseline(examples_run):
     assert record.global_metrics == head  # the first aggregator is the headline
     assert math.isnan(record.server_metrics["variant.0-shot.epsilon"])  # nothing shared
     assert math.isinf(record.server_metrics["variant.examples:voting.epsilon"])  # shared, not DP
-    assert set(grid.replies_of(p.TEACH)) == set(NODES)
+    assert set(grid.replies_of(TEACH)) == set(NODES)
     for silo in ("silo-0", "silo-1"):
         assert record.privacy[silo]["private"] is False and math.isinf(record.privacy[silo]["epsilon"])
         assert record.silo_metrics[silo]["teach.kept"] == 3 and record.silo_metrics[silo]["teach.generated"] == 6
     assert record.server_metrics["social.voters"] == 2
     assert record.server_metrics["social.voting.picked"] == 4 == record.server_metrics["social.random.picked"]
     by_type = record.communication["by_message_type"]
-    assert by_type[p.TEACH]["received"] > 0 and by_type[p.VOTE]["sent"] > 0 and by_type[p.SHARE_RAW]["received"] > 0
+    assert by_type[TEACH]["received"] > 0 and by_type[VOTE]["sent"] > 0 and by_type[SHARE_RAW]["received"] > 0
     assert {"teach", "vote", "share-raw", "student-eval", "canary"} <= set(record.seconds)
     assert record.tokens["silo-generated"] > 0 and record.tokens["prompt"] > 0
     assert any("NON-PRIVATE upper bound" in n for n in record.notes)
@@ -342,27 +345,27 @@ def test_compare_shows_one_row_per_variant_with_canary_columns(examples_run):
 
 def test_share_raw_is_refused_unless_the_run_asks_for_the_bound(examples_run, tmp_path):
     grid = examples_run.grid
-    msg = Message(p.request({"n": 2}), dst_node_id=NODES[0], message_type=p.SHARE_RAW, group_id="9")
+    msg = Message(p.request({"n": 2}), dst_node_id=NODES[0], message_type=SHARE_RAW, group_id="9")
     [reply] = grid.send_and_receive([msg], timeout=60)
     assert not reply.has_error() and len(reply.content[p.EXAMPLES]["texts"]) == 2  # this run asked for it
     record, other = run_social(tmp_path, "no-bound", **{"social.aggregators": "random"})
     try:
-        assert record.status == "ok" and p.SHARE_RAW not in record.communication["by_message_type"]
+        assert record.status == "ok" and SHARE_RAW not in record.communication["by_message_type"]
         [reply] = other.send_and_receive([Message(p.request({"n": 2}), dst_node_id=NODES[0],
-                                                  message_type=p.SHARE_RAW, group_id="9")], timeout=60)
+                                                  message_type=SHARE_RAW, group_id="9")], timeout=60)
         assert reply.has_error() and "refuses to share raw examples" in reply.error.reason
-        assert p.VOTE not in record.communication["by_message_type"]  # random needs no votes
+        assert VOTE not in record.communication["by_message_type"]  # random needs no votes
     finally:
         other.close()
 
 
 def test_instructions_mode_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(social, "generate", CopyingTeacher())
+    monkeypatch.setattr(llm_module, "generate", CopyingTeacher())
     record, grid = run_social(tmp_path, "social-instructions", **{"social.mode": "instructions",
                                                                   "social.baselines": "zero-shot,raw"})
     grid.close()
     assert record.status == "ok" and record.failures == []
-    teach = grid.replies_of(p.TEACH)
+    teach = grid.replies_of(TEACH)
     assert set(teach) == set(NODES)
     for reply in teach.values():
         [instruction] = reply.content[p.INSTRUCTIONS]["texts"]

@@ -12,7 +12,7 @@ import math
 import pytest
 from conftest import simulate
 
-from fedbridge import protocol as p
+from fedbridge.methods.social.messages import SHARE_RAW, TEACH, VOTE
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,6 @@ def test_social_on_the_simulation_engine(tmp_path):
         assert on_disk.silo_metrics[silo]["teach.kept"] == 2 and math.isinf(on_disk.privacy[silo]["epsilon"])
     assert 0 <= on_disk.server_metrics["canary-rank"] <= 99
     by_type = on_disk.communication["by_message_type"]
-    assert by_type[p.TEACH]["received"] > 0 and by_type[p.VOTE]["received"] > 0 and by_type[p.SHARE_RAW]["sent"] > 0
+    assert by_type[TEACH]["received"] > 0 and by_type[VOTE]["received"] > 0 and by_type[SHARE_RAW]["sent"] > 0
     lines = [json.loads(x) for x in (tmp_path / "sim-social.contributions.jsonl").read_text().splitlines()]
     assert {x["kind"] for x in lines} == {"social-examples", "raw-examples(non-private)"}

@@ -98,7 +98,7 @@ class Session:
     a timeout, so one broken or hostile silo neither aborts the run nor reaches the other silos' results::
 
         parse = lambda c: (p.read_examples(c, p.EXAMPLES, len(labels)), p.read_privacy(c))
-        for node, (examples, privacy) in session.iter_replies(p.SYNTHESIZE, requests, round_=1, parse=parse):
+        for node, (examples, privacy) in session.iter_replies("query.synthesize", requests, round_=1, parse=parse):
             ...
 
     ``checkpoint`` (``fedbridge.checkpoint.Checkpoint``) keeps completed steps for ``resume=true``; every request

@@ -1,23 +1,30 @@
-"""fedbridge methods, by name (the server side). A method is a ``Method`` subclass; add one here to make it runnable."""
+"""fedbridge methods, by name (the server side): the ``Method`` that each package of ``fedbridge.methods.PACKAGES``
+defines in its ``server.py``. A method is added by its folder and one line there; nothing here changes."""
 
 import dataclasses
-import importlib
 
+from fedbridge import methods
 from fedbridge.errors import ConfigError
 from fedbridge.faults import FaultConfig
 from fedbridge.methods.base import Method, Session
-from fedbridge.methods.centralized.server import Centralized
-from fedbridge.methods.crosslm.server import CrossLM
-from fedbridge.methods.fdkt.server import FDKT
-from fedbridge.methods.fedavg.server import FedAvg
-from fedbridge.methods.local.server import Local
-from fedbridge.methods.pe.server import PrivateEvolution
-from fedbridge.methods.pipeline.server import Pipeline
-from fedbridge.methods.social.server import SocialLearning
-from fedbridge.methods.zero_shot.server import LLMZeroShot
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Local, FedAvg, Centralized, LLMZeroShot, FDKT, CrossLM,
-                                                        SocialLearning, Pipeline, PrivateEvolution)}
+
+def discover() -> dict[str, type[Method]]:
+    """name -> ``Method`` class, from each registered package's ``server.py`` (the class there whose ``name`` is the
+    registry's name for the package), in the registry's order."""
+    out: dict[str, type[Method]] = {}
+    for name, package in methods.PACKAGES.items():
+        module = methods.method_module(name, "server")
+        found = [c for c in vars(module or object).values() if isinstance(c, type) and issubclass(c, Method)
+                 and c.__module__ == getattr(module, "__name__", None) and c.__dict__.get("name") == name]
+        if len(found) != 1:
+            raise TypeError(f"method '{name}': {package}.server must define one Method subclass with "
+                            f"name = '{name}' (found {len(found)})")
+        out[name] = found[0]
+    return out
+
+
+METHODS: dict[str, type[Method]] = discover()
 
 
 def get_method(name: str) -> type[Method]:
@@ -31,15 +38,11 @@ def option_class(section: str) -> type | None:
     method ``section``'s ``config.py`` defines (None for a method without options of its own)."""
     if section == "faults":
         return FaultConfig
-    name = f"{METHODS[section].__module__.rpartition('.')[0]}.config"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name == name:
-            return None
-        raise
+    module = methods.method_module(section, "config")
+    if module is None:
+        return None
     [cls] = [c for c in vars(module).values()
-             if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == name]
+             if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == module.__name__]
     return cls
 
 
@@ -50,4 +53,4 @@ def option_applies(key: str, method: str) -> bool:
     return section not in METHODS or section == name or (name in METHODS and section in METHODS[name].sections)
 
 
-__all__ = ["METHODS", "Method", "Session", "get_method", "option_applies", "option_class"]
+__all__ = ["METHODS", "Method", "Session", "discover", "get_method", "option_applies", "option_class"]

@@ -51,7 +51,7 @@ def _llm_filter_all(llm: LLM, task: Task, jobs: list[tuple[str, list[str]]], see
     members = []  # per job, its clusters (lists of indices); a set of fewer than two texts is kept whole, unasked
     for _, texts in jobs:
         k = math.ceil(len(texts) / 4)
-        clusters = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(embed(texts)) if k > 1 \
+        clusters = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(embed(texts, device=llm.device)) if k > 1 \
             else np.zeros(len(texts), dtype=int)
         members.append([[i for i in range(len(texts)) if clusters[i] == c] for c in range(k)]
                        if len(texts) >= 2 else [])

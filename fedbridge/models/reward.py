@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.errors import ConfigError, DataError
-from fedbridge.models.generation import Prompt, continuation_logprobs, render_prompt
+from fedbridge.models.generation import Prompt, render_prompt
+from fedbridge.models.llm import LLM
 from fedbridge.models.llm_classifier import classification_prompt
 from fedbridge.models.loading import MODEL_BUILD_LOCK
 
@@ -262,14 +263,15 @@ class RewardTrainer:
 # ------------------------------------------------------------------ generalisation: perplexity on general text
 
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int = 128,
-               batch_size: int = 8) -> float:
-    """exp of the mean negative log-likelihood per token of ``texts`` (each cut to ``max_tokens`` tokens)."""
+def perplexity(llm: LLM, texts: Sequence[str], max_tokens: int = 128, batch_size: int = 8) -> float:
+    """exp of the mean negative log-likelihood per token of ``texts`` (each cut to ``max_tokens`` tokens) under
+    ``llm`` (the interface: its continuation log-probabilities after an empty prompt)."""
+    tok = llm.tokenizer
     cut = [tok.decode(tok(t, add_special_tokens=False)["input_ids"][:max_tokens]) for t in texts]
     cut = [t for t in cut if t.strip()]
     if not cut:
         raise DataError("No text to measure perplexity on.")
-    scored = continuation_logprobs(model, tok, [""] * len(cut), cut, batch_size=batch_size, max_tokens=max_tokens + 1)
+    scored = llm.continuation_logprobs([""] * len(cut), cut, batch_size=batch_size, max_tokens=max_tokens + 1)
     return float(math.exp(-sum(lp for lp, _ in scored) / sum(n for _, n in scored)))
 
 

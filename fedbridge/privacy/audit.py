@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.config import ExperimentConfig
 from fedbridge.errors import DataError
 from fedbridge.models.generation import Prompt
-from fedbridge.models.loading import load_llm
+from fedbridge.models.llm import LLM, FedbridgeLLM, load_llm_interface
 from fedbridge.privacy.canaries import (
     Canary,
     CopyDetector,
@@ -49,10 +48,10 @@ from fedbridge.tasks import SiloData, SiloFile, load_federation, load_task, silo
 RAW_KIND = "raw-examples(non-private)"  # contributions of a non-private upper bound: copies by design, not audited
 
 
-def canary_report(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt, canary: Canary,
-                  candidates: Sequence[str]) -> dict[str, float]:
-    """``canary-rank`` (0 = memorised, ~half the candidates = nothing leaked) and ``canary-exposure`` of one prompt."""
-    rank = canary_rank(model, tok, prompt, canary, candidates, cache_prompt=True)
+def canary_report(llm: LLM, prompt: Prompt, canary: Canary, candidates: Sequence[str]) -> dict[str, float]:
+    """``canary-rank`` (0 = memorised, ~half the candidates = nothing leaked) and ``canary-exposure`` of one prompt,
+    under ``llm`` (the LLM interface)."""
+    rank = canary_rank(llm, prompt, canary, candidates, cache_prompt=True)
     return {"canary-rank": rank, "canary-exposure": exposure(rank, len(candidates) + 1)}
 
 
@@ -140,17 +139,21 @@ def _silo_index(name: str) -> int:
     return int(number)
 
 
-def audit_run(record_path: str | Path, model: tuple[PreTrainedModel, PreTrainedTokenizerBase] | str | None = None,
+def audit_run(record_path: str | Path, model: LLM | tuple | str | None = None,
               private_files: Mapping[str, str] | None = None, ngram: int = 8, rank: bool = True) -> RunAudit:
-    """Audit one run record. With a planted canary and ``rank``, ``model`` (a loaded (model, tokenizer), an LLM spec,
-    or None for the run's ``llm.model``) ranks it against every student prompt and against all shared text."""
+    """Audit one run record. With a planted canary and ``rank``, ``model`` ranks it against every student prompt and
+    against all shared text: an LLM interface, a loaded (model, tokenizer) (asked through ``FedbridgeLLM``), an LLM
+    spec, or None for the run's ``llm.model``; a spec loads behind the run's ``llm.engine``."""
     record_path = Path(record_path)
     record = RunRecord.read(record_path)
     cfg = ExperimentConfig.from_run_config(record.config)
     found = run_canary(cfg.canaries, cfg.seed) if cfg.canaries.enabled else None
     canary = found[0] if found else None
     if isinstance(model, str) or model is None:
-        model = load_llm(model or cfg.llm.model, device=cfg.device.for_server()) if rank and found else None
+        model = load_llm_interface(model or cfg.llm.model, cfg.device.for_server(), cfg.llm.engine,
+                                   cfg.llm.gpu_memory_fraction) if rank and found else None
+    elif isinstance(model, tuple):
+        model = FedbridgeLLM(*model)
     private = private_data(cfg, private_files)
     shared: dict[str, list[str]] = {}
     for line in read_contributions(record, record_path):
@@ -165,7 +168,7 @@ def audit_run(record_path: str | Path, model: tuple[PreTrainedModel, PreTrainedT
         prompts = {f"student:{name}": prompt for name, prompt in read_student_prompts(record, record_path).items()}
         if everything:
             prompts["all-shared"] = "\n\n".join(everything)
-        audit.canaries = {name: canary_report(*model, prompt + "\n\n", *found) for name, prompt in prompts.items()}
+        audit.canaries = {name: canary_report(model, prompt + "\n\n", *found) for name, prompt in prompts.items()}
     return audit
 
 

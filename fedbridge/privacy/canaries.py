@@ -16,11 +16,11 @@ from dataclasses import dataclass, replace
 
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge.config import CANARY_KINDS, CanaryConfig
 from fedbridge.errors import ConfigError
-from fedbridge.models.generation import Prompt, continuation_logprobs, continuation_logprobs_shared
+from fedbridge.models.generation import Prompt
+from fedbridge.models.llm import LLM
 from fedbridge.tasks import Examples, SiloData
 
 FIRST_NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi",
@@ -78,20 +78,22 @@ def candidate_secrets(canary: Canary, n: int = 999, seed: int = 0) -> list[str]:
     return sorted(out)
 
 
-def canary_rank(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: Prompt, canary: Canary,
-                candidates: Sequence[str], batch_size: int = 32, cache_prompt: bool = False) -> int:
-    """How many candidate secrets score strictly higher than the true one (0 = the secret is memorised).
+def canary_rank(llm: LLM, prompt: Prompt, canary: Canary, candidates: Sequence[str], batch_size: int = 32,
+                cache_prompt: bool = False) -> int:
+    """How many candidate secrets score strictly higher than the true one (0 = the secret is memorised), under
+    ``llm`` (the LLM interface).
 
     Score: the per-token log-likelihood of the whole canary sentence as a continuation of ``prompt``
     (length-normalised, so secrets of different token lengths compare fairly). Ties count for the canary.
-    ``cache_prompt`` runs the prompt once and reuses its KV cache for all 1,000 sentences (same scores; needs a
-    model with a KV cache): a long student prompt then costs seconds instead of minutes.
+    ``cache_prompt`` asks for the shared-prompt scorer (``continuation_logprobs_shared``: on the fedbridge backend
+    the prompt runs once and its KV cache serves all 1,000 sentences, same scores; needs a model with a KV cache):
+    a long student prompt then costs seconds instead of minutes.
     """
     sentences = [canary.text] + [canary.with_secret(s).text for s in candidates]
     if cache_prompt:
-        scored = continuation_logprobs_shared(model, tok, prompt, sentences)
+        scored = llm.continuation_logprobs_shared(prompt, sentences)
     else:
-        scored = continuation_logprobs(model, tok, [prompt] * len(sentences), sentences, batch_size=batch_size)
+        scored = llm.continuation_logprobs([prompt] * len(sentences), sentences, batch_size=batch_size)
     true, *others = [total / n for total, n in scored]
     return sum(score > true for score in others)
 

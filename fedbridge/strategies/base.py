@@ -33,6 +33,7 @@ from fedbridge.checkpoint import Checkpoint
 from fedbridge.config import ExperimentConfig, TaskConfig, from_flat, to_flat
 from fedbridge.errors import ConfigError, FedbridgeError
 from fedbridge.faults import FaultConfig
+from fedbridge.methods import PACKAGES, method_module
 from fedbridge.methods.base import MeteredGrid, Session, default_run_name, label_non_private, server_task
 from fedbridge.methods.registry import METHODS, get_method, option_class
 from fedbridge.results import RunRecord
@@ -40,12 +41,22 @@ from fedbridge.results import RunRecord
 log = logging.getLogger(__name__)
 flower_log = logging.getLogger("flwr").log  # the ServerApp's own log lines, as Flower's strategies write them
 
-# What the silos read from the run config: their data and its split, their SLM, the LLM they score with, the seed,
-# FedAvg's rounds (a DP SLM's budget is split over them), their device, and the options of the silo side of FDKT,
-# Social Learning and fault injection. Everything else (pe.*, crosslm.*, fedavg.*, results-dir, timeout...) only the
-# server reads, or it travels in the messages. A test keeps this equal to what the silo side parses.
-SILO_SECTIONS = ("task", "partition", "slm", "llm", "canaries", "fdkt", "social", "faults")
+# What the silos read from the run config (the option-channel rule in fedbridge.protocol): their data and its split,
+# their SLM, the LLM they score with, the seed, FedAvg's rounds (a DP SLM's budget is split over them), their device,
+# fault injection, and the sections a method's messages.py names in SILO_SECTIONS (FDKT's demonstrations, Social
+# Learning's teaching). Everything else (pe.*, crosslm.*, fedavg.*, results-dir, timeout...) only the server reads, or
+# it travels in the messages. A test keeps this equal to what the silo side parses.
+CORE_SILO_SECTIONS = ("task", "partition", "slm", "llm", "canaries", "faults")
 SILO_KEYS = ("seed", "rounds", "device.silo")
+
+
+def silo_sections() -> tuple[str, ...]:
+    """The run-config sections the silos read: the core's, then each registered method's ``messages.SILO_SECTIONS``."""
+    declared = (getattr(method_module(name, "messages"), "SILO_SECTIONS", ()) for name in PACKAGES)
+    return tuple(dict.fromkeys((*CORE_SILO_SECTIONS, *(s for sections in declared for s in sections))))
+
+
+SILO_SECTIONS = silo_sections()
 # ExperimentConfig fields a strategy sets itself: the method is the strategy's, and method options come typed
 _NOT_OPTIONS = ("method", "method_options", "task")
 

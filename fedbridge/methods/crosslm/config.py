@@ -42,6 +42,10 @@ class CrossLMConfig:
         "help": "scores=dp-votes: ε per silo for all its score releases (one per round) together; inf = no noise"})
     vote_k: int = field(default=4, metadata={
         "help": "scores=dp-votes: nearest candidates each private record votes for (weight 1/sqrt(k): sensitivity 1)"})
+    noise_seed: int = field(default=-1, metadata={
+        "help": "scores=dp-votes: -1 = the silo's own (secret OS entropy, or its node-config noise-seed; the "
+                "guarantee needs it); >= 0 = a server-chosen seed, for reproducible tests only: refused by a silo that "
+                "does not allow non-private releases, else the release is labelled non-private"})
     aggregate: str = field(default="median", metadata={
         "help": "mean | median | trimmed-mean, over the silos that scored a batch"})
     trim: float = field(default=0.25, metadata={
@@ -102,6 +106,8 @@ class CrossLMConfig:
             raise ConfigError("crosslm.rounds, per-label and min-scorers must be >= 1, max-staleness >= 0.")
         if not self.epsilon > 0 or not 1 <= self.vote_k <= MAX_VOTE_K:
             raise ConfigError(f"crosslm.epsilon must be > 0 (inf = no noise) and crosslm.vote-k in 1..{MAX_VOTE_K}.")
+        if self.noise_seed < -1:
+            raise ConfigError(f"crosslm.noise-seed must be -1 (the silo's own) or >= 0, got {self.noise_seed}.")
         if self.scores == "dp-votes" and self.score_on == "server":
             raise ConfigError("crosslm.score-on=server scores with uploaded SLMs, not DP votes: set crosslm.scores=slm.")
         if not 0.0 <= self.trim < 0.5:

@@ -1,6 +1,10 @@
 """The LLM side of a CrossLM server: the prompts it writes from, one batch of labelled examples, and ``ServerLLM``,
 the model with its reward trainer (LoRA under the KL leash), its evaluation and its checkpoint (adapter, optimizer,
-step log and sampling RNG, once per LLM version)."""
+step log and sampling RNG, once per LLM version).
+
+What the LLM is asked (writing, label scoring, perplexity) goes through the LLM interface
+(``models/llm.py:TrainedLLM`` over the trained model); the trainer gets the weights from the exact path
+(``exact(trainable=True)``): training is not an ask."""
 
 from __future__ import annotations
 
@@ -20,9 +24,8 @@ from fedbridge.methods.crosslm.config import CrossLMConfig
 from fedbridge.methods.crosslm.state import Batch, Generated
 from fedbridge.methods.seeding import STYLES, generation_prompt
 from fedbridge.methods.text import deduplicate, parse_generation
-from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig, generate
-from fedbridge.models.llm_classifier import label_probabilities
-from fedbridge.models.loading import load_llm
+from fedbridge.models.generation import GenerationStats, Prompt, SamplingConfig
+from fedbridge.models.llm import LLM, VLLM, TrainedLLM, load_server_llm
 from fedbridge.models.reward import RewardTrainer, ScoredExample, general_text, perplexity
 from fedbridge.tasks import Examples, Task, classification_metrics
 
@@ -37,14 +40,13 @@ def crosslm_prompts(task: Task, per_label: int, rng: random.Random) -> tuple[lis
     return prompts, labels
 
 
-def write_labelled(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[Prompt], labels: list[int],
-                   cfg: CrossLMConfig, history: list[str], seed: int, batch_size: int, stats: GenerationStats,
-                   counts: Counter) -> list[Generated]:
-    """One batch from ``prompts`` (each asking for its label): sampled, parsed, kept if long enough and not a
-    near-copy of anything written before (``history``)."""
+def write_labelled(llm: LLM, prompts: list[Prompt], labels: list[int], cfg: CrossLMConfig, history: list[str],
+                   seed: int, batch_size: int, stats: GenerationStats, counts: Counter) -> list[Generated]:
+    """One batch from ``prompts`` (each asking for its label), written by ``llm``: sampled, parsed, kept if long
+    enough and not a near-copy of anything written before (``history``)."""
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               batch_size=batch_size)
-    outs, st = generate(model, tok, prompts, sampling, seed=seed, progress="crosslm generate")
+    outs, st = llm.generate(prompts, sampling, seed=seed, progress="crosslm generate")
     stats += st
     texts = [parse_generation(o) for o in outs]
     long_enough = [i for i, t in enumerate(texts) if len(t.split()) >= cfg.min_words]
@@ -55,13 +57,21 @@ def write_labelled(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts
 
 
 class ServerLLM:
-    """The server's LLM (LoRA adapters on the loaded model) and what it does in a CrossLM run."""
+    """The server's LLM (LoRA adapters on the loaded model) and what it does in a CrossLM run.
+
+    ``llm.engine`` decides who writes: on the fedbridge backend the trained peft model itself (exactly as before the
+    interface); on vLLM an engine started with LoRA, under the adapter saved after each update. Label scoring and
+    perplexity always run on the trained model (``TrainedLLM``)."""
 
     def __init__(self, cfg: ExperimentConfig, opts: CrossLMConfig, task: Task, steps_path: Path,
                  device: torch.device) -> None:
         self.cfg, self.opts, self.task, self.steps_path = cfg, opts, task, steps_path
-        model, tok = load_llm(cfg.llm.model, trainable=True, device=device)
-        self.trainer = RewardTrainer(model, tok, opts.update_config(), task.labels, task.instruction, seed=cfg.seed)
+        update = opts.update_config()
+        base = load_server_llm(cfg.llm, device, max_lora_rank=update.rank)
+        model, tok = base.exact(trainable=True)  # the exact path: training needs the weights
+        self.trainer = RewardTrainer(model, tok, update, task.labels, task.instruction, seed=cfg.seed)
+        # the interface over the trained model: what the LLM is asked (writing, scoring, perplexity) goes through it
+        self.interface = TrainedLLM(self.trainer.model, self.trainer.tok, base if isinstance(base, VLLM) else None)
         self.saved_version: int | None = None  # the LLM version whose adapter the checkpoint holds
 
     @property
@@ -74,8 +84,8 @@ class ServerLLM:
 
     def write(self, prompts: list[Prompt], labels: list[int], history: list[str], seed: int, stats: GenerationStats,
               counts: Counter) -> list[Generated]:
-        return write_labelled(self.model, self.tok, prompts, labels, self.opts, history, seed,
-                              self.cfg.llm.batch_size, stats, counts)
+        return write_labelled(self.interface, prompts, labels, self.opts, history, seed, self.cfg.llm.batch_size,
+                              stats, counts)
 
     def update(self, batch: Batch, rewards: np.ndarray, silo: str, steps: int, version: int) -> bool:
         """LoRA steps on the batch's combined rewards; True if the LLM changed. Each step is appended to the
@@ -85,6 +95,7 @@ class ServerLLM:
                                       batch=batch.index, version=version, staleness=version - batch.version,
                                       scorers=len(batch.scores))
         if entries:
+            self.interface.changed()
             self.steps_path.parent.mkdir(parents=True, exist_ok=True)
             with self.steps_path.open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(e) + "\n" for e in entries)
@@ -97,12 +108,11 @@ class ServerLLM:
                 passages[:self.opts.ppl_passages] if self.opts.ppl_passages > 0 else passages)
 
     def evaluate(self, eval_set: Examples, passages: list[str]) -> dict[str, float]:
-        probs = label_probabilities(self.model, self.tok, eval_set.texts, self.task.labels, self.task.instruction,
-                                    batch_size=self.cfg.llm.batch_size, max_tokens=self.cfg.llm.max_length,
-                                    progress="crosslm llm eval", calibrate=self.cfg.llm.calibrate)
+        probs = self.interface.label_probabilities(
+            eval_set.texts, self.task.labels, self.task.instruction, batch_size=self.cfg.llm.batch_size,
+            max_tokens=self.cfg.llm.max_length, progress="crosslm llm eval", calibrate=self.cfg.llm.calibrate)
         return {**classification_metrics(eval_set.labels, probs),
-                "perplexity": perplexity(self.model, self.tok, passages, self.opts.ppl_max_tokens,
-                                         self.cfg.llm.batch_size)}
+                "perplexity": perplexity(self.interface, passages, self.opts.ppl_max_tokens, self.cfg.llm.batch_size)}
 
     # -------------------------------------------------------------- checkpoint
 
@@ -127,6 +137,7 @@ class ServerLLM:
         if not (ckpt.load_adapter(name, self.model) and ckpt.load_optimizer(name, self.trainer.optim)):
             raise ConfigError(f"The CrossLM checkpoint in {ckpt.directory} lacks the LLM adapter '{name}'. Delete "
                               "the directory to start over.")
+        self.interface.changed()
         self.saved_version = saved["version"]
         self.trainer.log = list(saved["log"])
         self.trainer.rng.setstate((saved["rng"][0], tuple(saved["rng"][1]), None))

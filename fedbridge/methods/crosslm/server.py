@@ -22,9 +22,9 @@ dropped, never waited for. ``crosslm.mode=sync`` runs each step for all silos an
 
 Checkpoint (``resume=true``): after every step above the server saves the LLM adapter and its optimizer state (per LLM
 version), the batches with the scores received, each silo's progress (trained / scored round / enhanced round), the
-counters and the LoRA step log. A restarted server reloads them and sends each silo its next request; silos keep
-their SLM of the latest round on their own disk (``Silo.keep_slm``) and answer a request they already finished with
-its stored metrics, so no round is trained twice and no LLM update is lost or repeated.
+counters and the LoRA step log. A restarted server reloads them and sends each silo its next request; silos keep their
+SLM of the latest round on their own disk (``keep_slm`` in ``crosslm/silo.py``) and answer a request they already
+finished with its stored metrics, so no round is trained twice and no LLM update is lost or repeated.
 
 This module is the scheduler (``_Run``: who gets which request when, and what a reply changes); what it knows is plain
 data in ``state.py`` (its checkpoint is that data as JSON), and what the LLM does is ``llm.py``.
@@ -48,6 +48,7 @@ from fedbridge.errors import ConfigError
 from fedbridge.methods.base import POLL_SECONDS, AggregatorAxis, Method, RejectedReply, Session, mean_over_silos
 from fedbridge.methods.crosslm.config import CHECKPOINT_STEP, SERVER_ENHANCE_EPOCHS, CrossLMConfig
 from fedbridge.methods.crosslm.llm import ServerLLM, crosslm_prompts
+from fedbridge.methods.crosslm.messages import ENHANCE, SCORE, TRAIN_PRIVATE, UPLOAD
 from fedbridge.methods.crosslm.state import Batch, CrossLMState, Generated, Progress
 from fedbridge.methods.selection import select_balanced
 from fedbridge.methods.votes import compose_privacy
@@ -162,7 +163,7 @@ class _Run:
                 self.train_private(node)
 
     def train_private(self, node: int) -> None:
-        self.push(node, p.TRAIN_PRIVATE, 0, p.request({"round": 0}, global_test=self.session.global_test))
+        self.push(node, TRAIN_PRIVATE, 0, p.request({"round": 0}, global_test=self.session.global_test))
 
     def progress(self, node: int) -> Progress:
         return self.state.progress[self.session.silo_name(node)]
@@ -177,24 +178,24 @@ class _Run:
     def on_reply(self, pend: _Pending, content: RecordDict) -> None:
         """Async: one silo's reply, and that silo's next request."""
         node, r = pend.node, pend.round
-        if pend.message_type == p.TRAIN_PRIVATE:
+        if pend.message_type == TRAIN_PRIVATE:
             self.on_trained(node, content)
-            self.advance(node, p.TRAIN_PRIVATE)
-        elif pend.message_type == p.UPLOAD:
+            self.advance(node, TRAIN_PRIVATE)
+        elif pend.message_type == UPLOAD:
             if self.on_uploaded(pend, content):
-                self.advance(node, p.UPLOAD)
-        elif pend.message_type == p.SCORE:
+                self.advance(node, UPLOAD)
+        elif pend.message_type == SCORE:
             if (probs := self.read_scores(pend, content)) is not None:
-                self.process(node, r, probs, p.SCORE)
-        elif pend.message_type == p.ENHANCE:
+                self.process(node, r, probs, SCORE)
+        elif pend.message_type == ENHANCE:
             self.on_enhanced(node, r, content)
-            self.advance(node, p.ENHANCE)
+            self.advance(node, ENHANCE)
 
     def advance(self, node: int, trigger: str) -> None:
         """Async: send a silo its next request, from its progress (fresh, or restored from the checkpoint)."""
         prog = self.progress(node)
         if self.opts.score_on == "server" and node not in self.server_slms:
-            self.push(node, p.UPLOAD, prog.enhanced, p.request({"round": prog.enhanced}))
+            self.push(node, UPLOAD, prog.enhanced, p.request({"round": prog.enhanced}))
         elif prog.scored > prog.enhanced:  # resumed after its scores were used, before its enhancement came back
             batch = self.batch(prog.scored)
             self.send_enhancement(node, batch, batch.rewards(self.opts.aggregate, self.opts.trim))
@@ -209,7 +210,7 @@ class _Run:
         if self.opts.score_on == "server":
             for node in sorted(self.live - set(self.server_slms)):  # a resumed run restored the others' copies
                 enhanced = self.progress(node).enhanced
-                self.push(node, p.UPLOAD, enhanced, p.request({"round": enhanced}))
+                self.push(node, UPLOAD, enhanced, p.request({"round": enhanced}))
             for pend, content in self.replies():
                 self.on_uploaded(pend, content)
         for r in range(1, self.opts.rounds + 1):
@@ -240,7 +241,7 @@ class _Run:
                 self.progress(node).scored = r
             self.save()
             for node in ready:
-                self.session.event(node, "processed", p.SCORE, r)
+                self.session.event(node, "processed", SCORE, r)
                 self.send_enhancement(node, batch, rewards)
             for pend, content in self.replies():
                 self.on_enhanced(pend.node, pend.round, content)
@@ -268,7 +269,7 @@ class _Run:
                 pend = self.pending.pop(reply.metadata.reply_to_message_id, None)
                 if pend is None:
                     continue
-                cap = p.MAX_REPLY_BYTES if pend.message_type == p.UPLOAD else p.MAX_EXAMPLES_REPLY_BYTES
+                cap = p.MAX_REPLY_BYTES if pend.message_type == UPLOAD else p.MAX_EXAMPLES_REPLY_BYTES
                 try:
                     self.session.accept(pend.node, reply, pend.message_type, pend.round, p.read_reply, cap)
                 except RejectedReply as rejected:
@@ -296,7 +297,7 @@ class _Run:
             if key != "partition-id":
                 metrics[key if key.startswith("num-") else f"before.{key}"] = value
         self.state.progress[self.session.silo_name(node)] = Progress()
-        self.session.event(node, "processed", p.TRAIN_PRIVATE, 0)
+        self.session.event(node, "processed", TRAIN_PRIVATE, 0)
         self.save()
 
     def on_uploaded(self, pend: _Pending, content: RecordDict) -> bool:
@@ -316,7 +317,7 @@ class _Run:
         self.state.slm_specs[self.session.silo_name(pend.node)] = spec
         self.session.checkpoint.save_arrays(f"slm/{self.session.silo_name(pend.node)}", model.trainable_state())
         self.session.save_contribution(pend.node, "slm-upload", 0, spec=spec, bytes=p.payload_bytes(content))
-        self.session.event(pend.node, "processed", p.UPLOAD, 0)
+        self.session.event(pend.node, "processed", UPLOAD, 0)
         return True
 
     def read_scores(self, pend: _Pending, content: RecordDict) -> np.ndarray | None:
@@ -342,13 +343,14 @@ class _Run:
         return predict_proba(self.server_slms[node], self.batch(round_).texts)
 
     def score_request(self, batch: Batch) -> RecordDict:
-        votes = ({"epsilon": self.opts.epsilon, "releases": self.opts.rounds, "k": self.opts.vote_k}
+        votes = ({"epsilon": self.opts.epsilon, "releases": self.opts.rounds, "k": self.opts.vote_k,
+                  "noise-seed": self.opts.noise_seed}
                  if self.opts.scores == "dp-votes" else {})
         return p.request({"round": batch.index, **votes},
                          examples=p.examples_record(Examples.of(batch.texts, batch.labels)))
 
     def request_scores(self, node: int, round_: int) -> None:
-        self.push(node, p.SCORE, round_, self.score_request(self.batch(round_)))
+        self.push(node, SCORE, round_, self.score_request(self.batch(round_)))
 
     def take_scores(self, node: int, batch: Batch, probs: np.ndarray) -> None:
         batch.scores[self.session.silo_name(node)] = probs
@@ -378,7 +380,7 @@ class _Run:
         if node in self.server_slms:  # score-on=server: the server's copy, as of the round the silo confirmed
             self.session.checkpoint.save_arrays(f"slm/{self.session.silo_name(node)}",
                                                 self.server_slms[node].trainable_state())
-        self.session.event(node, "processed", p.ENHANCE, round_)
+        self.session.event(node, "processed", ENHANCE, round_)
         self.save()
 
     # -------------------------------------------------------------- server work
@@ -449,7 +451,7 @@ class _Run:
             extra = {"targets": p.probabilities_record(targets)} if targets is not None else {}
             content = p.request(config, global_test=self.session.global_test, examples=p.examples_record(examples),
                                 **extra)
-        self.push(node, p.ENHANCE, batch.index, content)
+        self.push(node, ENHANCE, batch.index, content)
 
     # -------------------------------------------------------------- checkpoint
 

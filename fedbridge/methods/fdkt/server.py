@@ -30,6 +30,7 @@ from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.methods.base import Method, Session, mean_over_silos
 from fedbridge.methods.fdkt.config import FDKTConfig
+from fedbridge.methods.fdkt.messages import SYNTHESIZE
 from fedbridge.methods.seeding import (
     filter_demonstration_sets,
     keep_demonstrations,
@@ -140,13 +141,13 @@ class FDKT(Method):
                 augment_each(sorted(demos.keys() & nodes.keys() - trained))
             ask = {node: p.request() for silo, node in nodes.items() if silo not in demos}
             for batch in session.reply_batches(
-                    session.push(p.SYNTHESIZE, ask, 1), p.SYNTHESIZE, 1,
+                    session.push(SYNTHESIZE, ask, 1), SYNTHESIZE, 1,
                     parse=lambda content: read_demonstrations(content, num_labels),
                     max_bytes=p.MAX_EXAMPLES_REPLY_BYTES):
                 for node, (examples, privacy, metrics) in batch:
                     demos[session.silos[node]] = examples
                     keep_demonstrations(session, node, 1, examples, privacy, metrics)
-                    session.event(node, "processed", p.SYNTHESIZE, 1)
+                    session.event(node, "processed", SYNTHESIZE, 1)
                 if early:  # the sets of the silos that arrived together go back at once
                     augment_each([session.silos[node] for node, _ in batch])
             if not early and demos:
@@ -219,5 +220,8 @@ class FDKT(Method):
         return out
 
     def _train_request(self, session: Session, augmented: Examples) -> RecordDict:
+        """The ``train.augmented`` request: the loss weight the server decides travels in it, unlike the silo's own
+        demonstration options (``fdkt.epsilon``...), which the silo reads from the run config (``fedbridge.protocol``'s
+        option-channel rule; Private Evolution sends the same message with its own weight)."""
         return p.request({"synthetic-weight": self.options.synthetic_weight}, global_test=session.global_test,
                          examples=p.examples_record(augmented))

@@ -1,5 +1,9 @@
 """FDKT's silo side: DP synthetic demonstrations of the private training split, through the silo's one DP
-release path (``Silo.dp_release``)."""
+release path (``Silo.dp_release``).
+
+Both mechanisms take the generator from the LLM interface's exact path (``exact()``), whatever ``llm.engine`` says:
+DP few-shot needs the full next-token distribution of every prompt at every step (its DP analysis assumes them; an
+engine returns the top ``max_logprobs``) from its packed, KV-cached forward, and DP-SGD trains the generator."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import dataclasses
 
 from fedbridge.config import from_flat
 from fedbridge.methods.fdkt.config import FDKTConfig
-from fedbridge.models.loading import load_llm
+from fedbridge.models.llm import load_llm_interface
 from fedbridge.privacy import DPFewShotConfig, DPSGDConfig, SynthesisResult, dp_fewshot_synthesize, dp_sgd_synthesize
 from fedbridge.privacy.dp_fewshot import sigma_for_epsilon
 from fedbridge.privacy.policy import RunLedger
@@ -22,15 +26,16 @@ def synthesize(silo: Silo, experiment: str = "") -> tuple[Examples, dict, dict[s
 
     def release(ledger: RunLedger, noise_seed: int | None) -> SynthesisResult:
         budget = min(cfg.epsilon, ledger.remaining())
+        generator = load_llm_interface(cfg.generator, silo.device)  # fedbridge's backend: only its exact path is used
         if cfg.mechanism == "dp-sgd":
-            model, tok = load_llm(cfg.generator, trainable=True, device=silo.device)
+            model, tok = generator.exact(trainable=True)
             mech = DPSGDConfig(target_epsilon=budget, max_grad_norm=cfg.clip, epochs=cfg.sgd_epochs,
                                batch_size=cfg.sgd_batch_size, lr=cfg.sgd_lr, num_per_label=cfg.num_per_label,
                                min_words=cfg.min_words, noise_seed=noise_seed, max_length=cfg.sgd_max_length,
                                size_bound=silo.count_bound(per_label=False))
             return dp_sgd_synthesize(model, tok, texts, labels, silo.labels, mech, ledger,
                                      silo.cfg.seed + silo.index)
-        model, tok = load_llm(cfg.generator, device=silo.device)
+        model, tok = generator.exact()
         mech = DPFewShotConfig(num_groups=cfg.groups, shots_per_group=cfg.shots_per_group,
                                max_tokens=cfg.max_tokens, public_top_k=cfg.public_top_k,
                                num_per_label=cfg.num_per_label, min_words=cfg.min_words, noise_seed=noise_seed,

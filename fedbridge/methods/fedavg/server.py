@@ -25,6 +25,7 @@ from fedbridge.config import ExperimentConfig, from_flat
 from fedbridge.errors import ConfigError
 from fedbridge.methods.base import AggregatorAxis, Method, RejectedReply, Session, mean_over_silos
 from fedbridge.methods.fedavg.config import STRATEGIES, FedAvgConfig
+from fedbridge.methods.fedavg.messages import TRAIN_FEDAVG
 from fedbridge.models.loading import load_slm
 from fedbridge.models.slm import predict_proba
 from fedbridge.tasks import classification_metrics
@@ -127,9 +128,9 @@ class _Checked:
         self._global, self._waiting, self._sent = arrays, {m.metadata.dst_node_id for m in messages}, messages
         for msg in messages:
             msg.metadata.group_id = str(round_)
-            self.session.event(msg.metadata.dst_node_id, "sent", p.TRAIN_FEDAVG, round_)
+            self.session.event(msg.metadata.dst_node_id, "sent", TRAIN_FEDAVG, round_)
         for node in sorted(self.session.silos.keys() - self._waiting):
-            self.session.fail(node, p.TRAIN_FEDAVG, round_, "offline when the round started")
+            self.session.fail(node, TRAIN_FEDAVG, round_, "offline when the round started")
         return messages
 
     def _online_silos(self, grid) -> set[int]:  # noqa: ANN001 - Flower's Grid
@@ -157,13 +158,13 @@ class _Checked:
             node = request.metadata.dst_node_id if request else reply.metadata.src_node_id
             self._waiting.discard(node)
             try:
-                arrays, metrics = session.accept(node, reply, p.TRAIN_FEDAVG, round_, parse)
+                arrays, metrics = session.accept(node, reply, TRAIN_FEDAVG, round_, parse)
             except RejectedReply as rejected:
-                session.fail(node, p.TRAIN_FEDAVG, round_, str(rejected))
+                session.fail(node, TRAIN_FEDAVG, round_, str(rejected))
                 continue
             valid[node] = (reply, arrays, metrics)
         for node in self._waiting:
-            session.fail(node, p.TRAIN_FEDAVG, round_, f"no reply within {session.cfg.timeout:.0f} s")
+            session.fail(node, TRAIN_FEDAVG, round_, f"no reply within {session.cfg.timeout:.0f} s")
         if not valid:
             raise session.no_silo_completed(f"FedAvg round {round_}")
         # only what aggregation reads: an extra record or metric from one silo would make Flower abort the round; a

@@ -28,8 +28,8 @@ from fedbridge.methods.crosslm.config import CrossLMConfig
 from fedbridge.methods.crosslm.server import CrossLM, _Pending, _Run
 from fedbridge.methods.crosslm.state import Generated
 from fedbridge.methods.fdkt.config import FDKTConfig
+from fedbridge.methods.fdkt.messages import SYNTHESIZE
 from fedbridge.methods.seeding import filter_demonstrations, keep_demonstrations, read_demonstrations, seeded_prompts
-from fedbridge.models.llm import FedbridgeLLM
 from fedbridge.tasks import Examples
 
 
@@ -61,7 +61,7 @@ class _PipelineRun(_Run):
         for node in sorted(self.live):
             silo = self.session.silo_name(node)
             if silo not in self.demos:
-                self.push(node, p.SYNTHESIZE, 0, p.request())
+                self.push(node, SYNTHESIZE, 0, p.request())
             elif silo not in self.state.progress:
                 self.train_private(node)
 
@@ -74,17 +74,17 @@ class _PipelineRun(_Run):
             return
         self.demos[self.session.silo_name(pend.node)] = examples
         keep_demonstrations(self.session, pend.node, 0, examples, privacy, metrics)
-        self.session.event(pend.node, "processed", p.SYNTHESIZE, 0)
+        self.session.event(pend.node, "processed", SYNTHESIZE, 0)
         self.train_private(pend.node)
 
     def on_reply(self, pend: _Pending, content: RecordDict) -> None:
-        if pend.message_type == p.SYNTHESIZE:
+        if pend.message_type == SYNTHESIZE:
             self.on_demonstrations(pend, content)
         else:
             super().on_reply(pend, content)
 
     def on_setup(self, pend: _Pending, content: RecordDict) -> None:
-        if pend.message_type == p.SYNTHESIZE:
+        if pend.message_type == SYNTHESIZE:
             self.on_demonstrations(pend, content)
         else:
             super().on_setup(pend, content)
@@ -97,9 +97,9 @@ class _PipelineRun(_Run):
         pool = Examples.of([t for s in sources for t in self.demos[s].texts],
                            [y for s in sources for y in self.demos[s].labels])
         state = self.state
-        # the LLM CrossLM trains: fedbridge's backend, whatever llm.engine says (vLLM cannot train it)
-        kept = filter_demonstrations(FedbridgeLLM(self.llm.model, self.llm.tok), self.task, pool, self.fdkt.llm_filter,
-                                     seed, state.stats, state.counts)
+        # the LLM CrossLM trains, as it is now: through the interface over the trained model (ServerLLM.interface)
+        kept = filter_demonstrations(self.llm.interface, self.task, pool, self.fdkt.llm_filter, seed, state.stats,
+                                     state.counts)
         prompts, labels = seeded_prompts(self.task, kept, self.opts.per_label, self.fdkt.demos_per_prompt,
                                          random.Random(seed))
         state.counts["seeded-batches"] += 1

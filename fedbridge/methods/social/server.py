@@ -40,19 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge import protocol as p
 from fedbridge.config import ExperimentConfig
 from fedbridge.methods.base import AggregatorAxis, Method, Session
 from fedbridge.methods.social.aggregators import AGGREGATORS, Candidate, get_aggregator
 from fedbridge.methods.social.config import ORIGINAL, ZERO_SHOT, social_options
+from fedbridge.methods.social.messages import SHARE_RAW, TEACH, VOTE
 from fedbridge.methods.social.teaching import Lesson, examples_context, instructions_context
-from fedbridge.models.generation import (
-    prompt_ids,
-)
-from fedbridge.models.llm_classifier import classification_prompt, label_probabilities
-from fedbridge.models.loading import load_llm
+from fedbridge.models.generation import prompt_ids
+from fedbridge.models.llm import LLM, load_server_llm
+from fedbridge.models.llm_classifier import classification_prompt
 from fedbridge.privacy.audit import RAW_KIND, canary_report
 from fedbridge.privacy.canaries import run_canary
 from fedbridge.tasks import Examples, classification_metrics
@@ -91,7 +89,7 @@ class SocialLearning(Method):
         if opts.max_test and len(test) > opts.max_test:
             test = Examples.of(test.texts[:opts.max_test], test.labels[:opts.max_test])
         with session.phase("server-llm-load"):
-            student, tok = load_llm(self.cfg.llm.model, device=session.device)
+            student = load_server_llm(self.cfg.llm, session.device)
         with session.phase("teach"):
             candidates = self._teach(session)
         aggregators = [get_aggregator(a, opts.diversity) for a in opts.aggregator_names]
@@ -102,18 +100,18 @@ class SocialLearning(Method):
         variants = self._variants(session, candidates, aggregators, scores)
         with session.phase("student-eval"):
             results = {v.name: _once(session, f"eval/{v.name}",
-                                     lambda v=v: self._evaluate(student, tok, session, test, v.context))
+                                     lambda v=v: self._evaluate(student, session, test, v.context))
                        for v in variants}
             if "raw" in opts.baseline_names:
                 results[f"{opts.mode}:raw"] = _once(session, f"eval/{opts.mode}:raw", lambda: self._evaluate_raw(
-                    student, tok, session, test, candidates))
+                    student, session, test, candidates))
         if self.cfg.canaries.enabled:
             canary = run_canary(self.cfg.canaries, self.cfg.seed)
             with session.phase("canary"):
                 for v in variants:
                     if v.context:  # the student prompt of this variant, as the canary's context
                         results[v.name] |= _once(session, f"canary/{v.name}", lambda v=v: canary_report(
-                            student, tok, v.context + "\n\n", *canary))
+                            student, v.context + "\n\n", *canary))
         self._record(session, variants, results, aggregators[0].name)
         self._save_prompts(session, variants)
 
@@ -142,7 +140,7 @@ class SocialLearning(Method):
 
         request = {n: p.request({"mode": opts.mode}) for n, silo in session.silos.items()
                    if not ckpt.done(f"lesson/{silo}")}
-        for node, lesson in session.iter_replies(p.TEACH, request, round_=1, parse=parse,
+        for node, lesson in session.iter_replies(TEACH, request, round_=1, parse=parse,
                                                  max_bytes=p.MAX_EXAMPLES_REPLY_BYTES):
             silo = session.silos[node]
             record.privacy[silo] = lesson.privacy
@@ -156,7 +154,7 @@ class SocialLearning(Method):
             record.silo_metrics.setdefault(silo, {}).update(lesson.metrics)
             record.tokens["silo-generated"] = (record.tokens.get("silo-generated", 0)
                                                + int(lesson.metrics.get("teach.tokens-generated", 0)))
-            session.event(node, "processed", p.TEACH, 1)
+            session.event(node, "processed", TEACH, 1)
             ckpt.complete(f"lesson/{silo}", **dataclasses.asdict(lesson))
         if not candidates:
             raise RuntimeError("No teacher sent a usable example or instruction (see the record's failures and the "
@@ -178,9 +176,9 @@ class SocialLearning(Method):
         request = {n: p.request({"mode": opts.mode}, **payload) for n, silo in session.silos.items()
                    if silo not in rows}
         parse = functools.partial(p.read_floats, key=p.VOTES, field="scores", length=len(candidates))
-        for node, scores in session.iter_replies(p.VOTE, request, round_=2, parse=parse):
+        for node, scores in session.iter_replies(VOTE, request, round_=2, parse=parse):
             rows[session.silos[node]] = scores
-            session.event(node, "processed", p.VOTE, 2)
+            session.event(node, "processed", VOTE, 2)
             ckpt.complete(f"vote/{session.silos[node]}", candidates=voted_on, scores=scores)
         if not rows:
             raise RuntimeError("No teacher answered the vote (see the record's failures).")
@@ -219,7 +217,7 @@ class SocialLearning(Method):
                                     "student prompt: a NON-PRIVATE upper bound (raw data crossed the wire)")
         texts, labels = [], []
         parse = functools.partial(p.read_examples, key=p.EXAMPLES, num_labels=len(session.task.labels))
-        for node, raw in session.iter_replies(p.SHARE_RAW, {n: p.request({"n": per_silo}) for n in session.silos},
+        for node, raw in session.iter_replies(SHARE_RAW, {n: p.request({"n": per_silo}) for n in session.silos},
                                               round_=3, parse=parse, max_bytes=p.MAX_EXAMPLES_REPLY_BYTES):
             session.save_contribution(node, RAW_KIND, 3, raw)
             texts += raw.texts
@@ -229,23 +227,23 @@ class SocialLearning(Method):
 
     # -------------------------------------------------------------- student
 
-    def _evaluate(self, student: PreTrainedModel, tok: PreTrainedTokenizerBase, session: Session, test: Examples,
-                  context: str) -> dict[str, float]:
+    def _evaluate(self, student: LLM, session: Session, test: Examples, context: str) -> dict[str, float]:
         task = session.task
-        probs = label_probabilities(student, tok, test.texts, task.labels, task.instruction,
-                                    batch_size=self.cfg.llm.batch_size, max_tokens=self.options.max_prompt_tokens,
-                                    progress="student", context=context, calibrate=self.cfg.llm.calibrate)
+        probs = student.label_probabilities(test.texts, task.labels, task.instruction,
+                                            batch_size=self.cfg.llm.batch_size,
+                                            max_tokens=self.options.max_prompt_tokens, progress="student",
+                                            context=context, calibrate=self.cfg.llm.calibrate)
         session.record.tokens["prompt"] += sum(
-            len(prompt_ids(tok, classification_prompt(task.instruction, t, task.labels, context=context)))
+            len(prompt_ids(student.tokenizer, classification_prompt(task.instruction, t, task.labels, context=context)))
             for t in test.texts)
         return classification_metrics(test.labels, probs)
 
-    def _evaluate_raw(self, student, tok, session: Session, test: Examples, candidates: list[Candidate]) -> dict:
+    def _evaluate_raw(self, student: LLM, session: Session, test: Examples, candidates: list[Candidate]) -> dict:
         """Each teacher's own contribution alone (its top n) as the student's context, averaged over teachers."""
         per_teacher = []
         for teacher in sorted({c.teacher for c in candidates}):
             own = [c for c in candidates if c.teacher == teacher][:self.options.keep]
-            per_teacher.append(self._evaluate(student, tok, session, test, self._context(own, session.task.labels)))
+            per_teacher.append(self._evaluate(student, session, test, self._context(own, session.task.labels)))
         return {"accuracy": float(np.mean([m["accuracy"] for m in per_teacher])),
                 "macro_f1": float(np.mean([m["macro_f1"] for m in per_teacher])), "n": per_teacher[0]["n"],
                 "teachers": len(per_teacher)}

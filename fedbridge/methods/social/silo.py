@@ -11,7 +11,7 @@ from fedbridge.config import from_flat
 from fedbridge.errors import ConfigError
 from fedbridge.methods.social.config import SocialConfig
 from fedbridge.methods.social.teaching import Lesson, public_top_k, vote_scores, write_examples, write_instruction
-from fedbridge.models.loading import load_llm
+from fedbridge.models.llm import load_silo_llm
 from fedbridge.privacy import DPFewShotConfig, SynthesisResult, dp_fewshot_synthesize
 from fedbridge.privacy.canaries import CopyDetector
 from fedbridge.privacy.dp_fewshot import sigma_for_epsilon
@@ -31,20 +31,23 @@ def teach(silo: Silo, mode: str, experiment: str = "") -> Lesson:
     privacy = silo.non_private_release(f"Social Learning {mode}", experiment)
     detector = (CopyDetector([*silo.data.train.texts, *silo.data.test.texts], cfg.verbatim_ngram)
                 if silo.policy.verbatim(cfg.verbatim_filter) else None)
-    model, tok = load_llm(cfg.teacher, device=silo.device)
+    teacher = load_silo_llm(silo.cfg.llm, cfg.teacher, silo.device)
     if mode == "instructions":
         description = load_task(silo.cfg.task, silo.cfg.seed).description
-        lesson = write_instruction(model, tok, description, silo.labels, silo.data.train, cfg, seed, detector)
+        lesson = write_instruction(teacher, description, silo.labels, silo.data.train, cfg, seed, detector)
     else:
-        lesson = write_examples(model, tok, silo.labels, silo.data.train, cfg, seed, detector)
+        lesson = write_examples(teacher, silo.labels, silo.data.train, cfg, seed, detector)
     return dataclasses.replace(lesson, privacy=privacy)
 
 
 def _teach_dp(silo: Silo, cfg: SocialConfig, experiment: str) -> Lesson:
     """Examples by DP few-shot generation (charged to this silo's ledger), then the top-k by perplexity given the
-    data-free prompt (post-processing). No verbatim filter: reading private data to filter would not be."""
+    data-free prompt (post-processing). No verbatim filter: reading private data to filter would not be. The
+    synthesis runs on the teacher's exact path (its DP analysis assumes full next-token distributions); the top-k
+    asks the teacher."""
     texts, labels = list(silo.data.train.texts), list(silo.data.train.labels)
-    model, tok = load_llm(cfg.teacher, device=silo.device)
+    teacher = load_silo_llm(silo.cfg.llm, cfg.teacher, silo.device)
+    model, tok = teacher.exact()
 
     def release(ledger: RunLedger, noise_seed: int | None) -> SynthesisResult:
         mech = DPFewShotConfig(num_groups=cfg.dp_groups, shots_per_group=cfg.dp_shots_per_group,
@@ -58,7 +61,7 @@ def _teach_dp(silo: Silo, cfg: SocialConfig, experiment: str) -> Lesson:
 
     result, privacy = silo.dp_release("Social Learning examples", cfg.epsilon, cfg.noise_seed, experiment,
                                       release)
-    kept, ppl = public_top_k(model, tok, silo.labels, result.examples, cfg.top_k)
+    kept, ppl = public_top_k(teacher, silo.labels, result.examples, cfg.top_k)
     provenance = {"mode": "examples", "teacher": cfg.teacher, "dp": cfg.dp, "dp-groups": cfg.dp_groups,
                   "dp-shots-per-group": cfg.dp_shots_per_group, "samples": len(result.examples),
                   "top-k": cfg.top_k, "conditioning": "label", "selection": "lowest perplexity given the "
@@ -80,9 +83,9 @@ def vote(silo: Silo, mode: str, texts: list[str], labels: list[int] | None, expe
     silo.non_private_release("Social Learning votes", experiment)
     rng = random.Random(f"vote/{silo.cfg.seed}/{silo.index}")  # a stream of its own, not the teaching draws
     held = rng.sample(range(len(silo.data.test)), min(cfg.vote_examples, len(silo.data.test)))
-    model, tok = load_llm(cfg.teacher, device=silo.device)
-    return vote_scores(model, tok, silo.labels, Examples.of([silo.data.test.texts[i] for i in held],
-                                                            [silo.data.test.labels[i] for i in held]),
+    teacher = load_silo_llm(silo.cfg.llm, cfg.teacher, silo.device)
+    return vote_scores(teacher, silo.labels, Examples.of([silo.data.test.texts[i] for i in held],
+                                                         [silo.data.test.labels[i] for i in held]),
                        mode, texts, labels, cfg.max_example_chars)
 
 

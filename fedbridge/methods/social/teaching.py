@@ -10,16 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ConfigRecord
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbridge import protocol as p
 from fedbridge.methods.social.config import SocialConfig
-from fedbridge.models.generation import (
-    SamplingConfig,
-    continuation_logprobs,
-    continuation_logprobs_shared,
-    generate,
-)
+from fedbridge.models.generation import SamplingConfig
+from fedbridge.models.llm import LLM
 from fedbridge.privacy.canaries import CopyDetector
 from fedbridge.tasks import Examples
 
@@ -54,10 +49,9 @@ def parse_free_generation(output: str, label_names: Sequence[str]) -> tuple[str,
     return (match["text"].strip(), lowered.index(said)) if said in lowered else None
 
 
-def perplexities(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str],
-                 continuations: Sequence[str], batch_size: int = 8) -> list[float]:
-    """exp(mean negative log-likelihood per token) of each continuation given its prompt."""
-    scored = continuation_logprobs(model, tok, prompts, continuations, batch_size=batch_size)
+def perplexities(llm: LLM, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> list[float]:
+    """exp(mean negative log-likelihood per token) of each continuation given its prompt, under ``llm``."""
+    scored = llm.continuation_logprobs(prompts, continuations, batch_size=batch_size)
     return [math.exp(-total / n) for total, n in scored]
 
 
@@ -67,6 +61,7 @@ def top_k_by_perplexity(values: Sequence[float], k: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ teacher side (called by Silo)
+# The teacher is the silo's LLM interface (``models/llm.py:load_silo_llm``): it writes and scores through it.
 
 
 @dataclass
@@ -85,8 +80,8 @@ NON_PRIVATE = {"mechanism": "none (non-private)", "epsilon": math.inf, "epsilon-
                "budget": math.inf, "noise-multiplier": 0.0, "steps": 0, "private": False}
 
 
-def write_examples(model: PreTrainedModel, tok: PreTrainedTokenizerBase, label_names: Sequence[str],
-                   private: Examples, cfg: SocialConfig, seed: int, detector: CopyDetector | None) -> Lesson:
+def write_examples(llm: LLM, label_names: Sequence[str], private: Examples, cfg: SocialConfig, seed: int,
+                   detector: CopyDetector | None) -> Lesson:
     """Examples mode: few-shot prompts of n_gen private examples, sampled continuations, parsed, copies dropped,
     top-k by the teacher's own perplexity (given the prompt that produced each)."""
     rng, label_first = random.Random(seed), cfg.conditioning == "label"
@@ -100,7 +95,7 @@ def write_examples(model: PreTrainedModel, tok: PreTrainedTokenizerBase, label_n
         prompts.append("\n\n".join([*blocks, head]))
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               stop=("\n",) if label_first else ("\n\n",), batch_size=8)
-    outputs, stats = generate(model, tok, prompts, sampling, seed=seed, progress="teach")
+    outputs, stats = llm.generate(prompts, sampling, seed=seed, progress="teach")
     parsed, seen = [], set()
     for prompt, head, out in zip(prompts, heads, outputs):
         pair = (out.strip()[:cfg.max_example_chars], head) if label_first else parse_free_generation(out, label_names)
@@ -110,7 +105,7 @@ def write_examples(model: PreTrainedModel, tok: PreTrainedTokenizerBase, label_n
         parsed.append((prompt, *pair))
     fresh = [c for c in parsed if detector is None or not detector.copies(c[1])]
     continuations = [f" {t}" if label_first else f" {t}\nLabel: {label_names[y]}" for _, t, y in fresh]
-    ppl = perplexities(model, tok, [c[0] for c in fresh], continuations) if fresh else []
+    ppl = perplexities(llm, [c[0] for c in fresh], continuations) if fresh else []
     kept = top_k_by_perplexity(ppl, cfg.top_k)
     provenance = {"mode": "examples", "teacher": cfg.teacher, "shots": cfg.shots, "samples": cfg.samples,
                   "top-k": cfg.top_k, "temperature": cfg.temperature, "top-p": cfg.top_p,
@@ -123,13 +118,13 @@ def write_examples(model: PreTrainedModel, tok: PreTrainedTokenizerBase, label_n
     return Lesson([fresh[i][1] for i in kept], [fresh[i][2] for i in kept], provenance, dict(NON_PRIVATE), metrics)
 
 
-def public_top_k(model: PreTrainedModel, tok: PreTrainedTokenizerBase, label_names: Sequence[str],
-                 examples: Sequence[tuple[str, int]], k: int) -> tuple[list[int], list[float]]:
+def public_top_k(llm: LLM, label_names: Sequence[str], examples: Sequence[tuple[str, int]], k: int
+                 ) -> tuple[list[int], list[float]]:
     """The k DP examples of lowest perplexity given the data-free prompt 'Label: y\nText:' (post-processing of
     the DP release: no private data is read, so the selection costs no privacy). Returns indices and perplexities."""
     if not examples:
         return [], []
-    ppl = perplexities(model, tok, [f"Label: {label_names[y]}\nText:" for _, y in examples],
+    ppl = perplexities(llm, [f"Label: {label_names[y]}\nText:" for _, y in examples],
                        [f" {t}" for t, _ in examples])
     kept = top_k_by_perplexity(ppl, k)
     return kept, [ppl[i] for i in kept]
@@ -144,9 +139,8 @@ def instruction_prompt(description: str, label_names: Sequence[str], blocks: Seq
              "between them. Do not copy the examples. Reply with the instructions only."}]
 
 
-def write_instruction(model: PreTrainedModel, tok: PreTrainedTokenizerBase, description: str,
-                      label_names: Sequence[str], private: Examples, cfg: SocialConfig, seed: int,
-                      detector: CopyDetector | None) -> Lesson:
+def write_instruction(llm: LLM, description: str, label_names: Sequence[str], private: Examples, cfg: SocialConfig,
+                      seed: int, detector: CopyDetector | None) -> Lesson:
     """Instructions mode: one task description from ``instruction_shots`` private examples; lines that copy
     private text are removed (verbatim filter)."""
     rng = random.Random(seed)
@@ -154,7 +148,7 @@ def write_instruction(model: PreTrainedModel, tok: PreTrainedTokenizerBase, desc
     blocks = [example_block(private.texts[j], label_names[private.labels[j]], cfg.max_example_chars) for j in shots]
     sampling = SamplingConfig(max_new_tokens=cfg.instruction_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               batch_size=1)
-    [output], stats = generate(model, tok, [instruction_prompt(description, label_names, blocks)], sampling, seed=seed)
+    [output], stats = llm.generate([instruction_prompt(description, label_names, blocks)], sampling, seed=seed)
     lines = output.splitlines()
     kept = [line for line in lines if detector is None or not detector.copies(line)]
     text = "\n".join(kept).strip()
@@ -166,8 +160,8 @@ def write_instruction(model: PreTrainedModel, tok: PreTrainedTokenizerBase, desc
     return Lesson([text] if text else [], None, provenance, dict(NON_PRIVATE), metrics)
 
 
-def vote_scores(model: PreTrainedModel, tok: PreTrainedTokenizerBase, label_names: Sequence[str], held_out: Examples,
-                mode: str, texts: Sequence[str], labels: Sequence[int] | None, max_chars: int) -> list[float]:
+def vote_scores(llm: LLM, label_names: Sequence[str], held_out: Examples, mode: str, texts: Sequence[str],
+                labels: Sequence[int] | None, max_chars: int) -> list[float]:
     """A teacher's length-normalised log-likelihood (per token) of each candidate, against its held-out examples.
 
     examples      the candidate as a continuation of the held-out examples (one prompt: its KV cache is reused);
@@ -176,11 +170,11 @@ def vote_scores(model: PreTrainedModel, tok: PreTrainedTokenizerBase, label_name
     held = [example_block(t, label_names[y], max_chars) for t, y in zip(held_out.texts, held_out.labels)]
     if mode == "examples":
         candidates = [example_block(t, label_names[y], max_chars) for t, y in zip(texts, labels or ())]
-        scored = continuation_logprobs_shared(model, tok, "\n\n".join(held) + "\n\n", candidates)
+        scored = llm.continuation_logprobs_shared("\n\n".join(held) + "\n\n", candidates)
         return [total / n for total, n in scored]
     out = []
     for instruction in texts:
-        scored = continuation_logprobs_shared(model, tok, instructions_context([instruction]) + "\n\n", held)
+        scored = llm.continuation_logprobs_shared(instructions_context([instruction]) + "\n\n", held)
         out.append(float(np.mean([total / n for total, n in scored])))
     return out
 

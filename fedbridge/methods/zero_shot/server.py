@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from fedbridge import protocol as p
 from fedbridge.methods.base import Method, Session, mean_over_silos
+from fedbridge.methods.zero_shot.messages import EVALUATE_LLM
 from fedbridge.models.llm import load_server_llm
 from fedbridge.tasks import classification_metrics
 
@@ -24,6 +25,6 @@ class LLMZeroShot(Method):
                                             progress="server llm", calibrate=self.cfg.llm.calibrate)
         session.record.global_metrics.update(classification_metrics(session.global_test.labels, probs))
         with session.phase("silo-llm-eval"):
-            replies = session.broadcast(p.EVALUATE_LLM, p.request(), round_=1)
+            replies = session.broadcast(EVALUATE_LLM, p.request(), round_=1)
         session.record_silo_metrics(replies)
         mean_over_silos(session.record)
