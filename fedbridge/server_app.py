@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 from flwr.app import Context
-from flwr.common.logger import LOGGER_NAME
 from flwr.serverapp import Grid, ServerApp
 
 from fedbridge.config import ExperimentConfig
@@ -30,7 +29,7 @@ class OneLineErrors(logging.Filter):
         return True
 
 
-logging.getLogger(LOGGER_NAME).addFilter(OneLineErrors())
+logging.getLogger("flwr").addFilter(OneLineErrors())  # Flower's logger: every flwr module logs through it
 
 
 @app.main()
