@@ -359,8 +359,9 @@ def _vllm_engine(source: str, device_type: str, dtype: str, gpu_memory_fraction:
     from vllm import LLM as Engine
 
     options = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 1} if max_lora_rank else {}
+    # prefix caching: FDKT's and PE's prompts share their template, a vote's candidates their instruction
     return Engine(model=source, tokenizer=source, dtype=dtype, enforce_eager=True, seed=0, max_logprobs=128,
-                  gpu_memory_utilization=gpu_memory_fraction, **options)
+                  enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_fraction, **options)
 
 
 def vllm_device_type() -> str | None:

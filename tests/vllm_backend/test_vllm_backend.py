@@ -60,6 +60,11 @@ def test_stop_strings_cut_where_the_hf_engine_cuts(hf, vllm):
     assert not any("\n" in t or "." in t for t in got)
 
 
+def test_the_engine_caches_shared_prefixes(vllm):
+    """FDKT's and PE's prompts share their template: vLLM computes it once (the CPU platform may turn it off)."""
+    assert vllm.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is True
+
+
 def test_seeded_sampling_is_reproducible(vllm):
     sampling = SamplingConfig(max_new_tokens=16, temperature=0.9, top_p=0.95)
     first, _ = vllm.generate(PROMPTS, sampling, seed=3)
