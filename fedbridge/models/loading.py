@@ -190,9 +190,13 @@ def load_llm(spec: str = "embedded", trainable: bool = False,
     """Load a causal LM onto ``device`` (``resolve_device``). The frozen instance is shared per process and device
     (bfloat16 on a GPU); ``trainable`` returns a private float32 copy."""
     model, tok = _load_llm_cached(spec, device)
-    if trainable:
-        return copy.deepcopy(model).float(), copy.deepcopy(tok)
-    return model, tok
+    return trainable_copy(model, tok) if trainable else (model, tok)
+
+
+def trainable_copy(model: PreTrainedModel, tok: PreTrainedTokenizerFast
+                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A private float32 copy of a shared frozen model, to train; the caller holds ``MODEL_BUILD_LOCK``."""
+    return copy.deepcopy(model).float(), copy.deepcopy(tok)
 
 
 # ---------------------------------------------------------------- SLM
